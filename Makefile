@@ -1,0 +1,17 @@
+# The two commands of the README. Both create or reuse .venv in the repository root.
+.PHONY: demo test venv lint bench-quantize
+
+venv:
+	bash scripts/setup_venv.sh
+
+demo: venv
+	.venv/bin/python -m easyquant demo
+
+test: venv
+	.venv/bin/python -m pytest -q tests
+
+lint: venv
+	.venv/bin/ruff check src tests benchmarks
+
+bench-quantize: venv
+	.venv/bin/python benchmarks/bench_quantize.py

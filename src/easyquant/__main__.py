@@ -1,0 +1,5 @@
+import sys
+
+from easyquant.cli import main
+
+sys.exit(main())

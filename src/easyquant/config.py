@@ -1,0 +1,119 @@
+"""Quantization configuration: one dataclass, validated on construction, JSON round-trippable."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Literal
+
+BITS = (2, 3, 4, 8)
+METHODS = ("easyquant", "rtn")
+OUTLIER_SCOPES = ("tensor", "channel")
+STORAGE_DTYPES = ("float16", "bfloat16", "float32")
+
+Method = Literal["easyquant", "rtn"]
+OutlierScope = Literal["tensor", "channel"]
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """How one weight matrix is quantized.
+
+    Defaults follow the paper (EasyQuant, arXiv 2403.02775, Section 5): 4-bit, one range per output
+    channel, outliers at n = 3 standard deviations of the whole tensor, Adam for 500 steps.
+
+    ``scale_dtype`` is how scales are stored (codes are computed with the stored scales);
+    ``outlier_dtype`` how outlier values are stored: None keeps the weight's own dtype, so outliers
+    come back bit for bit; "float16"/"bfloat16" halve their cost for float32 checkpoints.
+
+    ``lr`` is relative to each channel's starting range: the search optimises ``s = s0 * r`` with
+    ``r`` starting at 1, so one Adam step moves a range by about ``lr * s0`` whatever the weight
+    scale (the paper's absolute 1e-4 on LLaMA weights with ranges near 1e-2 is about 1e-2 relative).
+    """
+
+    bits: int = 4
+    group_size: int | None = None
+    outlier_sigma: float | None = 3.0
+    outlier_scope: OutlierScope = "tensor"
+    steps: int = 500
+    lr: float = 1e-2
+    method: Method = "easyquant"
+    scale_dtype: str = "float16"
+    outlier_dtype: str | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.bits, bool) or self.bits not in BITS:
+            raise ValueError(f"bits must be one of {BITS}, got {self.bits!r}")
+        if self.group_size is not None and (
+            isinstance(self.group_size, bool)
+            or not isinstance(self.group_size, int)
+            or self.group_size < 1
+        ):
+            raise ValueError(
+                f"group_size must be None (one range per output channel) or a positive int, "
+                f"got {self.group_size!r}"
+            )
+        if self.outlier_sigma is not None and (
+            isinstance(self.outlier_sigma, bool)
+            or not isinstance(self.outlier_sigma, (int, float))
+            or not self.outlier_sigma > 0
+            or self.outlier_sigma == float("inf")
+        ):
+            raise ValueError(
+                f"outlier_sigma must be None (no outlier isolation) or a finite number > 0, "
+                f"got {self.outlier_sigma!r}"
+            )
+        if self.outlier_scope not in OUTLIER_SCOPES:
+            raise ValueError(
+                f"outlier_scope must be one of {OUTLIER_SCOPES}, got {self.outlier_scope!r}"
+            )
+        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 0:
+            raise ValueError(f"steps must be an int >= 0, got {self.steps!r}")
+        if (
+            isinstance(self.lr, bool)
+            or not isinstance(self.lr, (int, float))
+            or not 0 < self.lr < float("inf")
+        ):
+            raise ValueError(f"lr must be a finite number > 0, got {self.lr!r}")
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.scale_dtype not in STORAGE_DTYPES:
+            raise ValueError(
+                f"scale_dtype must be one of {STORAGE_DTYPES}, got {self.scale_dtype!r}"
+            )
+        if self.outlier_dtype is not None and self.outlier_dtype not in STORAGE_DTYPES:
+            raise ValueError(
+                f"outlier_dtype must be None (the weight's dtype) or one of {STORAGE_DTYPES}, "
+                f"got {self.outlier_dtype!r}"
+            )
+
+    @property
+    def qmin(self) -> int:
+        """Lowest signed code: -2^(bits-1)."""
+        return -(1 << (self.bits - 1))
+
+    @property
+    def qmax(self) -> int:
+        """Highest signed code: 2^(bits-1) - 1."""
+        return (1 << (self.bits - 1)) - 1
+
+    def replace(self, **changes: Any) -> QuantConfig:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> QuantConfig:
+        if not isinstance(data, dict):
+            raise ValueError(f"QuantConfig.from_dict needs a dict, got {type(data).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown QuantConfig field(s) {unknown}; allowed: {sorted(known)}")
+        return cls(**data)
+
+    @classmethod
+    def paper(cls, **changes: Any) -> QuantConfig:
+        """The paper's recipe: 3 sigma per tensor, per-channel ranges, Adam 500 steps."""
+        return cls(**{**dict(outlier_sigma=3.0, outlier_scope="tensor", steps=500), **changes})

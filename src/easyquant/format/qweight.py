@@ -1,0 +1,251 @@
+"""The stored form of one quantized weight: packed codes, scales, and row-compressed outliers.
+
+Tensors (all plain, safetensors-ready; see ``QuantizedWeight.state_dict``):
+- ``qweight``  uint8 ``[out, packed_len(in)]``: unsigned codes ``q - qmin`` (int4: ``q + 8``, so
+  signed codes in [-8, 7] as symmetric int4 kernels expect), packed by :mod:`.bitpack`.
+  Outlier positions hold the code of zero, so a kernel adds outliers without subtracting anything.
+- ``scales``   ``[out, groups]`` in the config's scale dtype (float16 by default).
+- ``outlier_indptr`` int32 ``[out + 1]``, ``outlier_indices`` int16 (int32 when in > 32767)
+  ``[nnz]`` sorted within each row, ``outlier_values`` ``[nnz]`` in the weight's own dtype: CSR.
+- ``meta``     int64 ``[6]``: format version, bits, group size (0 = per channel), out, in, and the
+  original weight's dtype (0 float32, 1 float16, 2 bfloat16): the default of ``dequantize``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from easyquant.format.bitpack import pack_codes, packed_length, unpack_codes
+
+FORMAT_VERSION = 1
+STATE_KEYS = ("qweight", "scales", "outlier_indptr", "outlier_indices", "outlier_values", "meta")
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+
+def index_dtype(in_features: int) -> torch.dtype:
+    return torch.int16 if in_features <= torch.iinfo(torch.int16).max else torch.int32
+
+
+@dataclass
+class QuantizedWeight:
+    qweight: torch.Tensor
+    scales: torch.Tensor
+    outlier_indptr: torch.Tensor
+    outlier_indices: torch.Tensor
+    outlier_values: torch.Tensor
+    shape: tuple[int, int]
+    bits: int
+    group_size: int | None
+    dtype: torch.dtype = torch.float32  # the original weight's dtype
+
+    def __post_init__(self) -> None:
+        self.shape = (int(self.shape[0]), int(self.shape[1]))
+        self.validate()
+
+    # ---- derived facts -------------------------------------------------------------------------
+    @property
+    def out_features(self) -> int:
+        return self.shape[0]
+
+    @property
+    def in_features(self) -> int:
+        return self.shape[1]
+
+    @property
+    def qmin(self) -> int:
+        return -(1 << (self.bits - 1))
+
+    @property
+    def group_length(self) -> int:
+        return self.in_features if self.group_size is None else self.group_size
+
+    @property
+    def device(self) -> torch.device:
+        return self.qweight.device
+
+    @property
+    def num_outliers(self) -> int:
+        return int(self.outlier_values.numel())
+
+    @property
+    def storage_bits(self) -> int:
+        """Every stored bit: codes (row padding too), scales, outlier offsets, indices, values."""
+        return sum(t.numel() * t.element_size() * 8 for t in self._payload())
+
+    @property
+    def bits_per_weight(self) -> float:
+        return self.storage_bits / (self.out_features * self.in_features)
+
+    def _payload(self) -> tuple[torch.Tensor, ...]:
+        return (
+            self.qweight,
+            self.scales,
+            self.outlier_indptr,
+            self.outlier_indices,
+            self.outlier_values,
+        )
+
+    # ---- reconstruction ------------------------------------------------------------------------
+    def codes(self) -> torch.Tensor:
+        """Signed integer codes ``[out, in]`` (int16); outlier positions hold 0."""
+        unsigned = unpack_codes(self.qweight, self.bits, self.in_features)
+        return unsigned.to(torch.int16) + self.qmin
+
+    def outlier_rows(self) -> torch.Tensor:
+        """Row index (int64) of every outlier, in storage order."""
+        return csr_rows(self.outlier_indptr)
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The reconstructed weight ``[out, in]`` (default dtype: the original weight's)."""
+        return dequantize_parts(
+            self.qweight,
+            self.scales,
+            self.outlier_indptr,
+            self.outlier_indices,
+            self.outlier_values,
+            self.bits,
+            self.in_features,
+            dtype or self.dtype,
+        )
+
+    # ---- storage -------------------------------------------------------------------------------
+    def meta(self) -> torch.Tensor:
+        return torch.tensor(
+            [FORMAT_VERSION, self.bits, self.group_size or 0, *self.shape, DTYPE_CODES[self.dtype]],
+            dtype=torch.int64,
+        )
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return dict(zip(STATE_KEYS, (*self._payload(), self.meta()), strict=True))
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, torch.Tensor]) -> QuantizedWeight:
+        missing = [k for k in STATE_KEYS if k not in state]
+        if missing:
+            raise ValueError(f"quantized weight is missing tensor(s) {missing}")
+        meta = state["meta"]
+        if meta.dtype != torch.int64 or meta.dim() != 1 or meta.numel() < 1:
+            raise ValueError(f"quantized weight 'meta' must be int64 [6], got {meta.dtype}")
+        version = int(meta[0])
+        if version != FORMAT_VERSION:
+            raise ValueError(
+                f"quantized weight format version {version} is not supported "
+                f"(this easyquant reads version {FORMAT_VERSION})"
+            )
+        if meta.shape != (6,):
+            raise ValueError(f"quantized weight 'meta' must be int64 [6], got {tuple(meta.shape)}")
+        _, bits, group, out_f, in_f, dtype_code = (int(v) for v in meta.tolist())
+        dtypes = {code: dtype for dtype, code in DTYPE_CODES.items()}
+        if dtype_code not in dtypes:
+            raise ValueError(f"quantized weight 'meta' names unknown dtype code {dtype_code}")
+        return cls(
+            qweight=state["qweight"],
+            scales=state["scales"],
+            outlier_indptr=state["outlier_indptr"],
+            outlier_indices=state["outlier_indices"],
+            outlier_values=state["outlier_values"],
+            shape=(out_f, in_f),
+            bits=bits,
+            group_size=group or None,
+            dtype=dtypes[dtype_code],
+        )
+
+    def validate(self) -> None:
+        """Check shapes and dtypes; raise ``ValueError`` naming what is wrong."""
+        out_f, in_f = self.shape
+        if self.dtype not in FLOAT_DTYPES:
+            raise ValueError(f"dtype must be float32, float16 or bfloat16, got {self.dtype}")
+        if self.bits not in (2, 3, 4, 8):
+            raise ValueError(f"bits must be 2, 3, 4 or 8, got {self.bits}")
+        if out_f < 1 or in_f < 1:
+            raise ValueError(f"shape must be positive, got {self.shape}")
+        if self.group_size is not None and (self.group_size < 1 or in_f % self.group_size):
+            raise ValueError(f"group_size {self.group_size} does not divide in_features {in_f}")
+        groups = in_f // self.group_length
+        expect = {
+            "qweight": ((out_f, packed_length(in_f, self.bits)), (torch.uint8,)),
+            "scales": ((out_f, groups), FLOAT_DTYPES),
+            "outlier_indptr": ((out_f + 1,), (torch.int32,)),
+            "outlier_indices": ((self.outlier_values.numel(),), (torch.int16, torch.int32)),
+            "outlier_values": ((int(self.outlier_values.numel()),), FLOAT_DTYPES),
+        }
+        for name, (shape, dtypes) in expect.items():
+            t = getattr(self, name)
+            if tuple(t.shape) != shape or t.dtype not in dtypes:
+                raise ValueError(
+                    f"quantized weight tensor '{name}' is {t.dtype} {tuple(t.shape)}, "
+                    f"expected {shape} of {[str(d) for d in dtypes]}"
+                )
+        if self.outlier_indptr.numel() and int(self.outlier_indptr[-1]) != self.num_outliers:
+            raise ValueError(
+                f"outlier_indptr ends at {int(self.outlier_indptr[-1])} but there are "
+                f"{self.num_outliers} outlier values"
+            )
+
+    def to(self, device: torch.device | str) -> QuantizedWeight:
+        moved = {k: t.to(device) for k, t in zip(STATE_KEYS, self._payload(), strict=False)}
+        return QuantizedWeight(
+            **moved, shape=self.shape, bits=self.bits, group_size=self.group_size
+        )
+
+
+def csr_rows(indptr: torch.Tensor) -> torch.Tensor:
+    """Expand CSR row offsets ``[rows + 1]`` to one row index (int64) per stored entry."""
+    counts = (indptr[1:] - indptr[:-1]).long()
+    return torch.repeat_interleave(torch.arange(counts.numel(), device=indptr.device), counts)
+
+
+def dequantize_parts(
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    outlier_indptr: torch.Tensor,
+    outlier_indices: torch.Tensor,
+    outlier_values: torch.Tensor,
+    bits: int,
+    in_features: int,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """Reference dequantization (plain torch, any device): codes * scales, outliers put back."""
+    codes = unpack_codes(qweight, bits, in_features).float() - (1 << (bits - 1))
+    groups = scales.shape[1]
+    weight = (codes.reshape(codes.shape[0], groups, -1) * scales.float().unsqueeze(2)).reshape(
+        codes.shape
+    )
+    if outlier_values.numel():
+        weight[csr_rows(outlier_indptr), outlier_indices.long()] = outlier_values.float()
+    return weight.to(dtype)
+
+
+def pack_quantized(
+    weight: torch.Tensor,
+    codes: torch.Tensor,
+    scales: torch.Tensor,
+    outliers: torch.Tensor,
+    bits: int,
+    group_size: int | None,
+    outlier_dtype: torch.dtype | None = None,
+) -> QuantizedWeight:
+    """Build the stored form from signed ``codes [out, in]``, ``scales [out, groups]`` and the
+    boolean ``outliers`` mask; outlier values are copied from ``weight`` (exactly, unless
+    ``outlier_dtype`` asks for a narrower dtype)."""
+    out_f, in_f = weight.shape
+    qmin = -(1 << (bits - 1))
+    unsigned = (codes.to(torch.int32).masked_fill(outliers, 0) - qmin).to(torch.uint8)
+    rows, cols = outliers.nonzero(as_tuple=True)  # row-major: sorted by row, then column
+    counts = outliers.sum(dim=1, dtype=torch.int32)
+    indptr = torch.zeros(out_f + 1, dtype=torch.int32, device=weight.device)
+    indptr[1:] = torch.cumsum(counts, dim=0, dtype=torch.int32)
+    return QuantizedWeight(
+        qweight=pack_codes(unsigned, bits),
+        scales=scales,
+        outlier_indptr=indptr,
+        outlier_indices=cols.to(index_dtype(in_f)),
+        outlier_values=weight[rows, cols].to(outlier_dtype or weight.dtype).contiguous(),
+        shape=(out_f, in_f),
+        bits=bits,
+        group_size=group_size,
+        dtype=weight.dtype,
+    )

@@ -1,0 +1,125 @@
+"""``quantize_tensor``: EasyQuant (Algorithm 1) for one weight matrix.
+
+1. outliers by the n-sigma rule, kept exactly; 2. each range (channel or group) searched with Adam
+on the analytic gradient over the non-outliers; 3. codes on the symmetric signed grid, packed.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+from easyquant.algorithm.outliers import outlier_mask
+from easyquant.algorithm.range_search import (
+    StepTrace,
+    adam_range_search,
+    initial_scales,
+    quantize_codes,
+    reconstruction_loss,
+)
+from easyquant.config import QuantConfig
+from easyquant.format.qweight import FLOAT_DTYPES, QuantizedWeight, pack_quantized
+
+Backend = Literal["auto", "torch", "triton"]
+BACKENDS = ("auto", "torch", "triton")
+
+
+def check_weight(weight: torch.Tensor, config: QuantConfig, name: str = "weight") -> None:
+    """Refuse what cannot be quantized, with a message that says where and why."""
+    if not isinstance(weight, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(weight).__name__}")
+    if weight.dim() != 2:
+        raise ValueError(f"{name} must be 2-D [out, in], got shape {tuple(weight.shape)}")
+    if weight.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"{name} has dtype {weight.dtype}; supported: float16, bfloat16, float32")
+    if weight.numel() == 0:
+        raise ValueError(f"{name} is empty (shape {tuple(weight.shape)})")
+    bad = ~torch.isfinite(weight)
+    if bool(bad.any()):
+        row, col = (int(i) for i in bad.nonzero()[0])
+        raise ValueError(
+            f"{name} has {int(bad.sum())} NaN/Inf value(s), the first at row {row}, column {col}"
+        )
+    in_f = weight.shape[1]
+    if config.group_size is not None and in_f % config.group_size:
+        raise ValueError(
+            f"group_size {config.group_size} does not divide the {name}'s {in_f} input features; "
+            f"choose a divisor of {in_f} or group_size=None"
+        )
+
+
+def storage_round(scale: torch.Tensor, dtype_name: str) -> torch.Tensor:
+    """Round scales to the dtype they are stored in (the codes are then computed with these)."""
+    return scale.to(getattr(torch, dtype_name)).float()
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        return "triton" if device.type == "cuda" and triton_available() else "torch"
+    return backend
+
+
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def search_scales(
+    rows: torch.Tensor, config: QuantConfig, backend: str, trace: StepTrace | None
+) -> torch.Tensor:
+    """Best per-row scales ``[rows, 1]`` (float32, before storage rounding)."""
+    if config.method == "rtn":
+        return initial_scales(rows, config.qmax)
+    if backend == "triton":
+        from easyquant.kernels.triton_range_search import triton_range_search
+
+        return triton_range_search(rows, config.qmin, config.qmax, config.steps, config.lr)
+    scale, _ = adam_range_search(
+        rows, config.qmin, config.qmax, config.steps, config.lr, trace=trace
+    )
+    return scale
+
+
+def quantize_tensor(
+    weight: torch.Tensor,
+    config: QuantConfig | None = None,
+    backend: Backend = "auto",
+    trace: StepTrace | None = None,
+) -> QuantizedWeight:
+    """Quantize a 2-D weight ``[out, in]`` as ``config`` says; returns its stored form.
+
+    ``backend`` picks the range search: "torch" (reference, any device), "triton" (fused kernel),
+    "auto" (triton on CUDA when installed, else torch). ``trace(step, s, loss)`` observes the
+    torch search (for analyses; ranges are per row of ``[out * groups]``).
+    """
+    config = config or QuantConfig()
+    check_weight(weight, config)
+    backend = resolve_backend(backend, weight.device)
+    out_f, in_f = weight.shape
+    group = config.group_size or in_f
+    outliers = outlier_mask(weight, config.outlier_sigma, config.outlier_scope)
+    w = weight.float()
+    normals = w.masked_fill(outliers, 0.0).reshape(-1, group)
+    scale = storage_round(search_scales(normals, config, backend, trace), config.scale_dtype)
+    if config.method == "easyquant":
+        # The max-abs range of the whole row (outliers included, i.e. plain RTN's) is a candidate
+        # too: a searched range is then never worse than RTN on the values it quantizes.
+        rtn = storage_round(initial_scales(w.reshape(-1, group), config.qmax), config.scale_dtype)
+        lo, hi = config.qmin, config.qmax
+        keep_rtn = reconstruction_loss(normals, rtn, lo, hi) < reconstruction_loss(
+            normals, scale, lo, hi
+        )
+        scale = torch.where(keep_rtn.unsqueeze(1), rtn, scale)
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    codes = quantize_codes(normals, safe, config.qmin, config.qmax).reshape(out_f, in_f)
+    scales = scale.reshape(out_f, in_f // group).to(getattr(torch, config.scale_dtype))
+    outlier_dtype = getattr(torch, config.outlier_dtype) if config.outlier_dtype else None
+    return pack_quantized(
+        weight, codes, scales, outliers, config.bits, config.group_size, outlier_dtype
+    )

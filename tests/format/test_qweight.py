@@ -1,0 +1,74 @@
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from easyquant import FORMAT_VERSION, QuantConfig, QuantizedWeight, quantize_tensor
+from tests.conftest import student_t
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("shape", [(1, 1), (3, 7), (17, 33), (40, 96)])
+def test_state_dict_round_trip_through_safetensors(tmp_path, bits, shape):
+    w = student_t(*shape, seed=bits).to(torch.bfloat16)
+    qw = quantize_tensor(w, QuantConfig(bits=bits, steps=10, outlier_sigma=2.0))
+    state = qw.state_dict()
+    assert all(isinstance(t, torch.Tensor) for t in state.values())
+    save_file(state, tmp_path / "w.safetensors")
+    back = QuantizedWeight.from_state_dict(load_file(tmp_path / "w.safetensors"))
+    assert torch.equal(back.dequantize(), qw.dequantize())
+    assert back.num_outliers == qw.num_outliers and back.bits_per_weight == qw.bits_per_weight
+
+
+def test_int4_codes_are_offset_by_eight_and_outliers_csr():
+    w = student_t(16, 64, seed=2)
+    qw = quantize_tensor(w, QuantConfig(steps=5, outlier_sigma=2.0))
+    low = (qw.qweight & 0x0F).to(torch.int16) - 8
+    assert torch.equal(low, qw.codes()[:, 0::2])
+    assert qw.outlier_indptr[0] == 0 and qw.outlier_indptr[-1] == qw.num_outliers
+    assert qw.outlier_indices.dtype == torch.int16
+    rows = qw.outlier_rows()
+    assert torch.equal(qw.outlier_values, w[rows, qw.outlier_indices.long()])
+    # Column indices sorted within each row.
+    key = rows * 64 + qw.outlier_indices.long()
+    assert (key[1:] > key[:-1]).all()
+
+
+def test_wide_rows_use_int32_indices():
+    w = student_t(2, 40000, seed=3)
+    qw = quantize_tensor(w, QuantConfig(method="rtn"))
+    assert qw.outlier_indices.dtype == torch.int32
+    assert torch.equal(
+        qw.dequantize()[qw.outlier_rows(), qw.outlier_indices.long()], qw.outlier_values
+    )
+
+
+def test_load_checks_version_and_shapes():
+    qw = quantize_tensor(student_t(4, 16), QuantConfig(steps=2))
+    state = qw.state_dict()
+    bad = dict(state, meta=torch.tensor([FORMAT_VERSION + 1, 4, 0, 4, 16, 0]))
+    with pytest.raises(ValueError, match="version"):
+        QuantizedWeight.from_state_dict(bad)
+    with pytest.raises(ValueError, match="scales"):
+        QuantizedWeight.from_state_dict(dict(state, scales=state["scales"][:2]))
+    with pytest.raises(ValueError, match="missing"):
+        QuantizedWeight.from_state_dict({k: v for k, v in state.items() if k != "scales"})
+    with pytest.raises(ValueError, match="qweight"):
+        QuantizedWeight.from_state_dict(dict(state, qweight=state["qweight"].to(torch.int32)))
+
+
+def test_to_device_keeps_everything():
+    qw = quantize_tensor(student_t(4, 16), QuantConfig(steps=2))
+    moved = qw.to("cpu")
+    assert torch.equal(moved.dequantize(), qw.dequantize())
+    assert moved.shape == qw.shape and moved.bits == qw.bits
+
+
+def test_narrow_outlier_dtype_halves_outlier_cost():
+    w = student_t(32, 128, seed=9)
+    exact = quantize_tensor(w, QuantConfig(steps=2))
+    half = quantize_tensor(w, QuantConfig(steps=2, outlier_dtype="float16"))
+    assert half.outlier_values.dtype == torch.float16
+    assert half.dequantize().dtype == torch.float32  # the model's dtype is kept
+    saved = exact.storage_bits - half.storage_bits
+    assert saved == exact.num_outliers * 16
+    torch.testing.assert_close(half.outlier_values.float(), exact.outlier_values, rtol=1e-3, atol=0)

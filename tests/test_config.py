@@ -1,0 +1,62 @@
+import json
+
+import pytest
+
+from easyquant import QuantConfig
+
+
+def test_defaults_follow_the_paper():
+    c = QuantConfig()
+    assert (c.bits, c.group_size, c.outlier_sigma, c.outlier_scope, c.method) == (
+        4,
+        None,
+        3.0,
+        "tensor",
+        "easyquant",
+    )
+    assert c.steps == 500
+    assert (c.qmin, c.qmax) == (-8, 7)
+    assert QuantConfig.paper() == c
+
+
+def test_json_round_trip():
+    c = QuantConfig(
+        bits=3,
+        group_size=128,
+        outlier_sigma=2.5,
+        outlier_scope="channel",
+        steps=7,
+        lr=0.05,
+        method="rtn",
+        scale_dtype="float32",
+    )
+    assert QuantConfig.from_dict(json.loads(json.dumps(c.to_dict()))) == c
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("bits", 5),
+        ("bits", True),
+        ("group_size", 0),
+        ("group_size", 2.5),
+        ("outlier_sigma", 0),
+        ("outlier_sigma", -1.0),
+        ("outlier_sigma", float("inf")),
+        ("outlier_scope", "row"),
+        ("steps", -1),
+        ("steps", 1.5),
+        ("lr", 0),
+        ("lr", float("nan")),
+        ("method", "gptq"),
+        ("scale_dtype", "int8"),
+    ],
+)
+def test_invalid_values_name_the_field(field, value):
+    with pytest.raises(ValueError, match=field):
+        QuantConfig(**{field: value})
+
+
+def test_from_dict_rejects_unknown_fields():
+    with pytest.raises(ValueError, match="unknown"):
+        QuantConfig.from_dict({"bits": 4, "nbits": 4})

@@ -1,0 +1,147 @@
+"""Properties of quantize_tensor: reconstruction bounds, exact outliers, ablations, bad input."""
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from easyquant import QuantConfig, quantize_tensor
+from easyquant.algorithm.outliers import outlier_mask
+from tests.conftest import student_t
+
+CONFIGS = st.builds(
+    QuantConfig,
+    bits=st.sampled_from([2, 3, 4, 8]),
+    group_size=st.sampled_from([None, 8, 16]),
+    outlier_sigma=st.sampled_from([None, 2.5, 3.0]),
+    outlier_scope=st.sampled_from(["tensor", "channel"]),
+    steps=st.sampled_from([0, 5, 30]),
+    method=st.sampled_from(["easyquant", "rtn"]),
+)
+
+
+@given(
+    config=CONFIGS,
+    rows=st.integers(1, 12),
+    groups=st.integers(1, 4),
+    dist=st.sampled_from(["t", "normal", "uniform"]),
+    dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]),
+    seed=st.integers(0, 1000),
+)
+def test_reconstruction_bounds(config, rows, groups, dist, dtype, seed):
+    cols = 16 * groups
+    g = torch.Generator().manual_seed(seed)
+    w = {
+        "t": student_t(rows, cols, seed=seed),
+        "normal": torch.randn(rows, cols, generator=g) * 0.05,
+        "uniform": torch.rand(rows, cols, generator=g) - 0.5,
+    }[dist].to(dtype)
+    qw = quantize_tensor(w, config)
+    deq = qw.dequantize()
+    assert deq.shape == w.shape and deq.dtype == dtype
+    mask = outlier_mask(w, config.outlier_sigma, config.outlier_scope)
+    # Outliers come back bit for bit.
+    assert torch.equal(deq[mask], w[mask])
+    assert qw.num_outliers == int(mask.sum())
+    # Every non-outlier inside the clipping range is within half a step (plus storage rounding).
+    group = config.group_size or cols
+    scale = qw.scales.float().repeat_interleave(group, dim=1)
+    codes = qw.codes()
+    inside = ~mask & (codes > config.qmin) & (codes < config.qmax)
+    err = (deq.float() - w.float()).abs()
+    tol = scale / 2 + 1e-6 + (deq.float().abs() * 2**-7 if dtype != torch.float32 else 0)
+    assert (err[inside] <= tol[inside]).all()
+    assert codes.min() >= config.qmin and codes.max() <= config.qmax
+    assert (codes[mask] == 0).all()
+
+
+def test_easyquant_never_worse_than_rtn_per_channel_on_heavy_tails():
+    for seed in range(3):
+        w = student_t(128, 512, seed=seed)
+        for bits in (2, 3, 4, 8):
+            for group in (None, 64):
+                rtn = quantize_tensor(
+                    w, QuantConfig(bits=bits, group_size=group, method="rtn", outlier_sigma=None)
+                )
+                eq = quantize_tensor(w, QuantConfig(bits=bits, group_size=group, steps=100))
+                e_rtn = ((rtn.dequantize() - w) ** 2).sum(1)
+                e_eq = ((eq.dequantize() - w) ** 2).sum(1)
+                assert (e_eq <= e_rtn).all(), (seed, bits, group)
+                assert e_eq.sum() < 0.8 * e_rtn.sum()
+
+
+def test_ablations_rank_as_in_the_paper():
+    w = student_t(256, 512, seed=7)
+
+    def err(**kw):
+        return ((quantize_tensor(w, QuantConfig(**kw)).dequantize() - w) ** 2).sum().item()
+
+    rtn = err(method="rtn", outlier_sigma=None)
+    outliers_only = err(method="rtn")
+    search_only = err(outlier_sigma=None, steps=100)
+    easyquant = err(steps=100)
+    assert easyquant < outliers_only < rtn
+    assert easyquant < search_only < rtn
+
+
+def test_bits_per_weight_counts_everything():
+    w = student_t(64, 256)
+    qw = quantize_tensor(w, QuantConfig(bits=4, group_size=128, steps=5))
+    expected = (
+        64 * 128 * 8  # codes
+        + 64 * 2 * 16  # fp16 scales
+        + 65 * 32  # row offsets
+        + qw.num_outliers * (16 + 32)  # int16 column + fp32 value
+    ) / (64 * 256)
+    assert qw.bits_per_weight == pytest.approx(expected)
+
+
+def test_edge_rows():
+    w = student_t(200, 64)
+    w[0] = 0  # zero row
+    w[1] = 0.05  # constant row
+    w[2, :] = torch.linspace(0.5, 1, 64) * torch.tensor([-1.0, 1.0]).repeat(32)  # all outliers
+    qw = quantize_tensor(w, QuantConfig(steps=20))
+    deq = qw.dequantize()
+    assert torch.equal(deq[0], w[0])
+    torch.testing.assert_close(deq[1], w[1], rtol=2e-3, atol=0)
+    mask = outlier_mask(w, 3.0)
+    assert mask[2].all()
+    assert torch.equal(deq[2][mask[2]], w[2][mask[2]])
+
+
+def test_tiny_tensor():
+    w = torch.tensor([[0.5]])
+    for method in ("easyquant", "rtn"):
+        qw = quantize_tensor(w, QuantConfig(method=method))
+        torch.testing.assert_close(qw.dequantize(), w, rtol=1e-3, atol=0)
+
+
+@pytest.mark.parametrize(
+    ("weight", "config", "match"),
+    [
+        (torch.randn(8), None, "2-D"),
+        (torch.randn(2, 3, 4), None, "2-D"),
+        (torch.randn(4, 8, dtype=torch.float64), None, "dtype"),
+        (torch.randint(0, 3, (4, 8)), None, "dtype"),
+        (torch.zeros(0, 8), None, "empty"),
+        (torch.randn(4, 30), QuantConfig(group_size=16), "does not divide"),
+        ("not a tensor", None, "torch.Tensor"),
+    ],
+)
+def test_bad_input(weight, config, match):
+    with pytest.raises(ValueError, match=match):
+        quantize_tensor(weight, config)
+
+
+def test_nan_and_inf_name_the_position():
+    w = torch.randn(4, 8)
+    w[2, 5] = float("nan")
+    w[3, 1] = float("inf")
+    with pytest.raises(ValueError, match="row 2, column 5"):
+        quantize_tensor(w)
+
+
+def test_bad_backend():
+    with pytest.raises(ValueError, match="backend"):
+        quantize_tensor(torch.randn(4, 8), backend="cuda")
