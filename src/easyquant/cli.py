@@ -1,66 +1,42 @@
-"""Command line: ``easyquant demo`` (more subcommands arrive with the model pipeline)."""
+"""Command line entry point: ``easyquant <command>``; one-line errors, meaningful exit codes.
+
+Exit codes: 0 success, 1 unexpected internal error, 2 bad input (one line on stderr, no
+traceback), 130 interrupted.
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
-import time
 from collections.abc import Sequence
 
-import torch
-
-from easyquant.config import QuantConfig
-from easyquant.quantize import quantize_tensor
+from easyquant import __version__
 
 
 class UserError(Exception):
     """A problem with the user's input: reported as one line, exit code 2."""
 
 
-def read_gguf_tensor(path: str, name: str) -> torch.Tensor:
-    """One tensor of a GGUF file, dequantized to float32 in PyTorch's [out, in] order."""
-    from gguf import GGUFReader
-    from gguf.quants import dequantize
-
-    reader = GGUFReader(path)
-    for tensor in reader.tensors:
-        if tensor.name == name:
-            return torch.from_numpy(dequantize(tensor.data, tensor.tensor_type).copy()).float()
-    raise UserError(f"{path} has no tensor named {name!r}")
-
-
-def cmd_demo(args: argparse.Namespace) -> int:
-    from easyquant.models.gguf_source import default_model_path
-
-    path = str(default_model_path())
-    names = [f"blk.{args.layer}.{kind}.weight" for kind in ("attn_q", "ffn_up", "ffn_down")]
-    print(f"model: {path}\n(weights as loaded from the Q4_1 GGUF are the full-precision reference)")
-    header = f"{'tensor':<24} {'method':<22} {'rel. error':>10} {'bits/weight':>11} {'seconds':>8}"
-    print(header)
-    print("-" * len(header))
-    for name in names:
-        weight = read_gguf_tensor(path, name)
-        for label, config in (
-            ("RTN", QuantConfig(bits=args.bits, method="rtn", outlier_sigma=None)),
-            ("EasyQuant (paper)", QuantConfig.paper(bits=args.bits)),
-        ):
-            start = time.perf_counter()
-            qw = quantize_tensor(weight, config)
-            seconds = time.perf_counter() - start
-            rel = ((qw.dequantize() - weight).norm() / weight.norm()).item()
-            print(
-                f"{name:<24} {label:<22} {rel:>10.4f} {qw.bits_per_weight:>11.3f} {seconds:>8.2f}"
-            )
-    return 0
+# Each subcommand lives in easyquant/commands/<name>.py and exposes ``register(subparsers)``;
+# the module registers its handler with ``parser.set_defaults(func=...)``.
+COMMANDS = ("quantize", "eval", "inspect", "demo", "bench")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="easyquant", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="easyquant", description="Data-free weight-only LLM quantization (EasyQuant)."
+    )
+    parser.add_argument("--version", action="version", version=f"easyquant {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="quantize real SmolLM2 weights: RTN vs EasyQuant")
-    demo.add_argument("--bits", type=int, default=4, choices=(2, 3, 4, 8))
-    demo.add_argument("--layer", type=int, default=0)
-    demo.set_defaults(func=cmd_demo)
+    for name in COMMANDS:
+        try:
+            module = importlib.import_module(f"easyquant.commands.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"easyquant.commands.{name}":
+                raise
+            continue  # subcommand not built yet
+        module.register(sub)
     return parser
 
 

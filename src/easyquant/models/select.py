@@ -1,0 +1,139 @@
+"""Which weights of a model get quantized, and with which config; in-place quantization of a model.
+
+By default every 2-D ``nn.Linear`` weight inside the decoder blocks is quantized; embeddings,
+``lm_head``, norms and biases stay as they are. Users narrow or widen that with glob patterns over
+module names (``fnmatch``: ``*`` matches dots too) and give per-module config overrides, the first
+matching pattern winning: ``{"*.down_proj": {"bits": 8}}``.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from easyquant.config import QuantConfig
+from easyquant.nn.quant_linear import QuantLinear
+from easyquant.quantize import quantize_tensor
+
+# A decoder-block module name: "model.layers.3.mlp.down_proj", "transformer.h.3.attn.c_proj", ...
+DECODER_BLOCK = re.compile(r"(^|\.)(layers|h|blocks|block|decoder\.layers)\.\d+\.")
+NEVER = ("*embed*", "*lm_head*", "*wte*", "*wpe*", "*norm*")
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Include/exclude globs over module names and per-module config overrides."""
+
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    overrides: tuple[tuple[str, Mapping[str, Any]], ...] = field(default_factory=tuple)
+
+    @classmethod
+    def build(
+        cls,
+        include: Iterable[str] | None = None,
+        exclude: Iterable[str] | None = None,
+        overrides: Mapping[str, Mapping[str, Any]] | None = None,
+    ) -> Selection:
+        return cls(tuple(include or ()), tuple(exclude or ()), tuple((overrides or {}).items()))
+
+    def wants(self, module_name: str, shape: tuple[int, ...]) -> bool:
+        """Is the weight of ``module_name`` (a Linear-like 2-D weight) quantized?"""
+        if len(shape) != 2:
+            return False
+        if any(fnmatch.fnmatchcase(module_name, p) for p in self.exclude):
+            return False
+        if self.include:
+            return any(fnmatch.fnmatchcase(module_name, p) for p in self.include)
+        if any(fnmatch.fnmatchcase(module_name, p) for p in NEVER):
+            return False
+        return bool(DECODER_BLOCK.search(module_name))
+
+    def config_for(self, module_name: str, base: QuantConfig) -> QuantConfig:
+        for pattern, changes in self.overrides:
+            if fnmatch.fnmatchcase(module_name, pattern):
+                return base.replace(**dict(changes))
+        return base
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "include": list(self.include),
+            "exclude": list(self.exclude),
+            "overrides": {p: dict(c) for p, c in self.overrides},
+        }
+
+
+@dataclass
+class TensorReport:
+    """What quantizing one weight did (one row of ``quant_report.json``)."""
+
+    name: str
+    shape: tuple[int, int]
+    bits: int
+    group_size: int | None
+    outlier_fraction: float
+    bits_per_weight: float
+    error: float  # ||W_q - W||^2 / ||W||^2 (relative squared reconstruction error)
+    rtn_error: float
+    seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.__dict__, "shape": list(self.shape)}
+
+
+def relative_error(approx: torch.Tensor, exact: torch.Tensor) -> float:
+    exact = exact.float()
+    denom = float(exact.pow(2).sum()) or 1.0
+    return float((approx.float() - exact).pow(2).sum()) / denom
+
+
+def rtn_error(weight: torch.Tensor, config: QuantConfig) -> float:
+    rtn = quantize_tensor(weight, config.replace(method="rtn", outlier_sigma=None))
+    return relative_error(rtn.dequantize(torch.float32), weight)
+
+
+def quantize_model_inplace(
+    model: nn.Module,
+    config: QuantConfig,
+    selection: Selection | None = None,
+    backend: str = "auto",
+    progress: Callable[[Iterable[Any]], Iterable[Any]] | None = None,
+) -> list[TensorReport]:
+    """Replace every selected ``nn.Linear`` of ``model`` by a :class:`QuantLinear`, in place."""
+    selection = selection or Selection()
+    targets = [
+        (name, module)
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and selection.wants(name, tuple(module.weight.shape))
+    ]
+    reports = []
+    for name, linear in progress(targets) if progress else targets:
+        cfg = selection.config_for(name, config)
+        weight = linear.weight.detach()
+        start = time.perf_counter()
+        qweight = quantize_tensor(weight, cfg, backend=backend)  # type: ignore[arg-type]
+        seconds = time.perf_counter() - start
+        layer = QuantLinear(qweight, linear.bias.detach() if linear.bias is not None else None)
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
+        reports.append(
+            TensorReport(
+                name=f"{name}.weight",
+                shape=qweight.shape,
+                bits=cfg.bits,
+                group_size=cfg.group_size,
+                outlier_fraction=qweight.num_outliers / weight.numel(),
+                bits_per_weight=qweight.bits_per_weight,
+                error=relative_error(qweight.dequantize(torch.float32), weight),
+                rtn_error=rtn_error(weight, cfg),
+                seconds=seconds,
+            )
+        )
+    return reports
