@@ -27,3 +27,43 @@ def student_t(rows: int, cols: int, df: float = 5.0, scale: float = 0.02, seed: 
 @pytest.fixture
 def heavy_weight() -> torch.Tensor:
     return student_t(96, 256, seed=1)
+
+
+# ---- tiny transformers models (tests/models, tests/commands) ------------------------------------
+TINY_LLAMA = dict(
+    vocab_size=96,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+    tie_word_embeddings=True,
+)
+
+
+def tiny_llama(seed: int = 0, **changes):
+    """A small random LlamaForCausalLM (fp32, eval mode) built from a config, reproducible."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(LlamaConfig(**{**TINY_LLAMA, **changes}))
+    return model.eval()
+
+
+def save_tiny_llama(directory: Path, seed: int = 0, max_shard_size: str | None = None, **changes):
+    """Save a tiny Llama as a Hugging Face directory (safetensors) with a tokenizer file stand-in."""
+    model = tiny_llama(seed, **changes)
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(directory, **kwargs)
+    (directory / "tokenizer_config.json").write_text('{"model_max_length": 64}\n')
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory) -> Path:
+    """A tiny random Llama saved in two safetensors shards (session-wide: do not modify)."""
+    directory = tmp_path_factory.mktemp("tiny-llama")
+    save_tiny_llama(directory, max_shard_size="100KB")
+    return directory

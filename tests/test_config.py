@@ -60,3 +60,23 @@ def test_invalid_values_name_the_field(field, value):
 def test_from_dict_rejects_unknown_fields():
     with pytest.raises(ValueError, match="unknown"):
         QuantConfig.from_dict({"bits": 4, "nbits": 4})
+
+
+def test_new_fields_default_to_the_paper_and_validate():
+    c = QuantConfig()
+    assert (c.init_grid, c.refine_steps) == (0, 0)
+    assert QuantConfig.preset("paper") == QuantConfig.paper() == c
+    for field in ("init_grid", "refine_steps"):
+        for bad in (-1, 1.5, True):
+            with pytest.raises(ValueError, match=field):
+                QuantConfig(**{field: bad})
+    assert QuantConfig(outlier_scope="group", group_size=64).outlier_scope == "group"
+
+
+def test_best_preset_is_a_different_valid_recipe_and_round_trips():
+    best = QuantConfig.best()
+    assert best != QuantConfig.paper()
+    assert QuantConfig.preset("best", bits=3) == best.replace(bits=3)
+    assert QuantConfig.from_dict(json.loads(json.dumps(best.to_dict()))) == best
+    with pytest.raises(ValueError, match="preset"):
+        QuantConfig.preset("fastest")

@@ -145,3 +145,27 @@ def test_nan_and_inf_name_the_position():
 def test_bad_backend():
     with pytest.raises(ValueError, match="backend"):
         quantize_tensor(torch.randn(4, 8), backend="cuda")
+
+
+def test_grid_and_refine_never_worse_than_the_paper_and_better_at_3_bits():
+    w = student_t(128, 512, seed=11)
+    paper = QuantConfig.paper(bits=3, steps=100)
+    improved = paper.replace(init_grid=40, refine_steps=3)
+
+    def err(cfg):
+        return float((quantize_tensor(w, cfg).dequantize() - w).pow(2).sum())
+
+    assert err(improved) < err(paper)
+    grouped = paper.replace(group_size=128)
+    assert err(grouped.replace(init_grid=40, refine_steps=3)) <= err(grouped) * (1 + 1e-6)
+
+
+def test_float16_outliers_halve_their_cost_and_stay_close():
+    w = student_t(64, 256, seed=13)
+    exact = quantize_tensor(w, QuantConfig.paper(steps=10))
+    half = quantize_tensor(w, QuantConfig.paper(steps=10, outlier_dtype="float16"))
+    assert exact.num_outliers == half.num_outliers > 0
+    saved = exact.storage_bits - half.storage_bits
+    assert saved == 16 * exact.num_outliers
+    mask = outlier_mask(w, 3.0)
+    assert torch.allclose(half.dequantize()[mask], w[mask], rtol=1e-3)

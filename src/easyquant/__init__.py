@@ -1,5 +1,7 @@
 """easyquant: data-free weight-only LLM quantization (EasyQuant, arXiv 2403.02775)."""
 
+from typing import Any
+
 from easyquant.config import QuantConfig
 from easyquant.format.qweight import FORMAT_VERSION, QuantizedWeight
 from easyquant.nn.quant_linear import QuantLinear
@@ -13,5 +15,18 @@ __all__ = [
     "QuantLinear",
     "QuantizedWeight",
     "__version__",
+    "load_quantized",
+    "quantize_model",
     "quantize_tensor",
 ]
+
+# The model pipeline is exported lazily: importing easyquant stays free of its heavier imports.
+_LAZY = {"quantize_model", "load_quantized"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        from easyquant import models
+
+        return getattr(models, name)
+    raise AttributeError(f"module 'easyquant' has no attribute {name!r}")

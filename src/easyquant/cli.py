@@ -20,7 +20,7 @@ class UserError(Exception):
 
 # Each subcommand lives in easyquant/commands/<name>.py and exposes ``register(subparsers)``;
 # the module registers its handler with ``parser.set_defaults(func=...)``.
-COMMANDS = ("quantize", "eval", "inspect", "demo", "bench")
+COMMANDS = ("quantize", "eval", "inspect", "demo", "bench", "lm_eval")
 
 
 def build_parser() -> argparse.ArgumentParser:

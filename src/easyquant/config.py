@@ -8,11 +8,11 @@ from typing import Any, Literal
 
 BITS = (2, 3, 4, 8)
 METHODS = ("easyquant", "rtn")
-OUTLIER_SCOPES = ("tensor", "channel")
+OUTLIER_SCOPES = ("tensor", "channel", "group")
 STORAGE_DTYPES = ("float16", "bfloat16", "float32")
 
 Method = Literal["easyquant", "rtn"]
-OutlierScope = Literal["tensor", "channel"]
+OutlierScope = Literal["tensor", "channel", "group"]
 
 
 @dataclass(frozen=True)
@@ -29,6 +29,14 @@ class QuantConfig:
     ``lr`` is relative to each channel's starting range: the search optimises ``s = s0 * r`` with
     ``r`` starting at 1, so one Adam step moves a range by about ``lr * s0`` whatever the weight
     scale (the paper's absolute 1e-4 on LLaMA weights with ranges near 1e-2 is about 1e-2 relative).
+
+    Beyond the paper (all off by default, so the defaults and ``paper()`` are the paper's recipe):
+    ``outlier_scope="group"`` takes the n-sigma statistics per quantization group (per channel when
+    ``group_size`` is None); ``init_grid`` > 0 starts Adam from the best of that many clip ratios
+    of the max-abs range, evenly spaced in [``INIT_GRID_LOW``, 1] (a coarse grid search, data-free,
+    that keeps Adam out of the poor local minima near max-abs); ``refine_steps`` > 0 ends with that
+    many least-squares updates of each range with its codes fixed (``s = <x, q> / <q, q>``, then
+    re-rounding), each kept only where it lowers the error. See :meth:`best`.
     """
 
     bits: int = 4
@@ -40,6 +48,8 @@ class QuantConfig:
     method: Method = "easyquant"
     scale_dtype: str = "float16"
     outlier_dtype: str | None = None
+    init_grid: int = 0
+    refine_steps: int = 0
 
     def __post_init__(self) -> None:
         if isinstance(self.bits, bool) or self.bits not in BITS:
@@ -87,6 +97,11 @@ class QuantConfig:
                 f"got {self.outlier_dtype!r}"
             )
 
+        for name in ("init_grid", "refine_steps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+
     @property
     def qmin(self) -> int:
         """Lowest signed code: -2^(bits-1)."""
@@ -117,3 +132,29 @@ class QuantConfig:
     def paper(cls, **changes: Any) -> QuantConfig:
         """The paper's recipe: 3 sigma per tensor, per-channel ranges, Adam 500 steps."""
         return cls(**{**dict(outlier_sigma=3.0, outlier_scope="tensor", steps=500), **changes})
+
+    @classmethod
+    def best(cls, **changes: Any) -> QuantConfig:
+        """Our best data-free recipe on SmolLM2 (benchmarks/results/quality.md): see BEST."""
+        return cls(**{**BEST, **changes})
+
+    @classmethod
+    def preset(cls, name: str, **changes: Any) -> QuantConfig:
+        """A named recipe: "paper" or "best" (with field changes on top)."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; known: {sorted(PRESETS)}")
+        return getattr(cls, name)(**changes)
+
+
+# The lowest clip ratio of the ``init_grid`` search (ratios of each row's max-abs range).
+INIT_GRID_LOW = 0.3
+PRESETS = ("paper", "best")
+# The paper's recipe plus a 40-point clip-ratio grid before Adam and float16 outlier values (the
+# reference weights are float16-exact up to 2^-11 relative; each outlier costs 32 bits, not 48).
+BEST: dict[str, Any] = dict(
+    outlier_sigma=3.0,
+    outlier_scope="tensor",
+    outlier_dtype="float16",
+    steps=500,
+    init_grid=40,
+)

@@ -11,6 +11,7 @@ from typing import Literal
 import torch
 
 from easyquant.algorithm.outliers import outlier_mask
+from easyquant.algorithm.range_init import grid_init_scales, least_squares_refine
 from easyquant.algorithm.range_search import (
     StepTrace,
     adam_range_search,
@@ -18,7 +19,7 @@ from easyquant.algorithm.range_search import (
     quantize_codes,
     reconstruction_loss,
 )
-from easyquant.config import QuantConfig
+from easyquant.config import INIT_GRID_LOW, QuantConfig
 from easyquant.format.qweight import FLOAT_DTYPES, QuantizedWeight, pack_quantized
 
 Backend = Literal["auto", "torch", "triton"]
@@ -76,12 +77,19 @@ def search_scales(
     """Best per-row scales ``[rows, 1]`` (float32, before storage rounding)."""
     if config.method == "rtn":
         return initial_scales(rows, config.qmax)
+    init = None
+    if config.init_grid:
+        init = grid_init_scales(rows, config.qmin, config.qmax, config.init_grid, INIT_GRID_LOW)
     if backend == "triton":
         from easyquant.kernels.triton_range_search import triton_range_search
 
-        return triton_range_search(rows, config.qmin, config.qmax, config.steps, config.lr)
+        if init is None:  # the paper's start: the kernel's own max-abs
+            return triton_range_search(rows, config.qmin, config.qmax, config.steps, config.lr)
+        return triton_range_search(
+            rows, config.qmin, config.qmax, config.steps, config.lr, init_scale=init
+        )
     scale, _ = adam_range_search(
-        rows, config.qmin, config.qmax, config.steps, config.lr, trace=trace
+        rows, config.qmin, config.qmax, config.steps, config.lr, init_scale=init, trace=trace
     )
     return scale
 
@@ -103,10 +111,19 @@ def quantize_tensor(
     backend = resolve_backend(backend, weight.device)
     out_f, in_f = weight.shape
     group = config.group_size or in_f
-    outliers = outlier_mask(weight, config.outlier_sigma, config.outlier_scope)
+    outliers = outlier_mask(weight, config.outlier_sigma, config.outlier_scope, config.group_size)
     w = weight.float()
     normals = w.masked_fill(outliers, 0.0).reshape(-1, group)
     scale = storage_round(search_scales(normals, config, backend, trace), config.scale_dtype)
+    if config.method == "easyquant" and config.refine_steps:
+        scale = least_squares_refine(
+            normals,
+            scale,
+            config.qmin,
+            config.qmax,
+            config.refine_steps,
+            store=lambda s: storage_round(s, config.scale_dtype),
+        )
     if config.method == "easyquant":
         # The max-abs range of the whole row (outliers included, i.e. plain RTN's) is a candidate
         # too: a searched range is then never worse than RTN on the values it quantizes.

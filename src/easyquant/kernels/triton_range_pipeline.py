@@ -1,0 +1,218 @@
+"""``quantize_tensor(..., backend="triton")`` with its finishing steps fused as well.
+
+After the range search, quantize_tensor (in torch) rounds the scales to their storage dtype,
+compares each searched range with plain RTN's, computes the codes and packs them: about twenty
+passes over float32 copies of the weight, which on a GPU take as long as the 500-step search
+itself. :func:`finish_ranges` does all of that in one kernel (one read of the weight and of the
+zeroed rows, a write of the packed bytes), with the reference's own arithmetic (IEEE division,
+``floor(x / s + 1/2)``), so that its codes are the torch path's given the same searched ranges.
+:func:`quantize_tensor_triton` is the whole pipeline: outliers and their CSR lists in torch, the
+search and the finish in Triton.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from easyquant.algorithm.outliers import outlier_mask
+from easyquant.algorithm.range_search import initial_scales
+from easyquant.config import QuantConfig
+from easyquant.format.bitpack import pack_codes
+from easyquant.format.qweight import QuantizedWeight, index_dtype
+from easyquant.kernels.triton_range_search import interpreting, triton_range_search
+
+# Rows of a program and the slice of a row it works on at a time.
+FINISH_TILE = 4096
+STORAGE_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
+
+
+@triton.jit
+def _slice(ptr, rows, row_ok, n, col, PRE: tl.constexpr):
+    cols = col + tl.arange(0, PRE)
+    mask = row_ok[:, None] & (cols < n)[None, :]
+    return tl.load(ptr + rows[:, None] * n + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _storage_round(x, SCALE_DTYPE: tl.constexpr):
+    """float32 of ``x`` rounded (to nearest even) to SCALE_DTYPE; ``x`` finite and >= 0."""
+    if SCALE_DTYPE == tl.bfloat16:
+        # By the bits: Triton 3.6's interpreter truncates float32 -> bfloat16 conversions.
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        return bits.to(tl.float32, bitcast=True)
+    else:
+        return x.to(SCALE_DTYPE).to(tl.float32)
+
+
+@triton.jit
+def _codes(x, scale, QMIN: tl.constexpr, QMAX: tl.constexpr):
+    """The reference's quantize_codes: clamp(floor(x / s + 1/2)), s > 0 per row."""
+    q = tl.floor(tl.div_rn(x, scale[:, None]) + 0.5)
+    return tl.minimum(tl.maximum(q, QMIN), QMAX)
+
+
+@triton.jit
+def _loss(x, scale, QMIN: tl.constexpr, QMAX: tl.constexpr):
+    """Per-row reconstruction_loss of a slice (a zero scale quantizes with 1, as there)."""
+    safe = tl.where(scale > 0, scale, 1.0)
+    err = _codes(x, safe, QMIN, QMAX) * safe[:, None] - x
+    return tl.sum(err * err, axis=1)
+
+
+@triton.jit
+def _finish_kernel(
+    x_ptr,
+    w_ptr,
+    searched_ptr,
+    scale_ptr,
+    out_ptr,
+    num_rows,
+    n,
+    QMIN: tl.constexpr,
+    QMAX: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    PRE: tl.constexpr,
+    COMPARE_RTN: tl.constexpr,
+    SCALE_DTYPE: tl.constexpr,
+    PER_BYTE: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows < num_rows
+    rows = rows.to(tl.int64)
+    # Scales are stored in SCALE_DTYPE and the codes are computed with the stored values.
+    searched = tl.load(searched_ptr + rows, mask=row_ok, other=0.0)
+    scale = _storage_round(searched, SCALE_DTYPE)
+    if COMPARE_RTN:
+        # Plain RTN's range (max-abs of the whole row, outliers included) is a candidate too.
+        amax = tl.zeros([BLOCK_R], tl.float32)
+        col = 0
+        while col < n:  # while, not range(n): see triton_range_search
+            amax = tl.maximum(amax, tl.max(tl.abs(_slice(w_ptr, rows, row_ok, n, col, PRE)), 1))
+            col += PRE
+        rtn = _storage_round(tl.div_rn(amax, tl.full(amax.shape, QMAX, tl.float32)), SCALE_DTYPE)
+        rtn_loss = tl.zeros([BLOCK_R], tl.float32)
+        searched_loss = tl.zeros([BLOCK_R], tl.float32)
+        col = 0
+        while col < n:
+            x = _slice(x_ptr, rows, row_ok, n, col, PRE)
+            rtn_loss += _loss(x, rtn, QMIN, QMAX)
+            searched_loss += _loss(x, scale, QMIN, QMAX)
+            col += PRE
+        scale = tl.where(rtn_loss < searched_loss, rtn, scale)
+    tl.store(scale_ptr + rows, scale.to(SCALE_DTYPE), mask=row_ok)
+
+    safe = tl.where(scale > 0, scale, 1.0)
+    col = 0
+    while col < n:
+        x = _slice(x_ptr, rows, row_ok, n, col, PRE)
+        unsigned = (_codes(x, safe, QMIN, QMAX) - QMIN).to(tl.int32)
+        # Bit packing as format.bitpack: code k of a byte at bits k * (8 / PER_BYTE).
+        if PER_BYTE == 1:
+            packed = unsigned
+        elif PER_BYTE == 2:
+            low, high = tl.split(tl.reshape(unsigned, [BLOCK_R, PRE // 2, 2]))
+            packed = low | (high << 4)
+        else:  # 4 codes a byte; split the pairs (0, 2) and (1, 3) apart
+            even, odd = tl.split(tl.reshape(unsigned, [BLOCK_R, PRE // 4, 2, 2]))
+            c0, c2 = tl.split(even)
+            c1, c3 = tl.split(odd)
+            packed = c0 | (c1 << 2) | (c2 << 4) | (c3 << 6)
+        width = n // PER_BYTE
+        cols = col // PER_BYTE + tl.arange(0, PRE // PER_BYTE)
+        mask = row_ok[:, None] & (cols < width)[None, :]
+        tl.store(out_ptr + rows[:, None] * width + cols[None, :], packed.to(tl.uint8), mask=mask)
+        col += PRE
+
+
+def finish_ranges(
+    normals: torch.Tensor,
+    weight_rows: torch.Tensor,
+    searched: torch.Tensor,
+    bits: int,
+    scale_dtype: torch.dtype,
+    compare_rtn: bool,
+) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """Stored scales ``[R]`` and codes of ``R`` rows, as quantize_tensor finishes them.
+
+    ``normals`` float32 ``[R, n]`` (outliers zeroed), ``weight_rows`` the same rows of the
+    weight itself (any float dtype; its max-abs gives the RTN candidate), ``searched`` float32
+    ``[R]`` or ``[R, 1]``. Returns ``(scales, codes, packed)``: ``codes`` is uint8, packed as
+    format.bitpack packs each row when ``packed`` (2, 4 or 8 bits and ``n`` a whole number of
+    bytes), else one unsigned code per byte ``[R, n]``.
+    """
+    num_rows, n = normals.shape
+    qmin, qmax = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+    per_byte = 8 // bits if bits in (2, 4, 8) and n % (8 // bits) == 0 else 1
+    packed = bits == 8 or per_byte > 1
+    scales = torch.empty(num_rows, dtype=scale_dtype, device=normals.device)
+    codes = torch.empty(num_rows, n // per_byte, dtype=torch.uint8, device=normals.device)
+    pre = min(1024, triton.next_power_of_2(n))
+    block_rows = max(1, min(triton.next_power_of_2(num_rows), FINISH_TILE // pre))
+    _finish_kernel[(triton.cdiv(num_rows, block_rows),)](
+        normals.contiguous(),
+        weight_rows.contiguous(),
+        searched.reshape(-1).float().contiguous(),
+        scales,
+        codes,
+        num_rows,
+        n,
+        QMIN=qmin,
+        QMAX=qmax,
+        BLOCK_R=block_rows,
+        PRE=pre,
+        COMPARE_RTN=compare_rtn,
+        SCALE_DTYPE=STORAGE_DTYPES[scale_dtype],
+        PER_BYTE=per_byte,
+        num_warps=4,
+    )
+    return scales, codes, packed
+
+
+def quantize_tensor_triton(weight: torch.Tensor, config: QuantConfig) -> QuantizedWeight:
+    """What ``quantize_tensor(weight, config, backend="triton")`` returns, faster on a GPU.
+
+    ``weight`` must already have passed quantize_tensor's checks (2-D, float, finite, groups
+    dividing the row). Outliers (and their CSR lists) are found in torch; the search and the
+    finish (storage rounding, the RTN candidate, codes, packing) run as Triton kernels.
+    """
+    if weight.device.type != "cuda" and not interpreting():
+        raise ValueError(f"the Triton pipeline runs on CUDA tensors, got one on {weight.device}")
+    out_f, in_f = weight.shape
+    group = config.group_size or in_f
+    outliers = outlier_mask(weight, config.outlier_sigma, config.outlier_scope)
+    normals = weight.float().masked_fill(outliers, 0.0).reshape(-1, group)
+    if config.method == "easyquant":
+        searched = triton_range_search(
+            normals, config.qmin, config.qmax, config.steps, config.lr
+        )
+    else:
+        searched = initial_scales(normals, config.qmax)
+    scales, codes, packed = finish_ranges(
+        normals,
+        weight.reshape(-1, group),
+        searched,
+        config.bits,
+        getattr(torch, config.scale_dtype),
+        compare_rtn=config.method == "easyquant",
+    )
+    qweight = codes.reshape(out_f, -1)
+    if not packed:
+        qweight = pack_codes(qweight, config.bits)
+    rows, cols = outliers.nonzero(as_tuple=True)  # row-major: sorted by row, then column
+    indptr = torch.zeros(out_f + 1, dtype=torch.int32, device=weight.device)
+    indptr[1:] = torch.cumsum(outliers.sum(dim=1, dtype=torch.int32), dim=0, dtype=torch.int32)
+    outlier_dtype = getattr(torch, config.outlier_dtype) if config.outlier_dtype else weight.dtype
+    return QuantizedWeight(
+        qweight=qweight,
+        scales=scales.reshape(out_f, in_f // group),
+        outlier_indptr=indptr,
+        outlier_indices=cols.to(index_dtype(in_f)),
+        outlier_values=weight[rows, cols].to(outlier_dtype).contiguous(),
+        shape=(out_f, in_f),
+        bits=config.bits,
+        group_size=config.group_size,
+        dtype=weight.dtype,
+    )

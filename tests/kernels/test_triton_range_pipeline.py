@@ -1,0 +1,46 @@
+"""The fused pipeline (search + finish kernels) against quantize_tensor.
+
+With the same search kernel, quantize_tensor(backend="triton") finishes in torch and
+quantize_tensor_triton in one kernel: every stored tensor must come out bit for bit the same.
+"""
+
+import pytest
+import torch
+
+from easyquant import QuantConfig, quantize_tensor
+from easyquant.kernels.triton_range_pipeline import quantize_tensor_triton
+from tests.conftest import student_t
+
+
+@pytest.mark.parametrize(
+    ("config", "shape"),
+    [
+        (QuantConfig(bits=4, steps=20), (24, 96)),
+        (QuantConfig(bits=2, group_size=12, steps=10), (10, 48)),
+        (QuantConfig(bits=3, group_size=32, steps=10, outlier_scope="channel"), (9, 64)),
+        (QuantConfig(bits=8, steps=10, scale_dtype="bfloat16"), (7, 40)),
+        (QuantConfig(bits=4, group_size=5, steps=5, method="rtn"), (6, 20)),  # odd: torch packs
+        (QuantConfig(bits=4, steps=0, outlier_sigma=None, outlier_dtype="float16"), (5, 30)),
+        (QuantConfig(bits=2, steps=8, scale_dtype="float32"), (4, 36)),
+    ],
+)
+def test_pipeline_equals_quantize_tensor(device, config, shape):
+    w = student_t(*shape, seed=config.bits * 7 + shape[1]).to(torch.bfloat16)
+    w[1] = 0  # a zero row
+    w = w.to(device)
+    got = quantize_tensor_triton(w, config)
+    ref = quantize_tensor(w, config, backend="triton")
+    for name, tensor in ref.state_dict().items():
+        assert torch.equal(got.state_dict()[name], tensor), name
+    assert got.dtype == w.dtype and got.shape == tuple(w.shape)
+    # And against the torch path: the same outliers, the codes of equal scales.
+    torch_ref = quantize_tensor(w.cpu(), config, backend="torch")
+    assert torch.equal(got.outlier_values.cpu(), torch_ref.outlier_values)
+    assert torch.equal(got.outlier_indices.cpu(), torch_ref.outlier_indices)
+    torch.testing.assert_close(got.dequantize().cpu(), torch_ref.dequantize(), rtol=0.05, atol=2e-3)
+
+
+def test_pipeline_refuses_cpu_tensors_when_compiled(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match="CUDA"):
+        quantize_tensor_triton(torch.ones(4, 8), QuantConfig())
