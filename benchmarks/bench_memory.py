@@ -4,10 +4,10 @@
 
 Writes a synthetic Llama-7B-shaped checkpoint (hidden 4096, MLP 11008, vocab 32000; ``--layers``
 decoder layers, heavy-tailed random weights, sharded), then quantizes it with the CLI in a child
-process and reads that process's peak RSS (``ru_maxrss``, kept by the kernel, no sampling). The
-same is measured on a tiny checkpoint: the fixed cost of Python, torch and transformers. Prints a
-table and writes benchmarks/results/<device>-<date>-memory.json. The claim under test: peak
-memory stays near the largest tensor (plus quantization temporaries), not the checkpoint size.
+process and reads that process's peak RSS (``VmHWM``: kept by the kernel, no sampling; Linux).
+The same is measured on a tiny checkpoint: the fixed cost of Python, torch and transformers.
+Prints a table and writes benchmarks/results/<device>-<date>-memory.json. The claim under test:
+peak memory stays near the largest tensor (plus quantization temporaries), not the checkpoint size.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -38,12 +37,15 @@ LLAMA_7B = dict(
     tie_word_embeddings=False,
 )
 SHARD_BYTES = 2 * 10**9
-# Runs the CLI and reports the child's own peak RSS (KiB on Linux) on its last stderr line.
+# Runs the CLI and reports the child's own peak RSS on its last stderr line: VmHWM of
+# /proc/self/status (ru_maxrss would not do: Linux carries it over fork and exec from the parent,
+# which generated the checkpoint).
 CHILD = (
-    "import resource, sys\n"
+    "import sys\n"
     "from easyquant.cli import main\n"
     "code = main(sys.argv[1:])\n"
-    "print('maxrss_kib', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)\n"
+    "status = open('/proc/self/status').read().split('VmHWM:')[1].split()\n"
+    "print('VmHWM_kib', status[0], file=sys.stderr)\n"
     "sys.exit(code)\n"
 )
 
@@ -150,12 +152,21 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="easyquant-mem-", dir=args.workdir))
     try:
         config = {**LLAMA_7B, "num_hidden_layers": args.layers}
-        print(f"writing a {args.layers}-layer Llama-7B-shaped {args.dtype} checkpoint in {work} ...")
+        print(
+            f"writing a {args.layers}-layer Llama-7B-shaped {args.dtype} checkpoint in {work} ..."
+        )
         start = time.perf_counter()
         layout = write_checkpoint(work / "src", config, dtype)
         print(f"  {layout['checkpoint_bytes'] / 1e9:.2f} GB in {time.perf_counter() - start:.0f} s")
-        tiny = {**config, "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4,
-                "num_key_value_heads": 4, "vocab_size": 128, "num_hidden_layers": 1}
+        tiny = {
+            **config,
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 4,
+            "vocab_size": 128,
+            "num_hidden_layers": 1,
+        }
         write_checkpoint(work / "tiny", tiny, dtype)
         baseline, _ = quantize_peak(work / "tiny", work / "tiny-q", args.steps)
         peak, seconds = quantize_peak(work / "src", work / "q", args.steps)
@@ -165,10 +176,14 @@ def main() -> None:
     gb = 1e9
     rows = [
         {"what": "checkpoint on disk", "GB": round(layout["checkpoint_bytes"] / gb, 3)},
-        {"what": f"largest tensor ({layout['largest_tensor']})",
-         "GB": round(layout["largest_tensor_bytes"] / gb, 3)},
-        {"what": f"largest quantized weight {layout['largest_quantized_shape']}",
-         "GB": round(layout["largest_quantized_bytes"] / gb, 3)},
+        {
+            "what": f"largest tensor ({layout['largest_tensor']})",
+            "GB": round(layout["largest_tensor_bytes"] / gb, 3),
+        },
+        {
+            "what": f"largest quantized weight {layout['largest_quantized_shape']}",
+            "GB": round(layout["largest_quantized_bytes"] / gb, 3),
+        },
         {"what": "peak RSS, quantizing the checkpoint", "GB": round(peak / gb, 3)},
         {"what": "peak RSS, same command on a tiny checkpoint", "GB": round(baseline / gb, 3)},
         {"what": "peak RSS above that baseline", "GB": round((peak - baseline) / gb, 3)},

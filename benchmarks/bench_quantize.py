@@ -197,9 +197,24 @@ def easyquant_method(config: QuantConfig, backend: str):
     return quantize, dequantize
 
 
+def fused_method(config: QuantConfig):
+    """The whole pipeline with the finish fused (kernels/triton_range_pipeline.py)."""
+    from easyquant.kernels.triton_range_pipeline import quantize_tensor_triton
+
+    def quantize(w: torch.Tensor) -> Any:
+        return quantize_tensor_triton(w, config)
+
+    def dequantize(result: Any) -> torch.Tensor:
+        return result.dequantize(torch.float32)
+
+    return quantize, dequantize
+
+
 def check_kernel(layer: list[torch.Tensor], steps: int) -> list[dict[str, Any]]:
     """Kernel vs torch range search on real-shaped rows: ranges, losses, end-to-end codes."""
+    from easyquant.kernels.triton_range_pipeline import quantize_tensor_triton
     from easyquant.kernels.triton_range_search import (
+        EXACT,
         MINMAX,
         SATURATE,
         triton_range_search_with_loss,
@@ -216,12 +231,21 @@ def check_kernel(layer: list[torch.Tensor], steps: int) -> list[dict[str, Any]]:
                 w.float().masked_fill(outlier_mask(w, 3.0), 0.0).reshape(-1, group or w.shape[1])
             )
             ref_s, ref_l = adam_range_search(normals, cfg.qmin, cfg.qmax, steps, cfg.lr)
-            for mode_name, mode in (("saturate", SATURATE), ("minmax", MINMAX)):
-                if mode == MINMAX and (bits, group) != (4, None):
-                    continue
-                s, loss = triton_range_search_with_loss(
-                    normals, cfg.qmin, cfg.qmax, steps, cfg.lr, mode=mode
-                )
+            # Control: the reference itself with its columns in another order (only the
+            # rounding of its sums changes) spreads as far as this from its own result.
+            perm = torch.randperm(normals.shape[1], device=normals.device)
+            control = adam_range_search(normals[:, perm], cfg.qmin, cfg.qmax, steps, cfg.lr)
+            modes = [("control", control), ("default", None), ("saturate", SATURATE)]
+            modes += [("minmax", MINMAX)]
+            if (bits, group) == (3, 128):
+                modes.append(("exact", EXACT))
+            for mode_name, mode in modes:
+                if mode_name == "control":
+                    s, loss = mode
+                else:
+                    s, loss = triton_range_search_with_loss(
+                        normals, cfg.qmin, cfg.qmax, steps, cfg.lr, mode=mode
+                    )
                 on = ref_s.squeeze(1) > 0
                 rel_s = ((s - ref_s).abs() / ref_s.clamp_min(1e-30)).squeeze(1)[on]
                 rel_l = ((loss - ref_l) / ref_l.clamp_min(1e-30))[on]
@@ -235,9 +259,20 @@ def check_kernel(layer: list[torch.Tensor], steps: int) -> list[dict[str, Any]]:
                     "max_rel_loss": f"{float(rel_l.abs().max()):.1e}",
                     "mean_rel_loss(+=worse)": f"{float(rel_l.mean()):.1e}",
                 }
-                if mode == SATURATE and (bits, group) == (4, None):
+                worst = int(rel_l.abs().argmax())
+                row["worst_row(ref,kernel loss)"] = (
+                    f"{float(ref_l[on][worst]):.3e},{float(loss[on][worst]):.3e}"
+                )
+                if mode_name == "default" and group is None:
                     got = quantize_tensor(w, cfg, backend="triton")
                     ref = quantize_tensor(w, cfg, backend="torch")
+                    fused = quantize_tensor_triton(w, cfg)
+                    row["fused_equal"] = all(
+                        torch.equal(a, b)
+                        for a, b in zip(
+                            fused.state_dict().values(), got.state_dict().values(), strict=True
+                        )
+                    )
                     same_out = torch.equal(
                         got.outlier_indices, ref.outlier_indices
                     ) and torch.equal(got.outlier_values, ref.outlier_values)
@@ -265,6 +300,9 @@ def bench_llama7b(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
     payload: dict[str, Any] = {"layers": args.layers, "params": params, "hqq_args": HQQ_ARGS}
     if args.check:
         payload["check"] = check_kernel(model[0], steps=100)
+        if args.check_only:
+            payload["rows"] = payload["check"]
+            return "llama7b-check", payload
     if args.sweep:
         payload["sweep"] = sweep_kernel(model[0], steps=100)
         payload["kernel_only"] = kernel_only(model[0], args.layers, args.steps)
@@ -283,6 +321,8 @@ def bench_llama7b(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
         methods.append(
             ("easyquant triton", steps, easyquant_method(QuantConfig(steps=steps), "triton"))
         )
+    for steps in args.steps:
+        methods.append(("easyquant triton fused", steps, fused_method(QuantConfig(steps=steps))))
     rows = []
     for name, steps, (quantize, dequantize) in methods:
         results = [quantize(w) for w in model[0]]  # warm-up (compilation) and layer-0 quality
@@ -379,15 +419,13 @@ def sweep_kernel(layer: list[torch.Tensor], steps: int) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = [{"what": "FFMA ceiling", "Gelem-steps/s": "", **ceiling}]
     print(rows[0])
     cases = {
-        "gate_proj": [LaunchPlan(1, (4096,), w) for w in (1, 2, 4, 8)]
-        + [LaunchPlan(2, (4096,), 2), LaunchPlan(2, (4096,), 4)],
-        "down_proj": [
-            LaunchPlan(1, chunk_lengths(11008, k), w) for k in (2, 3, 4) for w in (2, 4, 8)
-        ],
+        "gate_proj": [LaunchPlan(1, (4096,), w) for w in (1, 2, 4)],
+        "down_proj": [LaunchPlan(1, chunk_lengths(11008, 3), w) for w in (2, 4, 8)]
+        + [LaunchPlan(1, chunk_lengths(11008, 4), 4)],
     }
     for group in (64, 128):
         cases[f"q_proj g{group}"] = [
-            LaunchPlan(rows, (group,), warps) for rows, warps in ((4, 1), (8, 1), (16, 4), (32, 8))
+            LaunchPlan(rows, (group,), warps) for rows, warps in ((4, 1), (8, 1), (16, 4))
         ]
     for name, plans in cases.items():
         matrix, _, group = name.partition(" g")
@@ -474,6 +512,7 @@ def main() -> None:
         "--torch-steps", type=int, nargs="*", default=[100], help="llama7b: torch-path steps"
     )
     parser.add_argument("--check", action="store_true", help="llama7b: kernel vs torch first")
+    parser.add_argument("--check-only", action="store_true", help="llama7b: --check, no timing")
     parser.add_argument("--sweep", action="store_true", help="llama7b: kernel plans and modes")
     parser.add_argument("--out-dir", type=Path, default=RESULTS)
     args = parser.parse_args()

@@ -9,6 +9,11 @@ import pytest
 import torch
 from hypothesis import settings
 
+# Without a GPU the Triton kernels run under the interpreter. The variable must be set before
+# anything imports triton (torch._dynamo and transformers may, from any test module), so here.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 settings.register_profile("ci", max_examples=25, deadline=None, derandomize=True)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
@@ -53,7 +58,8 @@ def tiny_llama(seed: int = 0, **changes):
 
 
 def save_tiny_llama(directory: Path, seed: int = 0, max_shard_size: str | None = None, **changes):
-    """Save a tiny Llama as a Hugging Face directory (safetensors) with a tokenizer file stand-in."""
+    """A tiny Llama saved as a Hugging Face directory (safetensors), with a tokenizer stand-in."""
+
     model = tiny_llama(seed, **changes)
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(directory, **kwargs)

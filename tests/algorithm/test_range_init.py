@@ -1,4 +1,4 @@
-"""Grid start and least-squares finish of the range search: never worse, and better where it counts."""
+"""Grid start and least-squares finish of the range search: never worse, better where it counts."""
 
 import torch
 

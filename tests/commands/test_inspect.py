@@ -23,7 +23,7 @@ def source_weights(directory):
     weights = {}
     for path in directory.glob("*.safetensors"):
         with safe_open(str(path), framework="pt") as f:
-            for name in f.keys():  # noqa: SIM118
+            for name in f.keys():
                 if ".layers." in name and name.endswith("_proj.weight"):
                     weights[name.removesuffix(".weight")] = f.get_tensor(name)
     return weights

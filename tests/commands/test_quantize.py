@@ -1,4 +1,4 @@
-"""``easyquant quantize`` through a subprocess: results, one-line errors, interruption and resume."""
+"""``easyquant quantize`` through a subprocess: results, one-line errors, interruption, resume."""
 
 import json
 import os
@@ -24,7 +24,11 @@ ENV = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
 
 def start(*args: str) -> subprocess.Popen:
     return subprocess.Popen(
-        [*CLI, "quantize", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV
+        [*CLI, "quantize", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=ENV,
     )
 
 
@@ -36,8 +40,21 @@ def finish(process: subprocess.Popen, timeout: float = 300) -> tuple[int, str, s
 def test_quantize_writes_a_directory_and_reports(tiny_llama_dir, tmp_path):
     out = tmp_path / "q"
     code, stdout, stderr = finish(
-        start(str(tiny_llama_dir), "--out", str(out), "--steps", "10", "--bits", "3",
-              "--group-size", "32", "--sigma", "none", "--override", "*.down_proj:bits=8")
+        start(
+            str(tiny_llama_dir),
+            "--out",
+            str(out),
+            "--steps",
+            "10",
+            "--bits",
+            "3",
+            "--group-size",
+            "32",
+            "--sigma",
+            "none",
+            "--override",
+            "*.down_proj:bits=8",
+        )
     )
     assert code == 0, stderr
     assert stdout.startswith(f"wrote {out}: 14 tensors quantized")
@@ -51,7 +68,7 @@ def test_quantize_writes_a_directory_and_reports(tiny_llama_dir, tmp_path):
     assert all(r["outlier_fraction"] == 0 for r in rows.values())  # --sigma none
 
 
-# ---- bad input: one line on stderr, exit code 2, nothing written ----------------------------------
+# ---- bad input: one line on stderr, exit code 2, nothing written ---------------------------------
 def make_cases(root: Path, source: Path) -> dict[str, tuple[list[str], str]]:
     """case -> (arguments, expected fragment of the one-line error)."""
     import shutil
@@ -264,4 +281,4 @@ def test_default_model_first_layer_round_trip(tmp_path):
     assert got.loss.item() != full_precision_nll
     assert abs(got.loss.item() - full_precision_nll) < 0.1
     report = json.loads((out / "quant_report.json").read_text())
-    assert len(report["tensors"]) == 7 and report["source"] == str(path)
+    assert len(report["tensors"]) == 7 and Path(report["source"]) == path.resolve()

@@ -44,7 +44,7 @@ def test_the_validation_set_is_complete():
 
 
 def test_missing_data_is_a_clear_error(tmp_path):
-    with pytest.raises(FileNotFoundError, match="dev.jsonl"):
+    with pytest.raises(FileNotFoundError, match=r"dev\.jsonl"):
         load_piqa(tmp_path)
 
 

@@ -24,7 +24,9 @@ def dequantized_reference(model: nn.Module, config: QuantConfig, selection: Sele
 
 
 def logits(model: nn.Module, seed: int = 0) -> torch.Tensor:
-    tokens = torch.randint(0, model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(seed))
+    tokens = torch.randint(
+        0, model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(seed)
+    )
     with torch.no_grad():
         return model(tokens).logits
 
@@ -96,7 +98,9 @@ def test_is_quantized(quantized_dir, tiny_llama_dir, tmp_path):
 
 def test_refuses_another_format_version(quantized_dir):
     edit_config(quantized_dir, lambda c: c["quantization_config"].update(format_version=99))
-    with pytest.raises(ModelInputError, match=f"version 99; this easyquant reads version {FORMAT_VERSION}"):
+    with pytest.raises(
+        ModelInputError, match=f"version 99; this easyquant reads version {FORMAT_VERSION}"
+    ):
         load_quantized(quantized_dir)
 
 
@@ -124,7 +128,9 @@ def test_refuses_a_missing_tensor(quantized_dir):
         if name != "model.layers.1.mlp.up_proj.scales":
             writer.add(name, tensor)
     writer.close()
-    with pytest.raises(ModelInputError, match="lacks tensor 'model.layers.1.mlp.up_proj.scales'"):
+    with pytest.raises(
+        ModelInputError, match=r"lacks tensor 'model\.layers\.1\.mlp\.up_proj\.scales'"
+    ):
         load_quantized(quantized_dir)
 
 
@@ -140,7 +146,9 @@ def test_refuses_a_wrong_dtype(quantized_dir):
             tensor = tensor.to(torch.int32)
         writer.add(name, tensor)
     writer.close()
-    with pytest.raises(ModelInputError, match=r"v_proj: quantized weight tensor 'qweight' is torch.int32"):
+    with pytest.raises(
+        ModelInputError, match=r"v_proj: quantized weight tensor 'qweight' is torch.int32"
+    ):
         load_quantized(quantized_dir)
 
 

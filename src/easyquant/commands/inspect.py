@@ -72,7 +72,9 @@ def plot(rows: list[Any], path: Path, source: str, sigma: float, scope: str) -> 
     left.set_title("per module type")
     left.tick_params(axis="x", rotation=45)
     for kind in by_type:
-        points = sorted((layer, 100 * v) for (layer, k), v in cells.items() if k == kind and layer is not None)
+        points = sorted(
+            (layer, 100 * v) for (layer, k), v in cells.items() if k == kind and layer is not None
+        )
         if points:
             right.plot(*zip(*points, strict=True), marker="o", markersize=3, label=names[kind])
     right.xaxis.get_major_locator().set_params(integer=True)
@@ -120,7 +122,11 @@ def run(args: argparse.Namespace) -> int:
     if not rows:
         raise ValueError(f"no Linear weight of {src} matches the selection")
     if args.json:
-        print(json.dumps({"source": src, "sigma": args.sigma, "scope": args.scope, **summary(rows)}, indent=2))
+        print(
+            json.dumps(
+                {"source": src, "sigma": args.sigma, "scope": args.scope, **summary(rows)}, indent=2
+            )
+        )
     else:
         print_tables(rows, src, args.sigma, args.scope)
     if plot_path is not None:
@@ -138,11 +144,19 @@ def register(sub: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("src", help="model directory, .gguf file, or 'default' (SmolLM2-135M GGUF)")
-    p.add_argument("--sigma", type=float, default=QuantConfig().outlier_sigma or 3.0,
-                   help="n of the n-sigma rule (default 3)")
+    p.add_argument(
+        "--sigma",
+        type=float,
+        default=QuantConfig().outlier_sigma or 3.0,
+        help="n of the n-sigma rule (default 3)",
+    )
     p.add_argument("--scope", choices=OUTLIER_SCOPES, default=QuantConfig().outlier_scope)
-    p.add_argument("--group-size", type=int, default=None,
-                   help="group length, for a per-group scope where available")
+    p.add_argument(
+        "--group-size",
+        type=int,
+        default=None,
+        help="group length, for a per-group scope where available",
+    )
     p.add_argument("--include", action="append", default=[], metavar="GLOB")
     p.add_argument("--exclude", action="append", default=[], metavar="GLOB")
     p.add_argument("--plot", metavar="PNG", help="also draw the figure to this file")

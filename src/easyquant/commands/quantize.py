@@ -30,7 +30,9 @@ def none_or(kind: type) -> Any:
         try:
             return kind(text)
         except ValueError as exc:
-            raise argparse.ArgumentTypeError(f"expected 'none' or {kind.__name__}: {text!r}") from exc
+            raise argparse.ArgumentTypeError(
+                f"expected 'none' or {kind.__name__}: {text!r}"
+            ) from exc
 
     parse.__name__ = f"none_or_{kind.__name__}"
     return parse
@@ -117,7 +119,7 @@ def run(args: argparse.Namespace) -> int:
             log=log,
         )
     except KeyboardInterrupt:
-        log(f"stopped; finished shards are kept: continue with the same command and --resume")
+        log("stopped; finished shards are kept: continue with the same command and --resume")
         raise
     if not args.quiet:
         t = result.totals
@@ -166,17 +168,39 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--device", default="cpu", help="where quantization runs (cpu, cuda, ...)")
     p.add_argument("--backend", choices=("auto", "torch", "triton"), default="auto")
-    p.add_argument("--include", action="append", default=[], metavar="GLOB",
-                   help="quantize only modules matching (repeatable; '*' matches dots too)")
-    p.add_argument("--exclude", action="append", default=[], metavar="GLOB",
-                   help="leave modules matching in full precision (repeatable)")
-    p.add_argument("--override", action="append", default=[], type=parse_override,
-                   metavar="GLOB:KEY=VALUE,...",
-                   help="per-module config, first match wins (e.g. '*.down_proj:bits=8')")
-    p.add_argument("--shard-size", type=parse_size, default="2GB",
-                   help="largest safetensors shard (default 2GB)")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace an existing output directory (only once the new one is done)")
+    p.add_argument(
+        "--include",
+        action="append",
+        default=[],
+        metavar="GLOB",
+        help="quantize only modules matching (repeatable; '*' matches dots too)",
+    )
+    p.add_argument(
+        "--exclude",
+        action="append",
+        default=[],
+        metavar="GLOB",
+        help="leave modules matching in full precision (repeatable)",
+    )
+    p.add_argument(
+        "--override",
+        action="append",
+        default=[],
+        type=parse_override,
+        metavar="GLOB:KEY=VALUE,...",
+        help="per-module config, first match wins (e.g. '*.down_proj:bits=8')",
+    )
+    p.add_argument(
+        "--shard-size",
+        type=parse_size,
+        default="2GB",
+        help="largest safetensors shard (default 2GB)",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing output directory (only once the new one is done)",
+    )
     p.add_argument("--resume", action="store_true", help="continue an interrupted run")
     p.add_argument("--quiet", action="store_true", help="no progress bar, no messages")
     p.set_defaults(func=run)

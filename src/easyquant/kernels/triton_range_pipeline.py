@@ -185,9 +185,7 @@ def quantize_tensor_triton(weight: torch.Tensor, config: QuantConfig) -> Quantiz
     outliers = outlier_mask(weight, config.outlier_sigma, config.outlier_scope)
     normals = weight.float().masked_fill(outliers, 0.0).reshape(-1, group)
     if config.method == "easyquant":
-        searched = triton_range_search(
-            normals, config.qmin, config.qmax, config.steps, config.lr
-        )
+        searched = triton_range_search(normals, config.qmin, config.qmax, config.steps, config.lr)
     else:
         searched = initial_scales(normals, config.qmax)
     scales, codes, packed = finish_ranges(

@@ -3,8 +3,8 @@
 Computes exactly what :func:`easyquant.algorithm.range_search.adam_range_search_block` computes
 (relative parameterisation ``s = s0 * r``, gradient normalised by ``2 / (s0 * n)``, Adam with
 the same constants, ``r >= MIN_RELATIVE_RANGE``, best range over steps ``0..steps``), but each
-program loads its block of rows once and keeps them in registers for all steps: the weight is
-read from memory once instead of five times per step.
+program keeps its block of rows in registers for all steps: the rows are read from memory twice
+(the exact first step streams them; see the kernel) instead of several times per step.
 
 Per element and step the work is one rounding, one clamp and three multiply-adds (error, loss,
 gradient). Rounding uses the float "magic number" trick: adding ``1.5 * 2^23`` leaves no
@@ -14,9 +14,10 @@ clamp is folded into the multiply-add that scales the value (``fma.rn.sat``, mod
 one instruction instead of three. The first evaluation (``r = 1``, where coarse data such as
 bfloat16 weights has exact ties) uses the reference's own arithmetic.
 
-Rows longer than a register tile are split into up to ``MAX_CHUNKS`` power-of-two chunks (the
-binary digits of the row length: 11008 = 8192 + 2048 + 512 + 256), each a tensor of its own, so
-non-power-of-two rows waste no work on padding. Chunk sizes are compile-time constants.
+Triton tensors have power-of-two shapes, so a row is held as up to ``MAX_CHUNKS`` power-of-two
+chunks (the binary digits of its length, the last one rounded up: 11008 = 8192 + 2048 + 1024
+with 768 used), each a tensor of its own: non-power-of-two rows waste little work on padding.
+Chunk sizes are compile-time constants.
 """
 
 from __future__ import annotations
@@ -43,8 +44,8 @@ DEFAULT_MODE = SATURATE  # up to 5 bits; MINMAX for 8 bits
 # Chunks per row in the default plan: 11008 = 8192 + 2048 + 1024 (768 used) ran faster than four
 # exact chunks on the H100 (one reduction less per step); the kernel takes up to MAX_CHUNKS.
 PLAN_CHUNKS = 3
-# Values a thread keeps, at least (all chunks together): rows are split over fewer warps when
-# there is more (H100, 100 steps: 4096 values on 2 warps and 11008 on 4 ran fastest).
+# Values a thread keeps, at least (all chunks together): a row is split over as many warps as
+# that allows (H100, 100 steps: 4096 values on 2 warps and 11008 on 4 ran fastest).
 VALUES_PER_THREAD = 64
 # Short rows (groups) are searched several to a program, about this many values in all (one warp).
 SHORT_TILE = 512
@@ -86,15 +87,17 @@ def chunk_lengths(n: int, max_chunks: int = MAX_CHUNKS) -> tuple[int, ...]:
 def launch_plan(rows: int, n: int, max_chunks: int = PLAN_CHUNKS) -> LaunchPlan:
     """Rows per program and warps for ``rows`` ranges of ``n`` values each.
 
-    Long rows (per channel): one row per program, warps so that each thread holds about
-    ``VALUES_PER_THREAD`` values. Short rows (groups): several rows per program, a tile of about
-    2048 values, so that one program still has enough work to hide the per-step reductions.
+    Long rows (per channel): one row per program, warps so that each thread holds at least
+    ``VALUES_PER_THREAD`` values. Short rows (groups): several rows per program, about
+    ``SHORT_TILE`` values on one warp (the fastest of the plans tried on the H100).
     """
     chunks = chunk_lengths(n, max_chunks)
     padded = sum(chunks)
     block_rows = 1
     if padded < SHORT_TILE:
-        block_rows = min(triton.next_power_of_2(max(rows, 1)), floor_power_of_2(SHORT_TILE // padded))
+        block_rows = min(
+            triton.next_power_of_2(max(rows, 1)), floor_power_of_2(SHORT_TILE // padded)
+        )
     tile = block_rows * padded
     num_warps = min(8, floor_power_of_2(max(1, tile // (32 * VALUES_PER_THREAD))))
     return LaunchPlan(block_rows=block_rows, chunks=chunks, num_warps=num_warps)

@@ -1,4 +1,4 @@
-"""The few things we ask of transformers: a config from a dict, and a model skeleton without weights.
+"""What we ask of transformers: a config from a dict, and a model skeleton without weights.
 
 transformers is imported here lazily, so ``import easyquant`` stays light.
 """

@@ -137,7 +137,9 @@ def load_quantized(
         if name in used:
             continue
         if name not in expected_tensors:
-            raise ModelInputError(f"{directory} holds tensor {name!r}, which the model does not have")
+            raise ModelInputError(
+                f"{directory} holds tensor {name!r}, which the model does not have"
+            )
         rest[name] = checked(name, take(name), expected_tensors[name], dtype)
     model.load_state_dict(rest, strict=False, assign=True)
     model.tie_weights()

@@ -63,7 +63,9 @@ def count_outliers(
     return rows
 
 
-def fraction_by(rows: list[WeightOutliers], key: Callable[[WeightOutliers], Any]) -> dict[Any, float]:
+def fraction_by(
+    rows: list[WeightOutliers], key: Callable[[WeightOutliers], Any]
+) -> dict[Any, float]:
     """Outlier fraction of each group of rows (outliers / weights, over the group)."""
     outliers: dict[Any, int] = defaultdict(int)
     numel: dict[Any, int] = defaultdict(int)
@@ -80,8 +82,14 @@ def summary(rows: list[WeightOutliers]) -> dict[str, Any]:
         "by_layer": {str(k): v for k, v in fraction_by(rows, lambda r: r.layer).items()},
         "overall": fraction_by(rows, lambda r: 0).get(0, 0.0),
         "modules": [
-            {"module": r.module, "layer": r.layer, "type": r.kind, "outliers": r.outliers,
-             "numel": r.numel, "fraction": r.fraction}
+            {
+                "module": r.module,
+                "layer": r.layer,
+                "type": r.kind,
+                "outliers": r.outliers,
+                "numel": r.numel,
+                "fraction": r.fraction,
+            }
             for r in rows
         ],
     }

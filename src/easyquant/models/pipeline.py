@@ -162,7 +162,9 @@ def quantize_model(
         if progress:
             from tqdm import tqdm
 
-            bar = tqdm(total=len(source.tensors), initial=writer.done, unit="tensor", file=sys.stderr)
+            bar = tqdm(
+                total=len(source.tensors), initial=writer.done, unit="tensor", file=sys.stderr
+            )
         for index, info in todo:
             tensor = source.load(info.name)
             module = info.name.removesuffix(".weight")

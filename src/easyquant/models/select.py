@@ -19,8 +19,8 @@ import torch
 from torch import nn
 
 from easyquant.config import QuantConfig
-from easyquant.nn.quant_linear import QuantLinear
 from easyquant.format.qweight import QuantizedWeight
+from easyquant.nn.quant_linear import QuantLinear
 from easyquant.quantize import check_weight, quantize_tensor
 
 # A decoder-block module name: "model.layers.3.mlp.down_proj", "transformer.h.3.attn.c_proj", ...

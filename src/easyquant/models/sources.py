@@ -163,7 +163,13 @@ class SafetensorsDirSource(Source):
 class ModuleSource(Source):
     """An in-memory transformers model; it is read, never modified."""
 
-    def __init__(self, model: nn.Module, tokenizer: Any = None, description: str = "") -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer: Any = None,
+        description: str = "",
+        identity: dict[str, Any] | None = None,
+    ) -> None:
         config = getattr(model, "config", None)
         if config is None or not hasattr(config, "to_dict"):
             raise ModelInputError(
@@ -172,6 +178,7 @@ class ModuleSource(Source):
             )
         self.model = model
         self.tokenizer = tokenizer
+        self.identity = identity or {}  # e.g. size and mtime of the file the model came from
         self.description = description or f"in-memory {type(model).__name__}"
         self.config = config.to_dict()
         self.config.pop("quantization_config", None)
@@ -197,7 +204,7 @@ class ModuleSource(Source):
     def fingerprint(self) -> dict[str, Any]:
         layout = [(t.name, list(t.shape), str(t.dtype)) for t in self.tensors]
         digest = hashlib.sha256(json.dumps(layout).encode()).hexdigest()
-        return {"source": self.description, "layout": digest}
+        return {"source": self.description, "layout": digest, **self.identity}
 
     def write_extras(self, out_dir: Path) -> None:
         if self.tokenizer is not None:
@@ -219,7 +226,9 @@ def check_gguf(path: Path) -> None:
         reader = GGUFReader(str(path))
         end = max((t.data_offset + t.n_bytes for t in reader.tensors), default=0)
     except Exception as exc:  # the reader fails in many ways on a damaged file
-        raise ModelInputError(f"{path} is a corrupt or truncated GGUF file ({one_line(exc)})") from exc
+        raise ModelInputError(
+            f"{path} is a corrupt or truncated GGUF file ({one_line(exc)})"
+        ) from exc
     if end > path.stat().st_size:
         raise ModelInputError(f"{path} is a truncated GGUF file")
 
@@ -236,7 +245,9 @@ def open_gguf(path: Path, dtype: torch.dtype = torch.float32) -> ModuleSource:
         tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     except (ValueError, KeyError, OSError, RuntimeError) as exc:
         raise ModelInputError(f"transformers cannot load {path}: {one_line(exc)[:200]}") from exc
-    return ModuleSource(model.eval(), tokenizer, description=str(path))
+    stat = path.stat()
+    identity = {"file_bytes": stat.st_size, "file_mtime_ns": stat.st_mtime_ns}
+    return ModuleSource(model.eval(), tokenizer, description=str(path.resolve()), identity=identity)
 
 
 def open_source(source: str | Path | nn.Module, tokenizer: Any = None) -> Source:

@@ -220,15 +220,16 @@ class OutputWriter:
         weight_map: dict[str, str] = {}
         for i, shard in enumerate(self.shards, start=1):
             final = (
-                "model.safetensors"
-                if count == 1
-                else f"model-{i:05d}-of-{count:05d}.safetensors"
+                "model.safetensors" if count == 1 else f"model-{i:05d}-of-{count:05d}.safetensors"
             )
             os.replace(self.partial / shard["file"], self.partial / final)
             weight_map.update(dict.fromkeys(shard["tensors"], final))
         if count > 1:
             total = sum(s["tensor_bytes"] for s in self.shards)
-            index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+            index = {
+                "metadata": {"total_size": total},
+                "weight_map": dict(sorted(weight_map.items())),
+            }
             write_json(self.partial / INDEX_FILE, index)
         extras(self.partial)
         write_json(self.partial / "config.json", config)
