@@ -1,5 +1,5 @@
 # The two commands of the README. Both create or reuse .venv in the repository root.
-.PHONY: demo test venv lint bench-quantize
+.PHONY: demo test venv lint bench-quantize bench-memory bench-kernels bench-quality
 
 venv:
 	bash scripts/setup_venv.sh
@@ -15,3 +15,12 @@ lint: venv
 
 bench-quantize: venv
 	.venv/bin/python benchmarks/bench_quantize.py
+
+bench-memory: venv
+	cd benchmarks && ../.venv/bin/python bench_memory.py --layers 8 --steps 5
+
+bench-kernels: venv
+	.venv/bin/python benchmarks/bench_kernels.py
+
+bench-quality: venv
+	.venv/bin/python benchmarks/quality.py

@@ -24,7 +24,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -57,15 +56,29 @@ def model_args(name: str, work_dir: Path) -> tuple[str, dict[str, Any]]:
         gguf = default_model_path()
         return f"pretrained={gguf.parent},gguf_file={gguf.name},dtype=float32", {}
     path, seconds = quantized_dir(name, work_dir)
-    info: dict[str, Any] = {"config": CONFIGS[name].to_dict(), "model_dir": str(path)}
-    if seconds is not None:
-        info["quantize_seconds"] = round(seconds, 1)
+    totals = json.loads((path / "quant_report.json").read_text())["totals"]
+    info: dict[str, Any] = {
+        "bits_per_weight": round(totals["bits_per_weight"], 3),
+        "outlier_fraction": round(totals["outlier_fraction"], 5),
+        "weight_error": round(totals["error"], 5),  # ||W_q - W||^2 / ||W||^2, decoder Linears
+        "config": CONFIGS[name].to_dict(),
+        "model_dir": str(path),
+        "quantize_seconds": round(totals["quantize_seconds"], 1),
+    }
+    if seconds is None:
+        info["quantize_note"] = "directory made by an earlier run (reused)"
     return f"pretrained={path},dtype=float32", info
+
+
+def latest_results(out_dir: Path) -> dict[str, Any] | None:
+    files = sorted(out_dir.rglob("results_*.json"), key=lambda p: p.stat().st_mtime)
+    return json.loads(files[-1].read_text()) if files else None
 
 
 def run_lm_eval(
     name: str, args_string: str, args: argparse.Namespace, out_dir: Path
-) -> tuple[dict[str, Any], float, list[str]]:
+) -> tuple[dict[str, Any], list[str], bool]:
+    """lm-eval's results for one model, its command, and whether an earlier run's were reused."""
     command = [
         sys.executable,
         "-m",
@@ -85,18 +98,17 @@ def run_lm_eval(
     ]
     if args.limit:
         command += ["--limit", str(args.limit)]
+    if args.reuse and (earlier := latest_results(out_dir)) is not None:
+        return earlier, command, True
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    start = time.perf_counter()
     with open(out_dir / "log.txt", "w") as log:  # lm-eval's progress, readable while it runs
         done = subprocess.run(command, env=env, stdout=log, stderr=subprocess.STDOUT)
-    seconds = time.perf_counter() - start
     if done.returncode != 0:
         raise SystemExit(f"lm-eval failed for {name} (log: {out_dir / 'log.txt'})")
-    files = sorted(out_dir.rglob("results_*.json"), key=lambda p: p.stat().st_mtime)
-    if not files:
+    results = latest_results(out_dir)
+    if results is None:
         raise SystemExit(f"lm-eval wrote no results for {name} (log: {out_dir / 'log.txt'})")
-    results = json.loads(files[-1].read_text())
-    return results, seconds, command
+    return results, command, False
 
 
 def main() -> None:
@@ -107,6 +119,11 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--work-dir", type=Path, default=Path("/tmp/easyquant-piqa"))
     parser.add_argument("--out", type=Path, default=RESULTS / "piqa-lm-eval.json")
+    parser.add_argument(
+        "--reuse",
+        action="store_true",
+        help="take lm-eval's results from an earlier run in --work-dir where there is one",
+    )
     args = parser.parse_args()
     unknown = sorted(set(args.models) - {"fp", *CONFIGS})
     if unknown:
@@ -118,9 +135,10 @@ def main() -> None:
         args_string, info = model_args(name, args.work_dir)
         out_dir = args.work_dir / f"lm-eval-{name}-{args.limit or 'all'}"
         out_dir.mkdir(exist_ok=True)
-        results, seconds, command = run_lm_eval(name, args_string, args, out_dir)
+        results, command, reused = run_lm_eval(name, args_string, args, out_dir)
         metrics = results["results"][TASK]
-        samples = results.get("n-samples", {}).get(TASK, {}).get("effective")
+        samples = results["n-samples"][TASK]["effective"]
+        seconds = float(results["total_evaluation_time_seconds"])  # lm-eval's own measure
         rows.append(
             {
                 "model": name,
@@ -132,6 +150,9 @@ def main() -> None:
                 "eval_seconds": round(seconds, 1),
                 **info,
                 "lm_eval_command": " ".join(command[1:]),
+                "lm_eval_config": results["config"],  # as lm-eval recorded the run
+                "lm_eval_date": results["date"],
+                "reused": reused,
             }
         )
         print(
@@ -164,6 +185,8 @@ def main() -> None:
         "acc_norm",
         "acc_norm_stderr",
         "questions",
+        "bits_per_weight",
+        "weight_error",
         "eval_seconds",
     ]
     print_table(rows, columns)

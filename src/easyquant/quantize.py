@@ -109,6 +109,20 @@ def quantize_tensor(
     config = config or QuantConfig()
     check_weight(weight, config)
     backend = resolve_backend(backend, weight.device)
+    if backend == "triton" and trace is None:
+        # The fused pipeline (search, storage rounding, RTN candidate, codes, packing as Triton
+        # kernels) stores exactly what quantize_tensor_stepwise does with the Triton search.
+        from easyquant.kernels.triton_range_pipeline import quantize_tensor_triton
+
+        return quantize_tensor_triton(weight, config)
+    return quantize_tensor_stepwise(weight, config, backend, trace)
+
+
+def quantize_tensor_stepwise(
+    weight: torch.Tensor, config: QuantConfig, backend: str, trace: StepTrace | None = None
+) -> QuantizedWeight:
+    """The reference pipeline, step by step in torch; only the range search uses ``backend``
+    ("torch" or "triton"). ``weight`` must have passed :func:`check_weight`."""
     out_f, in_f = weight.shape
     group = config.group_size or in_f
     outliers = outlier_mask(weight, config.outlier_sigma, config.outlier_scope, config.group_size)

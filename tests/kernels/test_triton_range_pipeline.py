@@ -1,6 +1,6 @@
 """The fused pipeline (search + finish kernels) against quantize_tensor.
 
-With the same search kernel, quantize_tensor(backend="triton") finishes in torch and
+With the same search kernel, quantize_tensor_stepwise(backend="triton") finishes in torch and
 quantize_tensor_triton in one kernel: every stored tensor must come out bit for bit the same.
 """
 
@@ -9,6 +9,7 @@ import torch
 
 from easyquant import QuantConfig, quantize_tensor
 from easyquant.kernels.triton_range_pipeline import quantize_tensor_triton
+from easyquant.quantize import quantize_tensor_stepwise
 from tests.conftest import student_t
 
 
@@ -22,6 +23,8 @@ from tests.conftest import student_t
         (QuantConfig(bits=4, group_size=5, steps=5, method="rtn"), (6, 20)),  # odd: torch packs
         (QuantConfig(bits=4, steps=0, outlier_sigma=None, outlier_dtype="float16"), (5, 30)),
         (QuantConfig(bits=2, steps=8, scale_dtype="float32"), (4, 36)),
+        (QuantConfig(bits=4, group_size=16, steps=8, init_grid=5, refine_steps=2), (6, 32)),
+        (QuantConfig(bits=3, steps=6, outlier_scope="group", refine_steps=1), (5, 40)),
     ],
 )
 def test_pipeline_equals_quantize_tensor(device, config, shape):
@@ -29,7 +32,7 @@ def test_pipeline_equals_quantize_tensor(device, config, shape):
     w[1] = 0  # a zero row
     w = w.to(device)
     got = quantize_tensor_triton(w, config)
-    ref = quantize_tensor(w, config, backend="triton")
+    ref = quantize_tensor_stepwise(w, config, backend="triton")
     for name, tensor in ref.state_dict().items():
         assert torch.equal(got.state_dict()[name], tensor), name
     assert got.dtype == w.dtype and got.shape == tuple(w.shape)

@@ -17,8 +17,9 @@ import triton
 import triton.language as tl
 
 from easyquant.algorithm.outliers import outlier_mask
+from easyquant.algorithm.range_init import grid_init_scales, least_squares_refine
 from easyquant.algorithm.range_search import initial_scales
-from easyquant.config import QuantConfig
+from easyquant.config import INIT_GRID_LOW, QuantConfig
 from easyquant.format.bitpack import pack_codes
 from easyquant.format.qweight import QuantizedWeight, index_dtype
 from easyquant.kernels.triton_range_search import interpreting, triton_range_search
@@ -182,10 +183,29 @@ def quantize_tensor_triton(weight: torch.Tensor, config: QuantConfig) -> Quantiz
         raise ValueError(f"the Triton pipeline runs on CUDA tensors, got one on {weight.device}")
     out_f, in_f = weight.shape
     group = config.group_size or in_f
-    outliers = outlier_mask(weight, config.outlier_sigma, config.outlier_scope)
+    scale_dtype = getattr(torch, config.scale_dtype)
+    outliers = outlier_mask(weight, config.outlier_sigma, config.outlier_scope, config.group_size)
     normals = weight.float().masked_fill(outliers, 0.0).reshape(-1, group)
     if config.method == "easyquant":
-        searched = triton_range_search(normals, config.qmin, config.qmax, config.steps, config.lr)
+        init = None
+        if config.init_grid:
+            init = grid_init_scales(
+                normals, config.qmin, config.qmax, config.init_grid, INIT_GRID_LOW
+            )
+        searched = triton_range_search(
+            normals, config.qmin, config.qmax, config.steps, config.lr, init_scale=init
+        )
+        if config.refine_steps:
+            # As quantize_tensor: refined from the stored ranges (the finish's own rounding of
+            # already stored values changes nothing).
+            searched = least_squares_refine(
+                normals,
+                searched.to(scale_dtype).float(),
+                config.qmin,
+                config.qmax,
+                config.refine_steps,
+                store=lambda s: s.to(scale_dtype).float(),
+            )
     else:
         searched = initial_scales(normals, config.qmax)
     scales, codes, packed = finish_ranges(
@@ -193,7 +213,7 @@ def quantize_tensor_triton(weight: torch.Tensor, config: QuantConfig) -> Quantiz
         weight.reshape(-1, group),
         searched,
         config.bits,
-        getattr(torch, config.scale_dtype),
+        scale_dtype,
         compare_rtn=config.method == "easyquant",
     )
     qweight = codes.reshape(out_f, -1)
