@@ -1,7 +1,7 @@
 """PIQA zero-shot accuracy through lm-evaluation-harness: full precision, RTN and EasyQuant 4-bit.
 
     cd benchmarks && ../.venv/bin/python piqa_lm_eval.py [--limit N] [--batch-size 16]
-        [--models fp rtn easyquant] [--work-dir /tmp/easyquant-piqa] [--device cpu]
+        [--models fp rtn easyquant] [--work-dir /tmp/easyquant-piqa] [--device cpu] [--reuse]
 
 The model is the default one, SmolLM2-135M-Instruct as GGUF. Its weights were Q4_1
 block-quantized upstream; loaded as float32 they are the full-precision reference here, and
@@ -13,7 +13,9 @@ Default selection for both: every Linear of the decoder blocks (embeddings and l
 
 Each model is evaluated by ``python -m easyquant.commands.lm_eval`` (the ``easyquant lm-eval``
 entry point) on the ``piqa_local`` task (../shared/data/piqa/, 1,838 validation questions;
-``--limit N`` takes the first N). Quantized directories are kept in ``--work-dir`` and reused.
+``--limit N`` takes the first N). Quantized directories are kept in ``--work-dir`` and reused;
+``--reuse`` also takes lm-eval's results from an earlier run there (each row then says so, and
+keeps lm-eval's own record of that run: its config, date and evaluation time).
 Writes benchmarks/results/piqa-lm-eval.json and .md (device, versions, commit, command).
 """
 
@@ -24,6 +26,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -56,7 +59,10 @@ def model_args(name: str, work_dir: Path) -> tuple[str, dict[str, Any]]:
         gguf = default_model_path()
         return f"pretrained={gguf.parent},gguf_file={gguf.name},dtype=float32", {}
     path, seconds = quantized_dir(name, work_dir)
-    totals = json.loads((path / "quant_report.json").read_text())["totals"]
+    report = json.loads((path / "quant_report.json").read_text())
+    if report["config"] != CONFIGS[name].to_dict():
+        raise SystemExit(f"{path} was made with another config: remove it to remake it")
+    totals = report["totals"]
     info: dict[str, Any] = {
         "bits_per_weight": round(totals["bits_per_weight"], 3),
         "outlier_fraction": round(totals["outlier_fraction"], 5),
@@ -151,7 +157,7 @@ def main() -> None:
                 **info,
                 "lm_eval_command": " ".join(command[1:]),
                 "lm_eval_config": results["config"],  # as lm-eval recorded the run
-                "lm_eval_date": results["date"],
+                "lm_eval_date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(results["date"])),
                 "reused": reused,
             }
         )
@@ -195,10 +201,18 @@ def main() -> None:
     args.out.with_suffix(".md").write_text(
         f"# PIQA through lm-eval: {payload['model']}\n\n"
         f"{payload['note']}\n\n"
+        f"Questions: {'the first ' + str(args.limit) + ' of ' if args.limit else 'all '}"
+        f"{QUESTIONS} (PIQA validation). eval_seconds: lm-eval's own measure, on whatever else "
+        "the machine was running: not a speed benchmark.\n\n"
         f"Device: {env['device']}; commit {env['commit']}; {env['date']}; versions "
         f"{json.dumps(env['versions'])}.\n\nCommand: `{env['command']}`\n\n"
         + "\n".join(table)
-        + "\n"
+        + "\n\nlm-eval runs (python ...):\n\n"
+        + "".join(
+            f"- {r['model']}: `{r['lm_eval_command']}` (run of {r['lm_eval_date']}"
+            f"{', reused by --reuse' if r['reused'] else ''})\n"
+            for r in rows
+        )
     )
     print(f"wrote {args.out} and {args.out.with_suffix('.md')}")
 

