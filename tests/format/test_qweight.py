@@ -62,6 +62,9 @@ def test_to_device_keeps_everything():
     assert torch.equal(moved.dequantize(), qw.dequantize())
     assert moved.shape == qw.shape and moved.bits == qw.bits
 
+    half = quantize_tensor(student_t(4, 16).to(torch.float16), QuantConfig(steps=2)).to("cpu")
+    assert half.dtype == torch.float16 and half.dequantize().dtype == torch.float16
+
 
 def test_narrow_outlier_dtype_halves_outlier_cost():
     w = student_t(32, 128, seed=9)

@@ -188,7 +188,7 @@ class QuantizedWeight:
     def to(self, device: torch.device | str) -> QuantizedWeight:
         moved = {k: t.to(device) for k, t in zip(STATE_KEYS, self._payload(), strict=False)}
         return QuantizedWeight(
-            **moved, shape=self.shape, bits=self.bits, group_size=self.group_size
+            **moved, shape=self.shape, bits=self.bits, group_size=self.group_size, dtype=self.dtype
         )
 
 
