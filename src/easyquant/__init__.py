@@ -11,6 +11,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "FORMAT_VERSION",
+    "EasyQuantConfig",
     "QuantConfig",
     "QuantLinear",
     "QuantizedWeight",
@@ -29,4 +30,14 @@ def __getattr__(name: str) -> Any:
         from easyquant import models
 
         return getattr(models, name)
+    if name == "EasyQuantConfig":
+        from easyquant.integrations.transformers import EasyQuantConfig
+
+        return EasyQuantConfig
     raise AttributeError(f"module 'easyquant' has no attribute {name!r}")
+
+
+# Register "easyquant" with transformers when transformers loads its quantizers (no import now).
+from easyquant.integrations import install_import_hook as _install_import_hook  # noqa: E402
+
+_install_import_hook()
