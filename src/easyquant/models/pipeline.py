@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -23,8 +23,11 @@ from easyquant.config import QuantConfig
 from easyquant.format.qweight import FLOAT_DTYPES, FORMAT_VERSION
 from easyquant.models.errors import ModelInputError
 from easyquant.models.select import Selection, TensorReport, quantize_with_report
-from easyquant.models.sources import Source, open_source
+from easyquant.models.sources import Source, SourceTensor, open_source
 from easyquant.models.writer import OutputWriter, check_output
+
+if TYPE_CHECKING:
+    from easyquant.models.distributed import World
 
 QUANT_METHOD = "easyquant"
 DEFAULT_SHARD_SIZE = 2 * 1024**3
@@ -39,6 +42,11 @@ class QuantizeResult:
     out_dir: Path
     reports: list[TensorReport]
     totals: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_rows(cls, out_dir: Path, rows: list[dict[str, Any]]) -> QuantizeResult:
+        reports = [TensorReport(**{**r, "shape": tuple(r["shape"])}) for r in rows]
+        return cls(out_dir, reports, summarize(rows))
 
 
 def plan(source: Source, config: QuantConfig, selection: Selection) -> dict[str, QuantConfig]:
@@ -113,6 +121,97 @@ def default_log(message: str) -> None:
     print(f"easyquant: {message}", file=sys.stderr)
 
 
+@dataclass
+class Job:
+    """One run's input, plan and identity: what every process of a run computes alike."""
+
+    source: Source
+    config: QuantConfig
+    selection: Selection
+    targets: dict[str, QuantConfig]  # module -> config, from :func:`plan`
+    fingerprint: dict[str, Any]  # what --resume must find unchanged
+    started: float
+
+    def hf_config(self) -> dict[str, Any]:
+        """config.json of the output."""
+        qc = quantization_config(self.config, self.selection, list(self.targets))
+        return {**self.source.config, "quantization_config": qc}
+
+    def report(self, rows: list[dict[str, Any]], **totals: Any) -> dict[str, Any]:
+        """quant_report.json, from the rows in source order."""
+        return {
+            "format_version": FORMAT_VERSION,
+            "source": self.source.description,
+            "config": self.config.to_dict(),
+            "selection": self.selection.to_dict(),
+            "note": REFERENCE_NOTE,
+            "totals": {
+                **summarize(rows),
+                "source_bytes": self.source.nbytes,
+                "wall_seconds": time.perf_counter() - self.started,
+                **totals,
+            },
+            "tensors": rows,
+        }
+
+
+def prepare(
+    model_or_path: nn.Module | str | Path,
+    config: QuantConfig,
+    out_dir: str | Path,
+    selection: Selection,
+    tokenizer: Any,
+    shard_size: int,
+    overwrite: bool,
+) -> Job:
+    """Check the output, open the input and plan the run (all before any work)."""
+    started = time.perf_counter()
+    check_output(out_dir, overwrite)  # before the (possibly long) read of the input
+    source = open_source(model_or_path, tokenizer)
+    targets = plan(source, config, selection)
+    fingerprint = {
+        "format_version": FORMAT_VERSION,
+        "source": source.fingerprint(),
+        "config": config.to_dict(),
+        "selection": selection.to_dict(),
+        "shard_size": shard_size,
+    }
+    return Job(source, config, selection, targets, fingerprint, started)
+
+
+def quantize_tensors(
+    job: Job,
+    tensors: list[SourceTensor],
+    writer: OutputWriter,
+    device: torch.device,
+    backend: str,
+    progress: bool,
+) -> None:
+    """Quantize or copy ``tensors`` (in this order) into ``writer``, from ``writer.done`` on."""
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(tensors), initial=writer.done, unit="tensor", file=sys.stderr)
+    for index, info in list(enumerate(tensors))[writer.done :]:
+        tensor = job.source.load(info.name)
+        module = info.name.removesuffix(".weight")
+        cfg = job.targets.get(module) if info.name.endswith(".weight") else None
+        if cfg is None:
+            writer.add(index, {info.name: tensor}, None)
+        else:
+            qweight, report = quantize_with_report(
+                info.name, tensor.to(device), cfg, backend=backend
+            )
+            outputs = {f"{module}.{k}": v.cpu() for k, v in qweight.state_dict().items()}
+            writer.add(index, outputs, report.to_dict())
+        del tensor
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+
+
 def quantize_model(
     model_or_path: nn.Module | str | Path,
     config: QuantConfig | None = None,
@@ -127,6 +226,7 @@ def quantize_model(
     resume: bool = False,
     progress: bool = False,
     log: Callable[[str], None] | None = default_log,
+    world: World | None = None,
 ) -> QuantizeResult:
     """Quantize a model and save it as a Hugging Face style directory at ``out_dir``.
 
@@ -135,7 +235,10 @@ def quantize_model(
     too). ``selection`` picks the Linear weights (default: all of the decoder blocks) and
     per-module overrides. ``device`` is where quantization runs. The directory appears only when
     complete; ``overwrite`` replaces an existing one at the end; ``resume`` continues an
-    interrupted run with the same settings. Load the result with :func:`load_quantized`.
+    interrupted run with the same settings. ``world`` (from
+    :func:`easyquant.models.distributed.init_world`): this process is one rank of a distributed
+    run; every rank calls this with the same arguments and quantizes its share of the tensors.
+    Load the result with :func:`load_quantized`.
     """
     if out_dir is None:
         raise ValueError("quantize_model needs out_dir, the directory to write")
@@ -144,68 +247,30 @@ def quantize_model(
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device} was asked for but CUDA is not available")
-    started = time.perf_counter()
-    check_output(out_dir, overwrite)  # before the (possibly long) read of the input
-    source = open_source(model_or_path, tokenizer)
-    targets = plan(source, config, selection)
-    fingerprint = {
-        "format_version": FORMAT_VERSION,
-        "source": source.fingerprint(),
-        "config": config.to_dict(),
-        "selection": selection.to_dict(),
-        "shard_size": shard_size,
-    }
-    writer = OutputWriter(out_dir, fingerprint, shard_size, overwrite, resume, log)
+    if world is not None:
+        from easyquant.models.distributed import quantize_distributed
+
+        return quantize_distributed(
+            world,
+            model_or_path,
+            config,
+            out_dir,
+            selection=selection,
+            tokenizer=tokenizer,
+            device=device,
+            backend=backend,
+            shard_size=shard_size,
+            overwrite=overwrite,
+            resume=resume,
+            progress=progress,
+            log=log,
+        )
+    job = prepare(model_or_path, config, out_dir, selection, tokenizer, shard_size, overwrite)
+    writer = OutputWriter(out_dir, job.fingerprint, shard_size, overwrite, resume, log)
     try:
-        todo = list(enumerate(source.tensors))[writer.done :]
-        bar = None
-        if progress:
-            from tqdm import tqdm
-
-            bar = tqdm(
-                total=len(source.tensors), initial=writer.done, unit="tensor", file=sys.stderr
-            )
-        for index, info in todo:
-            tensor = source.load(info.name)
-            module = info.name.removesuffix(".weight")
-            cfg = targets.get(module) if info.name.endswith(".weight") else None
-            if cfg is None:
-                writer.add(index, {info.name: tensor}, None)
-            else:
-                qweight, report = quantize_with_report(
-                    info.name, tensor.to(device), cfg, backend=backend
-                )
-                outputs = {f"{module}.{k}": v.cpu() for k, v in qweight.state_dict().items()}
-                writer.add(index, outputs, report.to_dict())
-            del tensor
-            if bar is not None:
-                bar.update(1)
-        if bar is not None:
-            bar.close()
-        hf_config = {
-            **source.config,
-            "quantization_config": quantization_config(config, selection, list(targets)),
-        }
-
-        def report(rows: list[dict[str, Any]]) -> dict[str, Any]:
-            return {
-                "format_version": FORMAT_VERSION,
-                "source": source.description,
-                "config": config.to_dict(),
-                "selection": selection.to_dict(),
-                "note": REFERENCE_NOTE,
-                "totals": {
-                    **summarize(rows),
-                    "source_bytes": source.nbytes,
-                    "wall_seconds": time.perf_counter() - started,
-                },
-                "tensors": rows,
-            }
-
-        path = writer.finish(hf_config, report, source.write_extras)
+        quantize_tensors(job, job.source.tensors, writer, device, backend, progress)
+        path = writer.finish(job.hf_config(), job.report, job.source.write_extras)
     except BaseException:
         writer.abort()
         raise
-    rows = writer.reports
-    reports = [TensorReport(**{**r, "shape": tuple(r["shape"])}) for r in rows]
-    return QuantizeResult(path, reports, summarize(rows))
+    return QuantizeResult.from_rows(path, writer.reports)

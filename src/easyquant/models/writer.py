@@ -11,14 +11,21 @@ quantization is deterministic, so a resumed run writes the same bytes as an unin
 At the end, shards get their final names (``model.safetensors``, or ``model-0000i-of-0000n`` with
 an index), config.json, the tokenizer files and quant_report.json are written, and the directory
 is renamed to ``out``; an existing ``out`` (``overwrite=True``) is replaced only then.
+
+Distributed runs (``rank`` given): every rank writes into the same partial directory, with its
+own files (``rank0000r-shard-0000i.safetensors``, ``rank0000r-progress.json``, lock
+``rank0000r-lock``) and a shared lock on ``.lock``; it only ever removes files of its own (rank 0
+also those of no rank, or of ranks beyond the world size). :func:`publish` (rank 0, once all
+ranks are done) names every shard and moves the directory into place.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +37,7 @@ from easyquant.models.safetensors_io import ShardWriter, tensor_bytes
 PROGRESS_FILE = "progress.json"
 LOCK_FILE = ".lock"
 INDEX_FILE = "model.safetensors.index.json"
+RANK_FILE = re.compile(r"rank(\d{5})-")  # files of one rank of a distributed run
 
 try:  # POSIX advisory lock: two runs never write the same partial directory
     import fcntl
@@ -85,13 +93,19 @@ class OutputWriter:
         overwrite: bool = False,
         resume: bool = False,
         log: Callable[[str], None] | None = None,
+        rank: int | None = None,
+        world_size: int = 1,
     ) -> None:
+        """``rank``: this process's rank in a distributed run of ``world_size`` (None: alone)."""
         self.out_dir = check_output(out_dir, overwrite)
         if shard_size < 1:
             raise ValueError(f"shard size must be positive, got {shard_size}")
         self.fingerprint = json.loads(json.dumps(fingerprint))  # as it reads back from JSON
         self.shard_size = shard_size
         self.log = log or (lambda message: None)
+        self.rank, self.world_size = rank, world_size
+        self.prefix = "" if rank is None else f"rank{rank:05d}-"
+        self.progress_file = self.prefix + PROGRESS_FILE
         self.partial = partial_path(self.out_dir)
         self.partial.parent.mkdir(parents=True, exist_ok=True)
         self.partial.mkdir(exist_ok=True)
@@ -110,10 +124,23 @@ class OutputWriter:
 
     # ---- start ---------------------------------------------------------------------------------
     def _take_lock(self) -> Any:
-        handle = open(self.partial / LOCK_FILE, "a")
+        """Alone: ``.lock`` exclusively. A rank: ``.lock`` shared (keeps single runs out) and its
+        own lock file exclusively (keeps another run's same rank out)."""
+        if self.rank is None:
+            return self._flock(LOCK_FILE, exclusive=True)
+        shared = self._flock(LOCK_FILE, exclusive=False)
+        try:
+            own = self._flock(self.prefix + "lock", exclusive=True)
+        except BaseException:
+            shared.close()
+            raise
+        return _Locks(shared, own)
+
+    def _flock(self, name: str, exclusive: bool) -> Any:
+        handle = open(self.partial / name, "a")
         if fcntl is not None:
             try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(handle, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
             except OSError as exc:
                 handle.close()
                 raise ModelInputError(
@@ -121,9 +148,19 @@ class OutputWriter:
                 ) from exc
         return handle
 
+    def _mine(self, name: str) -> bool:
+        """Is this file of the partial directory one this writer may remove?"""
+        if self.rank is None:
+            return name != LOCK_FILE
+        match = RANK_FILE.match(name)
+        if match is not None:
+            owner = int(match.group(1))
+            return owner == self.rank or (self.rank == 0 and owner >= self.world_size)
+        return self.rank == 0 and name != LOCK_FILE
+
     def _restore(self, resume: bool) -> None:
         progress = None
-        progress_path = self.partial / PROGRESS_FILE
+        progress_path = self.partial / self.progress_file
         if progress_path.is_file():
             try:
                 progress = json.loads(progress_path.read_text())
@@ -156,10 +193,10 @@ class OutputWriter:
             self.log(f"nothing to resume for {self.out_dir}: starting from the beginning")
         elif progress is not None:
             self.log(f"discarding an interrupted run in {self.partial} (use --resume to continue)")
-        keep = {LOCK_FILE, PROGRESS_FILE, *(s["file"] for s in self.shards)}
+        keep = {self.prefix + "lock", self.progress_file, *(s["file"] for s in self.shards)}
         for path in self.partial.iterdir():
-            if path.name not in keep:
-                shutil.rmtree(path) if path.is_dir() else path.unlink()
+            if path.name not in keep and self._mine(path.name):
+                shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
         self._write_progress()
 
     # ---- shards --------------------------------------------------------------------------------
@@ -171,7 +208,7 @@ class OutputWriter:
         if self.current is not None and self.current.nbytes + size > self.shard_size:
             self._close_shard()
         if self.current is None:
-            name = f"shard-{len(self.shards) + 1:05d}.safetensors"
+            name = f"{self.prefix}shard-{len(self.shards) + 1:05d}.safetensors"
             self.current = ShardWriter(self.partial / name)
         for name, tensor in outputs.items():
             self.current.add(name, tensor)
@@ -200,11 +237,16 @@ class OutputWriter:
 
     def _write_progress(self) -> None:
         write_json(
-            self.partial / PROGRESS_FILE,
+            self.partial / self.progress_file,
             {"fingerprint": self.fingerprint, "shards": self.shards, "done": self.done},
         )
 
     # ---- end -----------------------------------------------------------------------------------
+    def close(self) -> None:
+        """Close the last shard (its progress recorded); the lock stays held."""
+        if self.current is not None:
+            self._close_shard()
+
     def finish(
         self,
         config: dict[str, Any],
@@ -212,45 +254,78 @@ class OutputWriter:
         extras: Callable[[Path], None],
     ) -> Path:
         """Close the last shard, name shards, write config/report/extras, move into place."""
-        if self.current is not None:
-            self._close_shard()
-        if not self.shards:
-            raise ModelInputError("the model has no tensors to write")
-        count = len(self.shards)
-        weight_map: dict[str, str] = {}
-        for i, shard in enumerate(self.shards, start=1):
-            final = (
-                "model.safetensors" if count == 1 else f"model-{i:05d}-of-{count:05d}.safetensors"
-            )
-            os.replace(self.partial / shard["file"], self.partial / final)
-            weight_map.update(dict.fromkeys(shard["tensors"], final))
-        if count > 1:
-            total = sum(s["tensor_bytes"] for s in self.shards)
-            index = {
-                "metadata": {"total_size": total},
-                "weight_map": dict(sorted(weight_map.items())),
-            }
-            write_json(self.partial / INDEX_FILE, index)
-        extras(self.partial)
-        write_json(self.partial / "config.json", config)
-        write_json(self.partial / "quant_report.json", report(self.reports))
-        (self.partial / PROGRESS_FILE).unlink()
-        (self.partial / LOCK_FILE).unlink()
-        fsync_dir(self.partial)
-        old = None
-        if self.out_dir.exists():
-            old = self.out_dir.parent / f".{self.out_dir.name}.old-{os.getpid()}"
-            os.replace(self.out_dir, old)
-        os.replace(self.partial, self.out_dir)
-        fsync_dir(self.out_dir.parent)
+        self.close()
+        path = publish(
+            self.partial,
+            self.out_dir,
+            self.shards,
+            config,
+            lambda: report(self.reports),
+            extras,
+            [PROGRESS_FILE, LOCK_FILE],
+        )
         self._lock.close()
-        if old is not None:
-            shutil.rmtree(old)
-        return self.out_dir
+        return path
 
     def abort(self) -> None:
         """Stop writing (the partial directory stays, for --resume); release the lock."""
         if self.current is not None:
             self.current.abort()
             self.current = None
+        self.release()
+
+    def release(self) -> None:
+        """Release the lock(s) (a rank, once the run is over)."""
         self._lock.close()
+
+
+class _Locks:
+    """The two lock files a rank holds, released together."""
+
+    def __init__(self, *handles: Any) -> None:
+        self.handles = handles
+
+    def close(self) -> None:
+        for handle in self.handles:
+            handle.close()
+
+
+def publish(
+    partial: Path,
+    out_dir: Path,
+    shards: list[dict[str, Any]],
+    config: dict[str, Any],
+    report: Callable[[], dict[str, Any]],
+    extras: Callable[[Path], None],
+    bookkeeping: Iterable[str],
+) -> Path:
+    """Give ``shards`` (finished, in ``partial``) their final names in this order, write the
+    index, extras, config.json and quant_report.json, remove the ``bookkeeping`` files and
+    rename ``partial`` to ``out_dir`` (replacing an existing one only then)."""
+    if not shards:
+        raise ModelInputError("the model has no tensors to write")
+    count = len(shards)
+    weight_map: dict[str, str] = {}
+    for i, shard in enumerate(shards, start=1):
+        final = "model.safetensors" if count == 1 else f"model-{i:05d}-of-{count:05d}.safetensors"
+        os.replace(partial / shard["file"], partial / final)
+        weight_map.update(dict.fromkeys(shard["tensors"], final))
+    if count > 1:
+        total = sum(s["tensor_bytes"] for s in shards)
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        write_json(partial / INDEX_FILE, index)
+    extras(partial)
+    write_json(partial / "config.json", config)
+    write_json(partial / "quant_report.json", report())
+    for name in bookkeeping:
+        (partial / name).unlink(missing_ok=True)
+    fsync_dir(partial)
+    old = None
+    if out_dir.exists():
+        old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
+        os.replace(out_dir, old)
+    os.replace(partial, out_dir)
+    fsync_dir(out_dir.parent)
+    if old is not None:
+        shutil.rmtree(old)
+    return out_dir
