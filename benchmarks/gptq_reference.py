@@ -42,7 +42,9 @@ def maxabs_scales(weight: torch.Tensor, config: GPTQConfig) -> torch.Tensor:
     """Per-channel ``[out, 1]`` or per-group ``[out, groups]`` max-abs scales (float16-rounded)."""
     out_f, in_f = weight.shape
     group = config.group_size or in_f
-    scale = weight.reshape(out_f, in_f // group, group).abs().amax(dim=2) / config.qmax
+    pad = -in_f % group  # a last, shorter group when group does not divide in_f (576 = 4.5 * 128)
+    padded = torch.nn.functional.pad(weight, (0, pad))
+    scale = padded.reshape(out_f, -1, group).abs().amax(dim=2) / config.qmax
     scale = scale.half().float()
     return torch.where(scale > 0, scale, torch.ones_like(scale))
 
@@ -59,13 +61,13 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, config: GPTQConfi
     # scale across reorderings (the same choice as GPTQ's static_groups option).
     scales = maxabs_scales(w, config)
     group = config.group_size or in_f
-    column_scale = scales.repeat_interleave(group, dim=1)  # [out, in]
+    column_scale = scales.repeat_interleave(group, dim=1)[:, :in_f]  # [out, in]
     if config.act_order:
         perm = torch.argsort(torch.diag(h), descending=True)
     else:
-        perm = torch.arange(in_f)
+        perm = torch.arange(in_f, device=w.device)
     w, h, column_scale = w[:, perm], h[perm][:, perm], column_scale[:, perm]
-    h += torch.eye(in_f) * (config.damp * torch.mean(torch.diag(h)))
+    h += torch.eye(in_f, device=h.device) * (config.damp * torch.mean(torch.diag(h)))
     h_inv = torch.cholesky_inverse(torch.linalg.cholesky(h))
     h_inv = torch.linalg.cholesky(h_inv, upper=True)
     q = torch.zeros_like(w)
@@ -90,11 +92,16 @@ class HessianHook:
     """Accumulates ``H = 2/n * sum x x^T`` over the inputs of one Linear."""
 
     def __init__(self, in_features: int) -> None:
-        self.h = torch.zeros(in_features, in_features, dtype=torch.float64)
+        self.in_features = in_features
+        self.h: torch.Tensor | None = None  # allocated on the inputs' device
         self.n = 0
 
     def __call__(self, module: nn.Module, inputs: tuple[torch.Tensor, ...], output) -> None:  # type: ignore[no-untyped-def]
         x = inputs[0].reshape(-1, inputs[0].shape[-1]).double()
+        if self.h is None:
+            self.h = torch.zeros(
+                self.in_features, self.in_features, dtype=torch.float64, device=x.device
+            )
         count = x.shape[0]
         self.h *= self.n / (self.n + count)
         self.n += count
@@ -122,7 +129,7 @@ def first_layer_inputs(model: nn.Module, windows: list[torch.Tensor]):  # type: 
     try:
         for window in windows:
             try:
-                model(window.unsqueeze(0), use_cache=False)
+                model(window.unsqueeze(0).to(model.device), use_cache=False)
             except StopForward:
                 pass
     finally:
@@ -168,5 +175,5 @@ def gptq_model_inplace(
 def gptq_bits_per_weight(out_f: int, in_f: int, bits: int, group_size: int | None) -> float:
     """Codes plus one float16 scale per channel or group (no outliers): same as easyquant's RTN
     minus its (empty) outlier row offsets, which GPTQ would not store."""
-    groups = in_f // (group_size or in_f)
+    groups = -(-in_f // (group_size or in_f))  # a shorter last group counts as one
     return bits + 16 * groups / in_f

@@ -118,12 +118,13 @@ def quantize_hqq(model: nn.Module, bits: int, group: int | None) -> tuple[float,
             axis=1,
             bitpack=False,
             compute_dtype=torch.float32,
-            device="cpu",
+            device=str(w.device),
         )
         meta["scale"] = meta["scale"].half().float()
         meta["zero"] = meta["zero"].half().float()
         linear.weight.data.copy_(Quantizer.dequantize(q, meta).reshape(out_f, in_f))
-        total_bits += out_f * in_f * bits + out_f * (in_f // g) * 32
+        # HQQ groups the flattened weight, so with g not dividing in_f a group spans two rows.
+        total_bits += out_f * in_f * bits + (out_f * in_f) // g * 32
         total += out_f * in_f
     return total_bits / total, {"optimize": True, "axis": 1, "scale_zero_dtype": "float16"}
 
@@ -296,6 +297,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bits", nargs="+", type=int, default=[4, 3])
     parser.add_argument("--groups", nargs="+", type=int, default=[0, 128], help="0 = per channel")
     parser.add_argument("--text", type=Path, default=WIKITEXT)
+    parser.add_argument("--device", default="cpu", help="where to quantize and evaluate")
     parser.add_argument("--out", type=Path, default=RESULTS / "quality", help="path stem")
     parser.add_argument(
         "--piqa", type=int, default=0, help="also PIQA acc/acc_norm on the first N questions"
@@ -318,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
     hf_logging.set_verbosity_error()
     path = default_model_path()
     log(f"loading {path.name}")
-    loaded = load_model(path)
+    loaded = load_model(path, device=args.device)
     model = loaded.model
     ids = tokenize(loaded.tokenizer, read_text(args.text))
     available = ids.numel() // args.seq_len
@@ -344,7 +346,7 @@ def main(argv: list[str] | None = None) -> int:
         return perplexity(m, ids, args.seq_len, count or args.windows, first_window=first).ppl
 
     payload: dict[str, Any] = {
-        **environment("cpu"),
+        **environment(args.device),
         "protocol": {
             "model": path.name,
             "text": f"../shared/data/wikitext2/{args.text.name}",

@@ -76,7 +76,11 @@ def test_new_fields_default_to_the_paper_and_validate():
 def test_best_preset_is_a_different_valid_recipe_and_round_trips():
     best = QuantConfig.best()
     assert best != QuantConfig.paper()
-    assert QuantConfig.preset("best", bits=3) == best.replace(bits=3)
+    assert QuantConfig.preset("best", bits=4, group_size=64) == best.replace(group_size=64)
+    # Below 4 bits the recipe changes (more outliers, a longer search), not just the bit width.
+    low = QuantConfig.preset("best", bits=3)
+    assert low.bits == 3 and low != best.replace(bits=3)
+    assert low.outlier_sigma < best.outlier_sigma and low.steps > best.steps
     assert QuantConfig.from_dict(json.loads(json.dumps(best.to_dict()))) == best
     with pytest.raises(ValueError, match="preset"):
         QuantConfig.preset("fastest")

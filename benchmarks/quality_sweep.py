@@ -1,0 +1,344 @@
+"""Sweep EasyQuant settings on the real model: perplexity on a dev and a test set of windows.
+
+    python benchmarks/quality_sweep.py --device cuda --stage explore [--out DIR]
+
+SmolLM2-135M-Instruct (GGUF weights = full-precision reference), WikiText-2 test, 2048-token
+windows. Settings are *chosen* on the dev windows (100-107 by default) and *reported* on the test
+windows (0-7, the quality.py protocol), so the choice does not fit the reported numbers. Each row
+quantizes every decoder Linear weight with ``quantize_tensor`` (the fused Triton pipeline on CUDA)
+after the optional data-free equalization (:mod:`easyquant.models.equalize`), writes the
+dequantized weights back and measures perplexity. Rows are printed and appended to
+``<out>/sweep.jsonl`` as they finish.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import itertools
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from benchlib import environment
+from easyquant import QuantConfig, quantize_tensor
+from easyquant.evaluation.loader import load_model
+from easyquant.evaluation.perplexity import perplexity, read_text, tokenize
+from easyquant.models.equalize import EqualizeConfig, equalize_model
+from easyquant.models.select import Selection
+
+REPO = Path(__file__).resolve().parents[1]
+WIKITEXT = REPO.parent / "shared" / "data" / "wikitext2" / "wiki.test.raw"
+EQ_KEYS = ("norm_alpha", "value_alpha", "mlp_alpha")
+EXTRA_KEYS = (*EQ_KEYS, "only", "mag_power", "min_range")
+MODULE_TYPES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# Table 6 of the paper: zero 1% of each weight's entries, taken from one band of |W - mean|.
+ZERO_BANDS = ((0.99, 1.0), (0.98, 0.99), (0.95, 0.96), (0.90, 0.91), (0.50, 0.51), (0.0, 0.01))
+
+
+def base_setting(**changes: Any) -> dict[str, Any]:
+    setting: dict[str, Any] = dict(
+        bits=4,
+        group_size=None,
+        outlier_sigma=3.0,
+        outlier_scope="tensor",
+        steps=500,
+        lr=1e-2,
+        outlier_dtype="float16",
+        init_grid=0,
+        method="easyquant",
+        norm_alpha=0.0,
+        value_alpha=0.0,
+        mlp_alpha=0.0,
+        only=None,
+        mag_power=0.0,
+        min_range=0.0,
+    )
+    setting.update(changes)
+    return setting
+
+
+def stage_settings(stage: str) -> list[dict[str, Any]]:
+    """Named lists of settings; each one a dict of QuantConfig fields + equalization strengths."""
+    if stage == "smoke":
+        return [base_setting(steps=5), base_setting(steps=5, norm_alpha=0.5, value_alpha=0.5)]
+    if stage == "explore":
+        rows = [base_setting(method="rtn", outlier_sigma=None), base_setting()]
+        rows += [base_setting(steps=s) for s in (0, 50, 100, 200, 1000)]
+        rows += [base_setting(lr=lr) for lr in (3e-3, 3e-2)]
+        rows += [base_setting(outlier_sigma=s) for s in (2.25, 2.5, 2.75, 3.5)]
+        rows += [base_setting(outlier_scope="channel", outlier_sigma=s) for s in (2.5, 3.0)]
+        rows += [base_setting(init_grid=40)]
+        for a in (0.25, 0.5, 0.75, 1.0):
+            rows.append(base_setting(norm_alpha=a))
+            rows.append(base_setting(value_alpha=a))
+            rows.append(base_setting(mlp_alpha=a))
+        for a, s in itertools.product((0.25, 0.5, 0.75), (2.75, 3.0)):
+            rows.append(base_setting(norm_alpha=a, value_alpha=a, mlp_alpha=a, outlier_sigma=s))
+        for a in (0.5, 1.0):
+            rows.append(base_setting(method="rtn", outlier_sigma=None, norm_alpha=a))
+        for bits, group in ((4, 128), (3, None), (3, 128)):
+            rows.append(base_setting(bits=bits, group_size=group, method="rtn", outlier_sigma=None))
+            rows.append(base_setting(bits=bits, group_size=group))
+            rows.append(base_setting(bits=bits, group_size=group, init_grid=40))
+            for a in (0.25, 0.5):
+                rows.append(
+                    base_setting(
+                        bits=bits, group_size=group, norm_alpha=a, value_alpha=a, mlp_alpha=a
+                    )
+                )
+        return rows
+    if stage == "analysis":
+        # Table 1: perplexity vs the sigma threshold; Fig. 2 / Table 5: error and perplexity over
+        # the optimisation steps, with and without outlier isolation.
+        rows = [base_setting(outlier_sigma=s) for s in (2.0, 2.5, 3.0, 3.5, 4.0, 5.0, None)]
+        for sigma, steps in itertools.product((3.0, None), (0, 5, 10, 25, 50, 100, 200, 500)):
+            rows.append(base_setting(outlier_sigma=sigma, steps=steps))
+        # Sensitivity: the paper preset applied to one module type / one layer at a time.
+        rows += [base_setting(only=f".{t}") for t in MODULE_TYPES]
+        rows += [base_setting(only=f"layers.{i}.") for i in range(30)]
+        rows += [base_setting(method="rtn", outlier_sigma=None, only=f".{t}") for t in MODULE_TYPES]
+        return rows
+    if stage == "explore2":
+        rows = []
+        for bits in (4, 3):
+            for lr, steps in itertools.product((3e-3, 1e-2), (50, 100, 500)):
+                rows.append(base_setting(bits=bits, lr=lr, steps=steps))
+            for sigma in (2.75, 2.9, 3.0, 3.25):
+                rows.append(base_setting(bits=bits, outlier_sigma=sigma, lr=3e-3, steps=100))
+                rows.append(
+                    base_setting(
+                        bits=bits, outlier_sigma=sigma, lr=3e-3, steps=100, outlier_scope="channel"
+                    )
+                )
+            rows.append(base_setting(bits=bits, init_grid=40, lr=3e-3, steps=100))
+            for a in (-0.25, -0.5):
+                rows.append(base_setting(bits=bits, norm_alpha=a))
+            rows.append(base_setting(bits=bits, method="rtn", outlier_sigma=None))
+            for group in (64, 32):
+                rows.append(
+                    base_setting(bits=bits, group_size=group, method="rtn", outlier_sigma=None)
+                )
+                rows.append(base_setting(bits=bits, group_size=group))
+                rows.append(base_setting(bits=bits, group_size=group, lr=3e-3, steps=100))
+        return rows
+    if stage == "explore3":
+        rows = []
+        for bits in (4, 3):
+            for steps, lr in ((50, 3e-3), (100, 3e-3), (500, 1e-2)):
+                for p in (0.0, 0.5, 1.0, 2.0, 4.0):
+                    rows.append(base_setting(bits=bits, steps=steps, lr=lr, mag_power=p + 1e-9))
+            for c in (0.7, 0.8, 0.9):
+                rows.append(base_setting(bits=bits, min_range=c))
+            for p in (1.0, 2.0):
+                for sigma, scope in ((2.75, "channel"), (2.9, "channel"), (2.75, "tensor")):
+                    rows.append(
+                        base_setting(
+                            bits=bits, mag_power=p, outlier_sigma=sigma, outlier_scope=scope
+                        )
+                    )
+                rows.append(base_setting(bits=bits, mag_power=p, group_size=64))
+        return rows
+    raise SystemExit(f"unknown stage {stage!r}")
+
+
+@torch.no_grad()
+def weighted_quantize(
+    weight: torch.Tensor, config: QuantConfig, power: float, min_range: float
+) -> Any:
+    """Experimental: Adam on ``sum_i w_i (Q[x_i] - x_i)^2`` with ``w = (|x| / rms(row))^power``
+    (large weights count more), ranges kept above ``min_range`` x max-abs; else as the library."""
+    from easyquant.algorithm.outliers import outlier_mask
+    from easyquant.algorithm.range_search import ADAM_BETAS, ADAM_EPS, initial_scales
+    from easyquant.format.qweight import pack_quantized
+    from easyquant.quantize import storage_round
+
+    out_f, in_f = weight.shape
+    group = config.group_size or in_f
+    lo, hi = config.qmin, config.qmax
+    outliers = outlier_mask(weight, config.outlier_sigma, config.outlier_scope, config.group_size)
+    x = weight.float().masked_fill(outliers, 0.0).reshape(-1, group)
+    rms = x.pow(2).mean(dim=1, keepdim=True).sqrt().clamp_min(1e-12)
+    w = (x.abs() / rms).pow(power) if power else torch.ones_like(x)
+
+    def loss_of(scale: torch.Tensor) -> torch.Tensor:
+        safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+        err = torch.clamp(torch.floor(x / safe + 0.5), lo, hi) * safe - x
+        return (w * err * err).sum(dim=1)
+
+    s0 = initial_scales(x, hi)
+    active = s0 > 0
+    s0 = torch.where(active, s0, torch.ones_like(s0))
+    grad_norm = 2.0 / (s0 * (w.sum(dim=1, keepdim=True) + 1e-12))
+    r = torch.ones_like(s0)
+    m, v = torch.zeros_like(s0), torch.zeros_like(s0)
+    best_r, best_loss = r.clone(), torch.full((x.shape[0],), float("inf"), device=x.device)
+    b1, b2 = ADAM_BETAS
+    for step in range(config.steps + 1):
+        s = s0 * r
+        codes = torch.clamp(torch.floor(x / s + 0.5), lo, hi)
+        err = codes * s - x
+        loss = (w * err * err).sum(dim=1)
+        better = loss < best_loss
+        best_loss = torch.where(better, loss, best_loss)
+        best_r = torch.where(better.unsqueeze(1), r, best_r)
+        if step == config.steps:
+            break
+        grad = (w * err * codes).sum(dim=1, keepdim=True) * grad_norm
+        m.mul_(b1).add_(grad, alpha=1 - b1)
+        v.mul_(b2).addcmul_(grad, grad, value=1 - b2)
+        m_hat, v_hat = m / (1 - b1 ** (step + 1)), v / (1 - b2 ** (step + 1))
+        r = (r - config.lr * m_hat / (v_hat.sqrt() + ADAM_EPS)).clamp_(min=max(min_range, 1e-3))
+    scale = storage_round(
+        torch.where(active, s0 * best_r, torch.zeros_like(s0)), config.scale_dtype
+    )
+    rtn = storage_round(initial_scales(weight.float().reshape(-1, group), hi), config.scale_dtype)
+    scale = torch.where((loss_of(rtn) < loss_of(scale)).unsqueeze(1), rtn, scale)
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    codes = torch.clamp(torch.floor(x / safe + 0.5), lo, hi).reshape(out_f, in_f)
+    scales = scale.reshape(out_f, in_f // group).to(getattr(torch, config.scale_dtype))
+    outlier_dtype = getattr(torch, config.outlier_dtype) if config.outlier_dtype else None
+    return pack_quantized(
+        weight, codes, scales, outliers, config.bits, config.group_size, outlier_dtype
+    )
+
+
+@torch.no_grad()
+def zero_band_rows(base: torch.nn.Module, ppl: Any) -> list[dict[str, Any]]:
+    """Table 6: perplexity after zeroing 1% of every decoder weight, by band of |W - mean|."""
+    rows = []
+    for low, high in ZERO_BANDS:
+        model = copy.deepcopy(base)
+        for _, linear in decoder_linears(model):
+            w = linear.weight.data
+            dev = (w - w.mean()).abs().flatten()
+            order = dev.argsort()
+            n = order.numel()
+            chosen = order[int(low * n) : int(high * n)]
+            w.view(-1)[chosen] = 0.0
+        dev_ppl, test_ppl = ppl(model)
+        rows.append({"zero_band": [low, high], "ppl_dev": dev_ppl, "ppl_test": test_ppl})
+        print(f"zero band {low:.2f}-{high:.2f}: dev {dev_ppl:.3f} test {test_ppl:.3f}", flush=True)
+    return rows
+
+
+def decoder_linears(model: torch.nn.Module) -> list[tuple[str, torch.nn.Linear]]:
+    selection = Selection()
+    return [
+        (name, module)
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear) and selection.wants(name, tuple(module.weight.shape))
+    ]
+
+
+def run_setting(base: torch.nn.Module, setting: dict[str, Any], ppl: Any) -> dict[str, Any]:
+    model = copy.deepcopy(base)
+    equalize_model(model, EqualizeConfig(**{k: setting[k] for k in EQ_KEYS}))
+    config = QuantConfig(**{k: v for k, v in setting.items() if k not in EXTRA_KEYS})
+    bits = weights = outliers = 0.0
+    error_num = error_den = 0.0
+    start = time.perf_counter()
+    for name, linear in decoder_linears(model):
+        if setting["only"] and setting["only"] not in name:
+            continue
+        weight = linear.weight.data
+        if setting["mag_power"] or setting["min_range"]:
+            qweight = weighted_quantize(weight, config, setting["mag_power"], setting["min_range"])
+        else:
+            qweight = quantize_tensor(weight, config)
+        approx = qweight.dequantize(torch.float32)
+        error_num += float((approx - weight.float()).pow(2).sum())
+        error_den += float(weight.float().pow(2).sum())
+        n = weight.numel()
+        bits += qweight.bits_per_weight * n
+        outliers += qweight.num_outliers
+        weights += n
+        linear.weight.data = approx.to(weight.dtype)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    dev, test = ppl(model)
+    return {
+        "setting": setting,
+        "ppl_dev": dev,
+        "ppl_test": test,
+        "bits_per_weight": bits / weights,
+        "outlier_fraction": outliers / weights,
+        "relative_error": error_num / error_den,
+        "quantize_seconds": seconds,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--stage", nargs="+", default=["explore"])
+    parser.add_argument("--settings", type=Path, help="JSON list of settings instead of --stage")
+    parser.add_argument("--windows", type=int, default=8)
+    parser.add_argument("--zero-bands", action="store_true", help="also the Table 6 rows")
+    parser.add_argument("--dev-first", type=int, default=100)
+    parser.add_argument("--model", type=Path, help="GGUF or model dir (default: SmolLM2 GGUF)")
+    parser.add_argument("--text", type=Path, default=WIKITEXT)
+    parser.add_argument("--out", type=Path, default=Path("sweep-out"))
+    args = parser.parse_args(argv)
+    from transformers.utils import logging as hf_logging
+
+    from easyquant.models.gguf_source import default_model_path
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    settings = (
+        [base_setting(**s) for s in json.loads(args.settings.read_text())]
+        if args.settings
+        else [row for stage in args.stage for row in stage_settings(stage)]
+    )
+    loaded = load_model(args.model or default_model_path(), device=args.device)
+    ids = tokenize(loaded.tokenizer, read_text(args.text))
+
+    def ppl(model: torch.nn.Module) -> tuple[float, float]:
+        dev = perplexity(model, ids, 2048, args.windows, first_window=args.dev_first).ppl
+        test = perplexity(model, ids, 2048, args.windows, first_window=0).ppl
+        return dev, test
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    sink = args.out / "sweep.jsonl"
+    header = {**environment(args.device), "command": " ".join(sys.argv), "windows": args.windows}
+    with sink.open("a") as f:
+        f.write(json.dumps({"header": header}) + "\n")
+    fp_dev, fp_test = ppl(loaded.model)
+    print(f"full precision: dev {fp_dev:.3f} test {fp_test:.3f}", flush=True)
+    exact = copy.deepcopy(loaded.model)
+    equalize_model(exact, EqualizeConfig(norm_alpha=1.0, value_alpha=1.0, mlp_alpha=1.0))
+    eq_dev, eq_test = ppl(exact)  # the rewrite is exact: these must match full precision
+    del exact
+    print(f"equalized full precision: dev {eq_dev:.3f} test {eq_test:.3f}", flush=True)
+    with sink.open("a") as f:
+        fp_row = {"ppl_dev": fp_dev, "ppl_test": fp_test, "eq_dev": eq_dev, "eq_test": eq_test}
+        f.write(json.dumps({"fp": fp_row}) + "\n")
+    if args.zero_bands:
+        with sink.open("a") as f:
+            for row in zero_band_rows(loaded.model, ppl):
+                f.write(json.dumps(row) + "\n")
+    for setting in settings:
+        row = run_setting(loaded.model, setting, ppl)
+        changed = {k: v for k, v in setting.items() if base_setting().get(k) != v}
+        print(
+            f"dev {row['ppl_dev']:8.3f} test {row['ppl_test']:8.3f}"
+            f" bpw {row['bits_per_weight']:.3f}"
+            f" out {row['outlier_fraction']:.4f} err {row['relative_error']:.5f}"
+            f" {row['quantize_seconds']:5.1f}s {changed}",
+            flush=True,
+        )
+        with sink.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
