@@ -1,13 +1,19 @@
-"""Peak host memory of `easyquant quantize` on a multi-GB safetensors checkpoint.
+"""Peak memory of `easyquant quantize` on a multi-GB safetensors checkpoint, host or GPU.
 
     python benchmarks/bench_memory.py [--layers 8] [--steps 5] [--dtype bfloat16] [--workdir DIR]
+    python benchmarks/bench_memory.py --device cuda [--layers 8] [--steps 500]
 
 Writes a synthetic Llama-7B-shaped checkpoint (hidden 4096, MLP 11008, vocab 32000; ``--layers``
 decoder layers, heavy-tailed random weights, sharded), then quantizes it with the CLI in a child
 process and reads that process's peak RSS (``VmHWM``: kept by the kernel, no sampling; Linux).
 The same is measured on a tiny checkpoint: the fixed cost of Python, torch and transformers.
-Prints a table and writes benchmarks/results/<device>-<date>-memory.json. The claim under test:
-peak memory stays near the largest tensor (plus quantization temporaries), not the checkpoint size.
+``--device cuda`` quantizes on the GPU (``--device cuda`` of the CLI, the fused Triton pipeline)
+and reports the child's ``torch.cuda.max_memory_allocated()`` as well: only the quantized weights
+go to the GPU, so it is compared with the largest of them. Without CUDA, ``--device cuda`` runs
+the same structure on the CPU under the Triton interpreter (no GPU numbers; use small
+``--hidden/--intermediate/--vocab``, the interpreter is slow). Prints a table and writes
+benchmarks/results/<device>-<date>-memory.json. The claim under test: peak memory stays near the
+largest tensor (plus quantization temporaries of about its size), not the checkpoint size.
 """
 
 from __future__ import annotations
@@ -37,15 +43,18 @@ LLAMA_7B = dict(
     tie_word_embeddings=False,
 )
 SHARD_BYTES = 2 * 10**9
-# Runs the CLI and reports the child's own peak RSS on its last stderr line: VmHWM of
-# /proc/self/status (ru_maxrss would not do: Linux carries it over fork and exec from the parent,
-# which generated the checkpoint).
+# Runs the CLI and reports the child's own peak RSS on stderr: VmHWM of /proc/self/status
+# (ru_maxrss would not do: Linux carries it over fork and exec from the parent, which generated
+# the checkpoint), and the peak of torch's CUDA allocator when CUDA was used.
 CHILD = (
     "import sys\n"
+    "import torch\n"
     "from easyquant.cli import main\n"
     "code = main(sys.argv[1:])\n"
     "status = open('/proc/self/status').read().split('VmHWM:')[1].split()\n"
     "print('VmHWM_kib', status[0], file=sys.stderr)\n"
+    "if torch.cuda.is_available() and torch.cuda.is_initialized():\n"
+    "    print('cuda_peak_bytes', torch.cuda.max_memory_allocated(), file=sys.stderr)\n"
     "sys.exit(code)\n"
 )
 
@@ -123,18 +132,31 @@ def write_checkpoint(directory: Path, config: dict, dtype: torch.dtype) -> dict:
     }
 
 
-def quantize_peak(src: Path, out: Path, steps: int) -> tuple[int, float]:
-    """Peak RSS (bytes) and seconds of `easyquant quantize src --out out` in a child process."""
+def quantize_peak(src: Path, out: Path, steps: int, device: str) -> tuple[dict[str, int], float]:
+    """Peaks (``rss`` bytes; ``cuda`` bytes when quantized on a GPU) and seconds of
+    `easyquant quantize src --out out` in a child process."""
     args = [str(src), "--out", str(out), "--steps", str(steps), "--quiet"]
+    env = dict(os.environ)
+    if device == "cuda" and torch.cuda.is_available():
+        args += ["--device", "cuda"]
+    elif device == "cuda":  # the same structure on the CPU: the Triton pipeline, interpreted
+        args += ["--device", "cpu", "--backend", "triton"]
+        env["TRITON_INTERPRET"] = "1"
     start = time.perf_counter()
     done = subprocess.run(
-        [sys.executable, "-c", CHILD, "quantize", *args], capture_output=True, text=True
+        [sys.executable, "-c", CHILD, "quantize", *args], capture_output=True, text=True, env=env
     )
     seconds = time.perf_counter() - start
     if done.returncode != 0:
         raise SystemExit(f"quantize failed:\n{done.stderr}")
-    kib = int(done.stderr.strip().splitlines()[-1].split()[1])
-    return kib * 1024, seconds
+    peaks = {}
+    for line in done.stderr.splitlines():
+        key, _, value = line.partition(" ")
+        if key == "VmHWM_kib":
+            peaks["rss"] = int(value) * 1024
+        elif key == "cuda_peak_bytes":
+            peaks["cuda"] = int(value)
+    return peaks, seconds
 
 
 def dir_bytes(path: Path) -> int:
@@ -146,15 +168,26 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--hidden", type=int, default=LLAMA_7B["hidden_size"])
+    parser.add_argument("--intermediate", type=int, default=LLAMA_7B["intermediate_size"])
+    parser.add_argument("--vocab", type=int, default=LLAMA_7B["vocab_size"])
     parser.add_argument("--workdir", help="where the checkpoint is written (default: a temp dir)")
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
+    gpu = args.device == "cuda" and torch.cuda.is_available()
+    if args.device == "cuda" and not gpu:
+        print("no CUDA: --device cuda runs on the CPU under the Triton interpreter (no GPU peak)")
     work = Path(tempfile.mkdtemp(prefix="easyquant-mem-", dir=args.workdir))
     try:
-        config = {**LLAMA_7B, "num_hidden_layers": args.layers}
-        print(
-            f"writing a {args.layers}-layer Llama-7B-shaped {args.dtype} checkpoint in {work} ..."
-        )
+        config = {
+            **LLAMA_7B,
+            "hidden_size": args.hidden,
+            "intermediate_size": args.intermediate,
+            "vocab_size": args.vocab,
+            "num_hidden_layers": args.layers,
+        }
+        print(f"writing a {args.layers}-layer Llama-shaped {args.dtype} checkpoint in {work} ...")
         start = time.perf_counter()
         layout = write_checkpoint(work / "src", config, dtype)
         print(f"  {layout['checkpoint_bytes'] / 1e9:.2f} GB in {time.perf_counter() - start:.0f} s")
@@ -168,42 +201,76 @@ def main() -> None:
             "num_hidden_layers": 1,
         }
         write_checkpoint(work / "tiny", tiny, dtype)
-        baseline, _ = quantize_peak(work / "tiny", work / "tiny-q", args.steps)
-        peak, seconds = quantize_peak(work / "src", work / "q", args.steps)
+        baseline, _ = quantize_peak(work / "tiny", work / "tiny-q", args.steps, args.device)
+        peaks, seconds = quantize_peak(work / "src", work / "q", args.steps, args.device)
         out_bytes = dir_bytes(work / "q")
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    largest, largest_q = layout["largest_tensor_bytes"], layout["largest_quantized_bytes"]
+    excess = peaks["rss"] - baseline["rss"]
+    ratios = {
+        "rss_excess_over_largest_tensor": round(excess / largest, 2),
+        "rss_excess_over_largest_quantized": round(excess / largest_q, 2),
+    }
     gb = 1e9
     rows = [
         {"what": "checkpoint on disk", "GB": round(layout["checkpoint_bytes"] / gb, 3)},
         {
             "what": f"largest tensor ({layout['largest_tensor']})",
-            "GB": round(layout["largest_tensor_bytes"] / gb, 3),
+            "GB": round(largest / gb, 3),
         },
         {
             "what": f"largest quantized weight {layout['largest_quantized_shape']}",
-            "GB": round(layout["largest_quantized_bytes"] / gb, 3),
+            "GB": round(largest_q / gb, 3),
         },
-        {"what": "peak RSS, quantizing the checkpoint", "GB": round(peak / gb, 3)},
-        {"what": "peak RSS, same command on a tiny checkpoint", "GB": round(baseline / gb, 3)},
-        {"what": "peak RSS above that baseline", "GB": round((peak - baseline) / gb, 3)},
-        {"what": "quantized output on disk", "GB": round(out_bytes / gb, 3)},
+        {"what": "peak RSS, quantizing the checkpoint", "GB": round(peaks["rss"] / gb, 3)},
+        {
+            "what": "peak RSS, same command on a tiny checkpoint",
+            "GB": round(baseline["rss"] / gb, 3),
+        },
+        {
+            "what": "peak RSS above that baseline",
+            "GB": round(excess / gb, 3),
+            "x largest tensor": ratios["rss_excess_over_largest_tensor"],
+            "x largest quantized": ratios["rss_excess_over_largest_quantized"],
+        },
     ]
+    if "cuda" in peaks:
+        # Only quantized weights go to the GPU: the largest of them is the reference size.
+        ratios["cuda_peak_over_largest_quantized"] = round(peaks["cuda"] / largest_q, 2)
+        rows.append(
+            {
+                "what": "peak GPU memory allocated (torch), quantizing",
+                "GB": round(peaks["cuda"] / gb, 3),
+                "x largest tensor": round(peaks["cuda"] / largest, 2),
+                "x largest quantized": ratios["cuda_peak_over_largest_quantized"],
+            }
+        )
+    rows.append({"what": "quantized output on disk", "GB": round(out_bytes / gb, 3)})
     print()
-    print_table(rows, ["what", "GB"])
-    print(f"\nquantize: {seconds:.0f} s ({args.steps} Adam steps), {os.cpu_count()} CPU(s)")
+    print_table(rows, ["what", "GB", "x largest tensor", "x largest quantized"])
+    where = "GPU" if gpu else f"{os.cpu_count()} CPU(s)"
+    if args.device == "cuda" and not gpu:
+        where += ", Triton interpreter"
+    print(f"\nquantize: {seconds:.0f} s ({args.steps} Adam steps), {where}")
     payload = {
         "layers": args.layers,
         "steps": args.steps,
         "dtype": args.dtype,
+        "quantize_device": args.device if gpu or args.device == "cpu" else "cpu (interpreted)",
         **layout,
-        "peak_rss_bytes": peak,
-        "baseline_peak_rss_bytes": baseline,
+        "peak_rss_bytes": peaks["rss"],
+        "baseline_peak_rss_bytes": baseline["rss"],
+        "peak_cuda_bytes": peaks.get("cuda"),
+        "baseline_peak_cuda_bytes": baseline.get("cuda"),
+        **ratios,
         "output_bytes": out_bytes,
         "quantize_seconds": round(seconds, 1),
         "rows": rows,
     }
-    path = write_result("memory", "cpu", payload)
+    # The interpreted structure check is no measurement of either device: a file of its own.
+    kind = "memory" if gpu or args.device == "cpu" else "memory-interpreted"
+    path = write_result(kind, "cuda" if gpu else "cpu", payload)
     print(f"wrote {path}")
 
 

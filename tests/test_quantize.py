@@ -169,3 +169,32 @@ def test_float16_outliers_halve_their_cost_and_stay_close():
     assert saved == 16 * exact.num_outliers
     mask = outlier_mask(w, 3.0)
     assert torch.allclose(half.dequantize()[mask], w[mask], rtol=1e-3)
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        QuantConfig(steps=5),
+        QuantConfig(bits=3, group_size=8, steps=5, outlier_scope="group"),
+        QuantConfig(bits=2, steps=5, outlier_scope="channel", init_grid=5, refine_steps=2),
+        QuantConfig(bits=4, group_size=16, steps=3, init_grid=4, refine_steps=3),
+        QuantConfig(bits=8, method="rtn", scale_dtype="bfloat16", outlier_dtype="float16"),
+    ],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rows_in_chunks_store_the_same_bits(monkeypatch, config, dtype):
+    """On the CPU the rows are quantized a chunk at a time (and the outlier mask built so):
+    the stored tensors are those of one chunk, bit for bit, even with a last chunk of 2 rows."""
+    from easyquant.algorithm import chunking, range_search
+    from easyquant.quantize import quantize_tensor_stepwise, stepwise_chunk_rows
+
+    monkeypatch.setattr(range_search, "DEFAULT_CPU_CHUNK", 1 << 10)  # search blocks: 16 rows
+    w = student_t(97, 64, seed=config.bits).to(dtype)
+    w[3] = 0
+    monkeypatch.setattr(chunking, "CHUNK_ELEMENTS", 1 << 30)
+    whole = quantize_tensor_stepwise(w, config, "torch")
+    monkeypatch.setattr(chunking, "CHUNK_ELEMENTS", 1 << 11)
+    assert stepwise_chunk_rows(w, config, "torch", None) < 97
+    chunked = quantize_tensor_stepwise(w, config, "torch")
+    for name, tensor in whole.state_dict().items():
+        assert torch.equal(chunked.state_dict()[name], tensor), name

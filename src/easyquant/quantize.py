@@ -6,10 +6,13 @@ on the analytic gradient over the non-outliers; 3. codes on the symmetric signed
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import torch
 
+from easyquant.algorithm import range_search
+from easyquant.algorithm.chunking import row_slices, rows_per_chunk, weight_row_slices
 from easyquant.algorithm.outliers import outlier_mask
 from easyquant.algorithm.range_init import grid_init_scales, least_squares_refine
 from easyquant.algorithm.range_search import (
@@ -20,7 +23,8 @@ from easyquant.algorithm.range_search import (
     reconstruction_loss,
 )
 from easyquant.config import INIT_GRID_LOW, QuantConfig
-from easyquant.format.qweight import FLOAT_DTYPES, QuantizedWeight, pack_quantized
+from easyquant.format.bitpack import pack_codes, packed_length
+from easyquant.format.qweight import FLOAT_DTYPES, QuantizedWeight, assemble
 
 Backend = Literal["auto", "torch", "triton"]
 BACKENDS = ("auto", "torch", "triton")
@@ -36,8 +40,10 @@ def check_weight(weight: torch.Tensor, config: QuantConfig, name: str = "weight"
         raise ValueError(f"{name} has dtype {weight.dtype}; supported: float16, bfloat16, float32")
     if weight.numel() == 0:
         raise ValueError(f"{name} is empty (shape {tuple(weight.shape)})")
-    bad = ~torch.isfinite(weight)
-    if bool(bad.any()):
+    # A chunk of rows at a time (no mask of the whole weight), one synchronisation in all.
+    finite = [torch.isfinite(weight[rows]).all() for rows in weight_row_slices(weight)]
+    if not bool(torch.stack(finite).all()):
+        bad = ~torch.isfinite(weight)
         row, col = (int(i) for i in bad.nonzero()[0])
         raise ValueError(
             f"{name} has {int(bad.sum())} NaN/Inf value(s), the first at row {row}, column {col}"
@@ -122,35 +128,96 @@ def quantize_tensor_stepwise(
     weight: torch.Tensor, config: QuantConfig, backend: str, trace: StepTrace | None = None
 ) -> QuantizedWeight:
     """The reference pipeline, step by step in torch; only the range search uses ``backend``
-    ("torch" or "triton"). ``weight`` must have passed :func:`check_weight`."""
+    ("torch" or "triton"). ``weight`` must have passed :func:`check_weight`.
+
+    After the outliers, everything is per row: on the CPU with the torch search (and no
+    ``trace``) the rows are quantized a chunk at a time (:func:`stepwise_chunk_rows`), so the
+    temporaries are a chunk's, not the weight's; the stored result is the same bit for bit.
+    """
     out_f, in_f = weight.shape
     group = config.group_size or in_f
     outliers = outlier_mask(weight, config.outlier_sigma, config.outlier_scope, config.group_size)
+    scales = torch.empty(
+        out_f, in_f // group, dtype=getattr(torch, config.scale_dtype), device=weight.device
+    )
+    qweight = torch.empty(
+        out_f, packed_length(in_f, config.bits), dtype=torch.uint8, device=weight.device
+    )
+    chunk = stepwise_chunk_rows(weight, config, backend, trace)
+    for rows in row_slices(out_f, chunk):
+        scales[rows], qweight[rows] = quantize_rows(
+            weight[rows], outliers[rows], config, backend, trace
+        )
+    outlier_dtype = getattr(torch, config.outlier_dtype) if config.outlier_dtype else None
+    return assemble(
+        weight, qweight, scales, outliers, config.bits, config.group_size, outlier_dtype
+    )
+
+
+def stepwise_chunk_rows(
+    weight: torch.Tensor, config: QuantConfig, backend: str, trace: StepTrace | None
+) -> int:
+    """Weight rows quantize_tensor_stepwise takes at a time: all of them on CUDA (torch sizes
+    its reductions by the row count there), with the Triton search (its launch plan depends on
+    the row count) or a ``trace`` (one search block); else about CHUNK_ELEMENTS values, whole
+    blocks of adam_range_search's CPU chunking (so that its blocks are the ones of the whole)."""
+    out_f, in_f = weight.shape
+    if weight.device.type != "cpu" or backend != "torch" or trace is not None:
+        return out_f
+    group = config.group_size or in_f
+    block = max(1, range_search.DEFAULT_CPU_CHUNK // group)  # ranges in a block of the search
+    return rows_per_chunk(in_f, align=block // math.gcd(block, in_f // group))
+
+
+def quantize_rows(
+    weight: torch.Tensor,
+    outliers: torch.Tensor,
+    config: QuantConfig,
+    backend: str,
+    trace: StepTrace | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stored scales ``[rows, groups]`` and packed codes of some whole rows of a weight, with
+    their outlier mask: what quantize_tensor stores for those rows."""
+    num_rows, in_f = weight.shape
+    group = config.group_size or in_f
+    lo, hi = config.qmin, config.qmax
+    rtn = None
+    if config.method == "easyquant":
+        # The max-abs range of the whole row (outliers included, i.e. plain RTN's) is a candidate
+        # too: a searched range is then never worse than RTN on the values it quantizes. (The
+        # max-abs is exact in any dtype, so it is taken before the float32 copy.)
+        rtn = storage_round(max_abs_scales(weight.reshape(-1, group), hi), config.scale_dtype)
     w = weight.float()
-    normals = w.masked_fill(outliers, 0.0).reshape(-1, group)
+    # In place where .float() made a copy (a float32 weight is not copied, nor changed).
+    normals = (w.masked_fill_ if w is not weight else w.masked_fill)(outliers, 0.0)
+    del w
+    normals = normals.reshape(-1, group)
     scale = storage_round(search_scales(normals, config, backend, trace), config.scale_dtype)
     if config.method == "easyquant" and config.refine_steps:
         scale = least_squares_refine(
             normals,
             scale,
-            config.qmin,
-            config.qmax,
+            lo,
+            hi,
             config.refine_steps,
             store=lambda s: storage_round(s, config.scale_dtype),
         )
-    if config.method == "easyquant":
-        # The max-abs range of the whole row (outliers included, i.e. plain RTN's) is a candidate
-        # too: a searched range is then never worse than RTN on the values it quantizes.
-        rtn = storage_round(initial_scales(w.reshape(-1, group), config.qmax), config.scale_dtype)
-        lo, hi = config.qmin, config.qmax
+    if rtn is not None:
         keep_rtn = reconstruction_loss(normals, rtn, lo, hi) < reconstruction_loss(
             normals, scale, lo, hi
         )
         scale = torch.where(keep_rtn.unsqueeze(1), rtn, scale)
     safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-    codes = quantize_codes(normals, safe, config.qmin, config.qmax).reshape(out_f, in_f)
-    scales = scale.reshape(out_f, in_f // group).to(getattr(torch, config.scale_dtype))
-    outlier_dtype = getattr(torch, config.outlier_dtype) if config.outlier_dtype else None
-    return pack_quantized(
-        weight, codes, scales, outliers, config.bits, config.group_size, outlier_dtype
-    )
+    codes = quantize_codes(normals, safe, lo, hi).reshape(num_rows, in_f)
+    del normals
+    # Unsigned codes, outlier positions holding the code of zero (as pack_quantized stores them).
+    unsigned = codes.masked_fill_(outliers, 0.0).sub_(lo).to(torch.uint8)
+    del codes
+    scales = scale.reshape(num_rows, in_f // group).to(getattr(torch, config.scale_dtype))
+    return scales, pack_codes(unsigned, config.bits)
+
+
+def max_abs_scales(rows: torch.Tensor, qmax: int) -> torch.Tensor:
+    """:func:`initial_scales` of ``rows`` in any float dtype, as of their float32 copy (the
+    max-abs is one of the values, so it is exact), without the copy."""
+    return rows.abs().amax(dim=1, keepdim=True).float() / qmax

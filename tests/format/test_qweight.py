@@ -75,3 +75,13 @@ def test_narrow_outlier_dtype_halves_outlier_cost():
     saved = exact.storage_bits - half.storage_bits
     assert saved == exact.num_outliers * 16
     torch.testing.assert_close(half.outlier_values.float(), exact.outlier_values, rtol=1e-3, atol=0)
+
+
+def test_dequantize_rows_is_a_slice_of_dequantize():
+    w = student_t(23, 40, seed=5).to(torch.bfloat16)
+    for bits, group in ((4, None), (3, 8), (2, 20)):
+        qw = quantize_tensor(w, QuantConfig(bits=bits, group_size=group, outlier_sigma=2.0))
+        full = qw.dequantize(torch.float32)
+        for rows in (slice(0, 23), slice(0, 1), slice(5, 17), slice(22, 23), slice(7, 7)):
+            assert torch.equal(qw.dequantize_rows(rows, torch.float32), full[rows])
+        assert qw.dequantize_rows(slice(3, 9)).dtype == torch.bfloat16

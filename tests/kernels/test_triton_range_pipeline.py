@@ -47,3 +47,28 @@ def test_pipeline_refuses_cpu_tensors_when_compiled(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(ValueError, match="CUDA"):
         quantize_tensor_triton(torch.ones(4, 8), QuantConfig())
+
+
+@pytest.mark.parametrize(
+    ("config", "shape"),
+    [
+        (QuantConfig(bits=4, steps=4), (22, 1024)),
+        (QuantConfig(bits=2, group_size=32, steps=3, init_grid=3, refine_steps=1), (40, 256)),
+    ],
+)
+def test_pipeline_in_chunks_stores_the_same_bits(device, monkeypatch, config, shape):
+    """Rows taken a chunk at a time (CPU chunk size made small; on a GPU the chunks are large)
+    with the whole tensor's launch shapes: the same stored tensors as in one piece."""
+    from easyquant.algorithm import chunking
+    from easyquant.kernels import triton_range_pipeline as pipeline
+
+    w = student_t(*shape, seed=shape[0]).to(torch.bfloat16).to(device)
+    w[1] = 0
+    monkeypatch.setattr(chunking, "CHUNK_ELEMENTS", 1 << 30)
+    monkeypatch.setattr(pipeline, "GPU_CHUNK_ELEMENTS", 1 << 30)
+    whole = quantize_tensor_triton(w, config)
+    monkeypatch.setattr(chunking, "CHUNK_ELEMENTS", 1 << 13)
+    monkeypatch.setattr(pipeline, "GPU_CHUNK_ELEMENTS", 1 << 13)
+    chunked = quantize_tensor_triton(w, config)
+    for name, tensor in whole.state_dict().items():
+        assert torch.equal(chunked.state_dict()[name], tensor), name

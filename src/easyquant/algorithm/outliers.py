@@ -10,6 +10,10 @@ from __future__ import annotations
 
 import torch
 
+from easyquant.algorithm.chunking import weight_row_slices
+
+SCOPES = ("tensor", "channel", "group")
+
 
 def outlier_mask(
     weight: torch.Tensor, sigma: float | None, scope: str = "tensor", group_size: int | None = None
@@ -17,18 +21,34 @@ def outlier_mask(
     """Boolean mask of the entries kept exactly (True = outlier). ``weight`` is 2-D.
 
     Rows (or tensors) with zero standard deviation have no outliers: a constant is never an outlier.
+    The statistics are taken on a float32 copy of the whole weight (freed before the rest); the
+    comparison runs a chunk of rows at a time, so nothing else of the weight's size is allocated
+    but the mask.
     """
     if sigma is None:
         return torch.zeros_like(weight, dtype=torch.bool)
-    w = weight.float()
+    if scope not in SCOPES:
+        raise ValueError(f"outlier_scope must be 'tensor', 'channel' or 'group', got {scope!r}")
+    out_f, in_f = weight.shape
+    group = (group_size or in_f) if scope == "group" else in_f
+    w = weight.float()  # the weight itself when it is float32
     if scope == "tensor":
         std, mean = torch.std_mean(w, correction=0)
-    elif scope == "channel":
-        std, mean = torch.std_mean(w, dim=1, keepdim=True, correction=0)
-    elif scope == "group":
-        groups = w.reshape(-1, group_size or w.shape[1])
-        std, mean = torch.std_mean(groups, dim=1, keepdim=True, correction=0)
-        return (((groups - mean).abs() >= sigma * std) & (std > 0)).reshape(w.shape)
-    else:
-        raise ValueError(f"outlier_scope must be 'tensor', 'channel' or 'group', got {scope!r}")
-    return ((w - mean).abs() >= sigma * std) & (std > 0)
+    else:  # per row of `group` values (channel: the whole row)
+        std, mean = torch.std_mean(w.reshape(-1, group), dim=1, keepdim=True, correction=0)
+    del w
+    threshold = sigma * std
+    varies = std > 0
+    mask = torch.empty(out_f, in_f, dtype=torch.bool, device=weight.device)
+    per_row = in_f // group  # statistics rows per weight row (scopes other than "tensor")
+    for rows in weight_row_slices(weight):
+        x = weight[rows].float().reshape(-1, group)
+        if scope == "tensor":
+            m, t, v = mean, threshold, varies
+        else:
+            stats = slice(rows.start * per_row, rows.stop * per_row)
+            m, t, v = mean[stats], threshold[stats], varies[stats]
+        d = (x - m).abs_()
+        del x
+        mask[rows] = ((d >= t) & v).reshape(-1, in_f)
+    return mask

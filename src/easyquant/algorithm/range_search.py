@@ -29,15 +29,16 @@ StepTrace = Callable[[int, torch.Tensor, torch.Tensor], None]
 
 
 def quantize_codes(x: torch.Tensor, scale: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
-    """Signed integer codes (as float) of ``x`` on the grid ``scale * [qmin, qmax]``."""
-    return torch.clamp(torch.floor(x / scale + 0.5), qmin, qmax)
+    """Signed integer codes (as float) of ``x`` on the grid ``scale * [qmin, qmax]``:
+    ``clamp(floor(x / scale + 1/2))``, in place on one temporary of ``x``'s size."""
+    return torch.div(x, scale).add_(0.5).floor_().clamp_(qmin, qmax)
 
 
 def reconstruction_loss(x: torch.Tensor, scale: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
     """Per-row ``||Q[x] - x||^2`` for per-row scales of shape ``[rows, 1]`` (0 = all-zero row)."""
     safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-    err = quantize_codes(x, safe, qmin, qmax) * safe - x
-    return (err * err).sum(dim=1)
+    err = quantize_codes(x, safe, qmin, qmax).mul_(safe).sub_(x)
+    return err.mul_(err).sum(dim=1)
 
 
 def initial_scales(x: torch.Tensor, qmax: int) -> torch.Tensor:

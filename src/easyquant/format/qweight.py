@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from easyquant.algorithm.chunking import weight_row_slices
 from easyquant.format.bitpack import pack_codes, packed_length, unpack_codes
 
 FORMAT_VERSION = 1
@@ -106,6 +107,23 @@ class QuantizedWeight:
             self.outlier_indptr,
             self.outlier_indices,
             self.outlier_values,
+            self.bits,
+            self.in_features,
+            dtype or self.dtype,
+        )
+
+    def dequantize_rows(self, rows: slice, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Rows ``rows`` (a slice, step 1) of :meth:`dequantize`, reconstructed on their own."""
+        start, stop, _ = rows.indices(self.out_features)
+        if stop <= start:
+            return torch.empty(0, self.in_features, dtype=dtype or self.dtype, device=self.device)
+        begin, end = (int(i) for i in self.outlier_indptr[[start, stop]].tolist())
+        return dequantize_parts(
+            self.qweight[start:stop],
+            self.scales[start:stop],
+            self.outlier_indptr[start : stop + 1],
+            self.outlier_indices[begin:end],
+            self.outlier_values[begin:end],
             self.bits,
             self.in_features,
             dtype or self.dtype,
@@ -231,21 +249,52 @@ def pack_quantized(
     """Build the stored form from signed ``codes [out, in]``, ``scales [out, groups]`` and the
     boolean ``outliers`` mask; outlier values are copied from ``weight`` (exactly, unless
     ``outlier_dtype`` asks for a narrower dtype)."""
-    out_f, in_f = weight.shape
     qmin = -(1 << (bits - 1))
     unsigned = (codes.to(torch.int32).masked_fill(outliers, 0) - qmin).to(torch.uint8)
-    rows, cols = outliers.nonzero(as_tuple=True)  # row-major: sorted by row, then column
-    counts = outliers.sum(dim=1, dtype=torch.int32)
-    indptr = torch.zeros(out_f + 1, dtype=torch.int32, device=weight.device)
-    indptr[1:] = torch.cumsum(counts, dim=0, dtype=torch.int32)
+    return assemble(
+        weight, pack_codes(unsigned, bits), scales, outliers, bits, group_size, outlier_dtype
+    )
+
+
+def assemble(
+    weight: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    outliers: torch.Tensor,
+    bits: int,
+    group_size: int | None,
+    outlier_dtype: torch.dtype | None = None,
+) -> QuantizedWeight:
+    """The stored form from packed codes ``qweight``, ``scales`` and the boolean ``outliers``
+    mask, whose CSR lists are built here (values copied from ``weight``, see pack_quantized)."""
+    out_f, in_f = weight.shape
+    indptr, indices, values = outlier_csr(weight, outliers, outlier_dtype)
     return QuantizedWeight(
-        qweight=pack_codes(unsigned, bits),
+        qweight=qweight,
         scales=scales,
         outlier_indptr=indptr,
-        outlier_indices=cols.to(index_dtype(in_f)),
-        outlier_values=weight[rows, cols].to(outlier_dtype or weight.dtype).contiguous(),
+        outlier_indices=indices,
+        outlier_values=values,
         shape=(out_f, in_f),
         bits=bits,
         group_size=group_size,
         dtype=weight.dtype,
     )
+
+
+def outlier_csr(
+    weight: torch.Tensor, outliers: torch.Tensor, outlier_dtype: torch.dtype | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(indptr, indices, values)``: the entries of ``weight`` where ``outliers`` is True, row
+    by row (columns sorted), values in ``outlier_dtype`` (default: the weight's own)."""
+    out_f, in_f = weight.shape
+    rows, cols = outliers.nonzero(as_tuple=True)  # row-major: sorted by row, then column
+    # Counted a chunk of rows at a time: a sum to int32 first converts its input to int32.
+    counts = torch.empty(out_f, dtype=torch.int32, device=weight.device)
+    for chunk in weight_row_slices(outliers):
+        counts[chunk] = outliers[chunk].sum(dim=1, dtype=torch.int32)
+    indptr = torch.zeros(out_f + 1, dtype=torch.int32, device=weight.device)
+    indptr[1:] = torch.cumsum(counts, dim=0, dtype=torch.int32)
+    values = weight[rows, cols].to(outlier_dtype or weight.dtype).contiguous()
+    del rows
+    return indptr, cols.to(index_dtype(in_f)), values

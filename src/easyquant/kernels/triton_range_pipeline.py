@@ -12,20 +12,33 @@ search and the finish in Triton.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
 
+from easyquant.algorithm import chunking
+from easyquant.algorithm.chunking import row_slices
 from easyquant.algorithm.outliers import outlier_mask
 from easyquant.algorithm.range_init import grid_init_scales, least_squares_refine
 from easyquant.algorithm.range_search import initial_scales
 from easyquant.config import INIT_GRID_LOW, QuantConfig
-from easyquant.format.bitpack import pack_codes
-from easyquant.format.qweight import QuantizedWeight, index_dtype
-from easyquant.kernels.triton_range_search import interpreting, triton_range_search
+from easyquant.format.bitpack import pack_codes, packed_length
+from easyquant.format.qweight import QuantizedWeight, assemble
+from easyquant.kernels.triton_range_search import (
+    interpreting,
+    launch_plan,
+    triton_range_search_with_loss,
+)
 
 # Rows of a program and the slice of a row it works on at a time.
 FINISH_TILE = 4096
+# Values (of the weight) a chunk of rows holds on the GPU, about: 64 MiB as float32. The search
+# keeps a chunk's rows in registers, so a chunk must be large enough to fill the GPU (H100,
+# 500 steps: 2^24 as fast as one chunk on the 7B shapes; a 7B bfloat16 [11008, 4096] weight
+# then peaks at 2x its size above itself instead of 3x).
+GPU_CHUNK_ELEMENTS = 1 << 24
 STORAGE_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 
 
@@ -128,6 +141,12 @@ def _finish_kernel(
         col += PRE
 
 
+def finish_block_rows(num_rows: int, n: int) -> int:
+    """Rows a program of the finish kernel takes, for ``num_rows`` rows of ``n`` values."""
+    pre = min(1024, triton.next_power_of_2(n))
+    return max(1, min(triton.next_power_of_2(num_rows), FINISH_TILE // pre))
+
+
 def finish_ranges(
     normals: torch.Tensor,
     weight_rows: torch.Tensor,
@@ -135,6 +154,7 @@ def finish_ranges(
     bits: int,
     scale_dtype: torch.dtype,
     compare_rtn: bool,
+    block_rows: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, bool]:
     """Stored scales ``[R]`` and codes of ``R`` rows, as quantize_tensor finishes them.
 
@@ -142,7 +162,9 @@ def finish_ranges(
     weight itself (any float dtype; its max-abs gives the RTN candidate), ``searched`` float32
     ``[R]`` or ``[R, 1]``. Returns ``(scales, codes, packed)``: ``codes`` is uint8, packed as
     format.bitpack packs each row when ``packed`` (2, 4 or 8 bits and ``n`` a whole number of
-    bytes), else one unsigned code per byte ``[R, n]``.
+    bytes), else one unsigned code per byte ``[R, n]``. ``block_rows`` (rows per program) defaults
+    to :func:`finish_block_rows`; rows taken in chunks pass the whole tensor's, so that every row
+    is finished by the same program shape.
     """
     num_rows, n = normals.shape
     qmin, qmax = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
@@ -151,7 +173,7 @@ def finish_ranges(
     scales = torch.empty(num_rows, dtype=scale_dtype, device=normals.device)
     codes = torch.empty(num_rows, n // per_byte, dtype=torch.uint8, device=normals.device)
     pre = min(1024, triton.next_power_of_2(n))
-    block_rows = max(1, min(triton.next_power_of_2(num_rows), FINISH_TILE // pre))
+    block_rows = block_rows or finish_block_rows(num_rows, n)
     _finish_kernel[(triton.cdiv(num_rows, block_rows),)](
         normals.contiguous(),
         weight_rows.contiguous(),
@@ -177,60 +199,94 @@ def quantize_tensor_triton(weight: torch.Tensor, config: QuantConfig) -> Quantiz
 
     ``weight`` must already have passed quantize_tensor's checks (2-D, float, finite, groups
     dividing the row). Outliers (and their CSR lists) are found in torch; the search and the
-    finish (storage rounding, the RTN candidate, codes, packing) run as Triton kernels.
+    finish (storage rounding, the RTN candidate, codes, packing) run as Triton kernels, on a
+    chunk of rows at a time (:func:`pipeline_chunk_rows`): besides the weight and its outlier
+    mask, memory holds one chunk's float32 copy, not the weight's.
     """
     if weight.device.type != "cuda" and not interpreting():
         raise ValueError(f"the Triton pipeline runs on CUDA tensors, got one on {weight.device}")
     out_f, in_f = weight.shape
     group = config.group_size or in_f
+    groups = in_f // group
     scale_dtype = getattr(torch, config.scale_dtype)
     outliers = outlier_mask(weight, config.outlier_sigma, config.outlier_scope, config.group_size)
-    normals = weight.float().masked_fill(outliers, 0.0).reshape(-1, group)
-    if config.method == "easyquant":
-        init = None
-        if config.init_grid:
-            init = grid_init_scales(
-                normals, config.qmin, config.qmax, config.init_grid, INIT_GRID_LOW
-            )
-        searched = triton_range_search(
-            normals, config.qmin, config.qmax, config.steps, config.lr, init_scale=init
-        )
-        if config.refine_steps:
-            # As quantize_tensor: refined from the stored ranges (the finish's own rounding of
-            # already stored values changes nothing).
-            searched = least_squares_refine(
+    # Launch shapes of the whole tensor, for every chunk: each row is searched and finished by
+    # the same program shape as without chunks (chunks start at a multiple of its rows).
+    search_plan = launch_plan(out_f * groups, group)
+    finish_rows = finish_block_rows(out_f * groups, group)
+    align = max(search_plan.block_rows, finish_rows)
+    chunk = pipeline_chunk_rows(weight, config, align // math.gcd(align, groups))
+    qweight = torch.empty(
+        out_f, packed_length(in_f, config.bits), dtype=torch.uint8, device=weight.device
+    )
+    scales = torch.empty(out_f, groups, dtype=scale_dtype, device=weight.device)
+    for rows in row_slices(out_f, chunk):
+        w = weight[rows]
+        normals = w.float()
+        # In place where .float() made a copy (a float32 weight is not copied, nor changed).
+        normals = (normals.masked_fill_ if normals is not w else normals.masked_fill)(
+            outliers[rows], 0.0
+        ).reshape(-1, group)
+        if config.method == "easyquant":
+            init = None
+            if config.init_grid:
+                init = grid_init_scales(
+                    normals, config.qmin, config.qmax, config.init_grid, INIT_GRID_LOW
+                )
+            searched, _ = triton_range_search_with_loss(
                 normals,
-                searched.to(scale_dtype).float(),
                 config.qmin,
                 config.qmax,
-                config.refine_steps,
-                store=lambda s: s.to(scale_dtype).float(),
+                config.steps,
+                config.lr,
+                init_scale=init,
+                plan=search_plan,
             )
-    else:
-        searched = initial_scales(normals, config.qmax)
-    scales, codes, packed = finish_ranges(
-        normals,
-        weight.reshape(-1, group),
-        searched,
-        config.bits,
-        scale_dtype,
-        compare_rtn=config.method == "easyquant",
+            if config.refine_steps:
+                # As quantize_tensor: refined from the stored ranges (the finish's own rounding
+                # of already stored values changes nothing).
+                searched = least_squares_refine(
+                    normals,
+                    searched.to(scale_dtype).float(),
+                    config.qmin,
+                    config.qmax,
+                    config.refine_steps,
+                    store=lambda s: s.to(scale_dtype).float(),
+                )
+        else:
+            searched = initial_scales(normals, config.qmax)
+        part_scales, codes, packed = finish_ranges(
+            normals,
+            w.reshape(-1, group),
+            searched,
+            config.bits,
+            scale_dtype,
+            compare_rtn=config.method == "easyquant",
+            block_rows=finish_rows,
+        )
+        del normals
+        codes = codes.reshape(w.shape[0], -1)
+        qweight[rows] = codes if packed else pack_codes(codes, config.bits)
+        scales[rows] = part_scales.reshape(-1, groups)
+        del codes
+    outlier_dtype = getattr(torch, config.outlier_dtype) if config.outlier_dtype else None
+    return assemble(
+        weight, qweight, scales, outliers, config.bits, config.group_size, outlier_dtype
     )
-    qweight = codes.reshape(out_f, -1)
-    if not packed:
-        qweight = pack_codes(qweight, config.bits)
-    rows, cols = outliers.nonzero(as_tuple=True)  # row-major: sorted by row, then column
-    indptr = torch.zeros(out_f + 1, dtype=torch.int32, device=weight.device)
-    indptr[1:] = torch.cumsum(outliers.sum(dim=1, dtype=torch.int32), dim=0, dtype=torch.int32)
-    outlier_dtype = getattr(torch, config.outlier_dtype) if config.outlier_dtype else weight.dtype
-    return QuantizedWeight(
-        qweight=qweight,
-        scales=scales.reshape(out_f, in_f // group),
-        outlier_indptr=indptr,
-        outlier_indices=cols.to(index_dtype(in_f)),
-        outlier_values=weight[rows, cols].to(outlier_dtype).contiguous(),
-        shape=(out_f, in_f),
-        bits=config.bits,
-        group_size=config.group_size,
-        dtype=weight.dtype,
-    )
+
+
+def pipeline_chunk_rows(weight: torch.Tensor, config: QuantConfig, align: int) -> int:
+    """Weight rows quantize_tensor_triton takes at a time, a multiple of ``align``.
+
+    The kernels do each row alone, so any chunks (aligned to their programs) give the same bits.
+    The range search keeps its rows in registers: a chunk must fill the GPU, hence the chunks of
+    about GPU_CHUNK_ELEMENTS values, of equal size. Torch reductions (``init_grid``,
+    ``refine_steps``) are sized by the row count on CUDA: all rows at once there.
+    """
+    out_f = weight.shape[0]
+    easyquant = config.method == "easyquant"
+    if weight.device.type != "cpu" and easyquant and (config.init_grid or config.refine_steps):
+        return out_f
+    elements = GPU_CHUNK_ELEMENTS if weight.device.type != "cpu" else chunking.CHUNK_ELEMENTS
+    count = max(1, -(-weight.numel() // elements))  # chunks
+    return align * max(1, -(-out_f // (count * align)))

@@ -204,6 +204,7 @@ def quantize_tensors(
                 info.name, tensor.to(device), cfg, backend=backend
             )
             outputs = {f"{module}.{k}": v.cpu() for k, v in qweight.state_dict().items()}
+            del qweight  # its device copy must not live on while the next tensor is quantized
             writer.add(index, outputs, report.to_dict())
         del tensor
         if bar is not None:

@@ -9,6 +9,7 @@ matching pattern winning: ``{"*.down_proj": {"bits": 8}}``.
 from __future__ import annotations
 
 import fnmatch
+import math
 import re
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -18,10 +19,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from easyquant.algorithm.chunking import weight_row_slices
+from easyquant.algorithm.range_search import initial_scales, quantize_codes
 from easyquant.config import QuantConfig
-from easyquant.format.qweight import QuantizedWeight
+from easyquant.format.qweight import QuantizedWeight, dequantize_parts
 from easyquant.nn.quant_linear import QuantLinear
-from easyquant.quantize import check_weight, quantize_tensor
+from easyquant.quantize import check_weight, quantize_tensor, storage_round
 
 # A decoder-block module name: "model.layers.3.mlp.down_proj", "transformer.h.3.attn.c_proj", ...
 DECODER_BLOCK = re.compile(r"(^|\.)(layers|h|blocks|block|decoder\.layers)\.\d+\.")
@@ -111,8 +114,59 @@ def relative_error(approx: torch.Tensor, exact: torch.Tensor) -> float:
 
 
 def rtn_error(weight: torch.Tensor, config: QuantConfig) -> float:
-    rtn = quantize_tensor(weight, config.replace(method="rtn", outlier_sigma=None))
-    return relative_error(rtn.dequantize(torch.float32), weight)
+    """Relative squared error of plain RTN (max-abs ranges, no outliers) at ``config``'s bits,
+    groups and scale dtype; see :func:`report_errors`."""
+    return report_errors(weight, None, config)[1]
+
+
+def report_errors(
+    weight: torch.Tensor, qweight: QuantizedWeight | None, config: QuantConfig
+) -> tuple[float, float]:
+    """``(error, rtn_error)``: ``||W_q - W||^2 / ||W||^2`` of ``qweight`` (nan when None) and of
+    plain RTN at ``config``'s bits, groups and scale dtype.
+
+    A chunk of rows at a time (sums in float64), with no float32 copy of the whole weight: the
+    stored form is dequantized a chunk at a time, and RTN's reconstruction (what
+    ``quantize_tensor(weight, config.replace(method="rtn", outlier_sigma=None)).dequantize()``
+    gives, value for value) is computed directly, without quantizing the weight again.
+    """
+    in_f = weight.shape[1]
+    group = config.group_size or in_f
+    zero = torch.zeros((), dtype=torch.float64, device=weight.device)
+    norm, error, rtn = zero, zero, zero
+    # Outlier offsets on the host, read once (QuantizedWeight.dequantize_rows reads them anew).
+    indptr = qweight.outlier_indptr.tolist() if qweight is not None else []
+    for rows in weight_row_slices(weight):
+        x = weight[rows].float()
+        norm = norm + x.pow(2).sum(dtype=torch.float64)
+        if qweight is not None:
+            begin, end = indptr[rows.start], indptr[rows.stop]
+            approx = dequantize_parts(
+                qweight.qweight[rows],
+                qweight.scales[rows],
+                qweight.outlier_indptr[rows.start : rows.stop + 1],
+                qweight.outlier_indices[begin:end],
+                qweight.outlier_values[begin:end],
+                qweight.bits,
+                in_f,
+                torch.float32,
+            ).to(x.device)
+            error = error + approx.sub_(x).pow_(2).sum(dtype=torch.float64)
+            del approx
+        approx = rtn_reconstruction(x.reshape(-1, group), config).reshape(x.shape)
+        rtn = rtn + approx.sub_(x).pow_(2).sum(dtype=torch.float64)
+        del x, approx
+    denom = float(norm) or 1.0
+    return (float(error) / denom if qweight is not None else math.nan), float(rtn) / denom
+
+
+def rtn_reconstruction(ranges: torch.Tensor, config: QuantConfig) -> torch.Tensor:
+    """RTN's dequantized values of float32 ``ranges`` ``[rows, group]``: max-abs scale rounded to
+    the storage dtype, codes ``clamp(floor(x / s + 1/2))`` (with 1 for a zero scale), codes times
+    the stored scale; as quantize_tensor and dequantize compute them."""
+    scale = storage_round(initial_scales(ranges, config.qmax), config.scale_dtype)
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    return quantize_codes(ranges, safe, config.qmin, config.qmax).mul_(scale)
 
 
 def quantize_with_report(
@@ -123,6 +177,7 @@ def quantize_with_report(
     start = time.perf_counter()
     qweight = quantize_tensor(weight, config, backend=backend)  # type: ignore[arg-type]
     seconds = time.perf_counter() - start
+    error, rtn = report_errors(weight, qweight, config)
     report = TensorReport(
         name=name,
         shape=qweight.shape,
@@ -130,8 +185,8 @@ def quantize_with_report(
         group_size=config.group_size,
         outlier_fraction=qweight.num_outliers / weight.numel(),
         bits_per_weight=qweight.bits_per_weight,
-        error=relative_error(qweight.dequantize(torch.float32), weight),
-        rtn_error=rtn_error(weight, config),
+        error=error,
+        rtn_error=rtn,
         seconds=seconds,
     )
     return qweight, report
