@@ -7,6 +7,7 @@ from hypothesis import strategies as st
 
 from easyquant import QuantConfig, quantize_tensor
 from easyquant.algorithm.outliers import outlier_mask
+from easyquant.format.qweight import QuantizedWeight
 from tests.conftest import student_t
 
 CONFIGS = st.builds(
@@ -125,7 +126,6 @@ def test_tiny_tensor():
         (torch.randn(4, 8, dtype=torch.float64), None, "dtype"),
         (torch.randint(0, 3, (4, 8)), None, "dtype"),
         (torch.zeros(0, 8), None, "empty"),
-        (torch.randn(4, 30), QuantConfig(group_size=16), "does not divide"),
         ("not a tensor", None, "torch.Tensor"),
     ],
 )
@@ -198,3 +198,44 @@ def test_rows_in_chunks_store_the_same_bits(monkeypatch, config, dtype):
     chunked = quantize_tensor_stepwise(w, config, "torch")
     for name, tensor in whole.state_dict().items():
         assert torch.equal(chunked.state_dict()[name], tensor), name
+
+
+# ---- groups that do not divide the row (576 input features in groups of 128) ------------------
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_ragged_groups_equal_independent_pieces_for_rtn(bits):
+    # The last group of each row is shorter; with RTN (no search) each group's range is its own
+    # max-abs, so the result equals quantizing the two column blocks separately.
+    w = student_t(16, 192, seed=21)
+    config = QuantConfig(bits=bits, group_size=128, method="rtn", outlier_sigma=None)
+    q = quantize_tensor(w, config, backend="torch")
+    assert q.scales.shape == (16, 2) and q.shape == (16, 192)
+    first = quantize_tensor(w[:, :128].contiguous(), config.replace(group_size=None))
+    last = quantize_tensor(w[:, 128:].contiguous(), config.replace(group_size=None))
+    expected = torch.cat([first.dequantize(), last.dequantize()], dim=1)
+    assert torch.equal(q.dequantize(), expected)
+
+
+@pytest.mark.parametrize("scope", ["tensor", "channel", "group"])
+def test_ragged_groups_with_outliers_and_search(scope):
+    w = student_t(24, 576, seed=22)
+    config = QuantConfig(group_size=128, steps=20, outlier_scope=scope)
+    q = quantize_tensor(w, config, backend="torch")
+    assert q.scales.shape == (24, 5)
+    mask = outlier_mask(w, 3.0, scope, 128)
+    assert q.num_outliers == int(mask.sum()) > 0
+    deq = q.dequantize()
+    assert torch.equal(deq[mask], w[mask])  # outliers exact, also in the short last group
+    # Searched ranges never lose to RTN at the same grouping, and the state round trips.
+    rtn = quantize_tensor(w, config.replace(method="rtn", outlier_sigma=None))
+    err = lambda x: float((x.dequantize() - w).pow(2).sum())  # noqa: E731
+    assert err(q) < err(rtn)
+    again = QuantizedWeight.from_state_dict(q.state_dict())
+    assert torch.equal(again.dequantize(), deq)
+
+
+def test_ragged_group_outlier_statistics_use_only_the_short_group():
+    w = torch.zeros(1, 12)
+    w[0, :8] = torch.arange(8.0)  # first group of 8
+    w[0, 8:] = torch.tensor([1.0, 1.0, 1.0, 9.0])  # short last group of 4: 9 is its outlier
+    mask = outlier_mask(w, 1.5, "group", 8)
+    assert mask[0, 11] and not mask[0, 8:11].any()

@@ -23,8 +23,8 @@ from easyquant.algorithm.range_search import (
     reconstruction_loss,
 )
 from easyquant.config import INIT_GRID_LOW, QuantConfig
-from easyquant.format.bitpack import pack_codes, packed_length
-from easyquant.format.qweight import FLOAT_DTYPES, QuantizedWeight, assemble
+from easyquant.format.bitpack import pack_codes, packed_length, unpack_codes
+from easyquant.format.qweight import FLOAT_DTYPES, QuantizedWeight, assemble, index_dtype
 
 Backend = Literal["auto", "torch", "triton"]
 BACKENDS = ("auto", "torch", "triton")
@@ -47,12 +47,6 @@ def check_weight(weight: torch.Tensor, config: QuantConfig, name: str = "weight"
         row, col = (int(i) for i in bad.nonzero()[0])
         raise ValueError(
             f"{name} has {int(bad.sum())} NaN/Inf value(s), the first at row {row}, column {col}"
-        )
-    in_f = weight.shape[1]
-    if config.group_size is not None and in_f % config.group_size:
-        raise ValueError(
-            f"group_size {config.group_size} does not divide the {name}'s {in_f} input features; "
-            f"choose a divisor of {in_f} or group_size=None"
         )
 
 
@@ -115,6 +109,8 @@ def quantize_tensor(
     config = config or QuantConfig()
     check_weight(weight, config)
     backend = resolve_backend(backend, weight.device)
+    if config.group_size is not None and weight.shape[1] % config.group_size:
+        return quantize_ragged(weight, config, backend, trace)
     if backend == "triton" and trace is None:
         # The fused pipeline (search, storage rounding, RTN candidate, codes, packing as Triton
         # kernels) stores exactly what quantize_tensor_stepwise does with the Triton search.
@@ -124,8 +120,49 @@ def quantize_tensor(
     return quantize_tensor_stepwise(weight, config, backend, trace)
 
 
+def quantize_ragged(
+    weight: torch.Tensor, config: QuantConfig, backend: str, trace: StepTrace | None
+) -> QuantizedWeight:
+    """Groups that do not divide the row: the last group of each row is shorter.
+
+    Outliers are found on the weight as it is; then each row is padded with zeros to whole
+    groups and quantized as usual. A zero is not an outlier, quantizes to code 0 exactly and
+    adds nothing to any range's error, gradient or max-abs, so every range is searched on its
+    own values only; the padding's codes are then dropped.
+    """
+    out_f, in_f = weight.shape
+    pad = -in_f % config.group_size
+    outliers = outlier_mask(weight, config.outlier_sigma, config.outlier_scope, config.group_size)
+    padded = torch.nn.functional.pad(weight, (0, pad))
+    padded_outliers = torch.nn.functional.pad(outliers, (0, pad), value=False)
+    del outliers
+    if backend == "triton" and trace is None:
+        from easyquant.kernels.triton_range_pipeline import quantize_tensor_triton
+
+        whole = quantize_tensor_triton(padded, config, outliers=padded_outliers)
+    else:
+        whole = quantize_tensor_stepwise(padded, config, backend, trace, outliers=padded_outliers)
+    del padded, padded_outliers
+    codes = unpack_codes(whole.qweight, config.bits, in_f + pad)[:, :in_f]
+    return QuantizedWeight(
+        qweight=pack_codes(codes.contiguous(), config.bits),
+        scales=whole.scales,
+        outlier_indptr=whole.outlier_indptr,
+        outlier_indices=whole.outlier_indices.to(index_dtype(in_f)),
+        outlier_values=whole.outlier_values,
+        shape=(out_f, in_f),
+        bits=config.bits,
+        group_size=config.group_size,
+        dtype=weight.dtype,
+    )
+
+
 def quantize_tensor_stepwise(
-    weight: torch.Tensor, config: QuantConfig, backend: str, trace: StepTrace | None = None
+    weight: torch.Tensor,
+    config: QuantConfig,
+    backend: str,
+    trace: StepTrace | None = None,
+    outliers: torch.Tensor | None = None,
 ) -> QuantizedWeight:
     """The reference pipeline, step by step in torch; only the range search uses ``backend``
     ("torch" or "triton"). ``weight`` must have passed :func:`check_weight`.
@@ -133,10 +170,14 @@ def quantize_tensor_stepwise(
     After the outliers, everything is per row: on the CPU with the torch search (and no
     ``trace``) the rows are quantized a chunk at a time (:func:`stepwise_chunk_rows`), so the
     temporaries are a chunk's, not the weight's; the stored result is the same bit for bit.
+    ``outliers``: a mask found beforehand (else the config's n-sigma rule on ``weight``).
     """
     out_f, in_f = weight.shape
     group = config.group_size or in_f
-    outliers = outlier_mask(weight, config.outlier_sigma, config.outlier_scope, config.group_size)
+    if outliers is None:
+        outliers = outlier_mask(
+            weight, config.outlier_sigma, config.outlier_scope, config.group_size
+        )
     scales = torch.empty(
         out_f, in_f // group, dtype=getattr(torch, config.scale_dtype), device=weight.device
     )

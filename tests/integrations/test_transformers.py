@@ -170,11 +170,14 @@ def test_bad_config_is_refused(fields, message):
         hf.EasyQuantConfig(**fields)
 
 
-def test_group_size_that_does_not_divide_is_refused_before_loading(dirs):
-    with pytest.raises(ValueError, match="group size 48 does not divide the 64 input features"):
-        AutoModelForCausalLM.from_pretrained(
-            dirs["fp"], quantization_config=hf.EasyQuantConfig(group_size=48, steps=1)
-        )
+def test_group_size_that_does_not_divide_leaves_a_shorter_last_group(dirs):
+    model = AutoModelForCausalLM.from_pretrained(
+        dirs["fp"], quantization_config=hf.EasyQuantConfig(group_size=48, steps=1)
+    )
+    layer = model.model.layers[0].self_attn.q_proj  # 64 input features: groups of 48 and 16
+    assert layer.scales.shape == (layer.out_features, 2)
+    ids = torch.randint(0, model.config.vocab_size, (1, 8))
+    assert torch.isfinite(model(ids).logits).all()
 
 
 def test_quantize_on_load_refuses_a_module_list(dirs):

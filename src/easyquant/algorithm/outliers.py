@@ -31,6 +31,8 @@ def outlier_mask(
         raise ValueError(f"outlier_scope must be 'tensor', 'channel' or 'group', got {scope!r}")
     out_f, in_f = weight.shape
     group = (group_size or in_f) if scope == "group" else in_f
+    if in_f % group:
+        return ragged_group_mask(weight, sigma, group)
     w = weight.float()  # the weight itself when it is float32
     if scope == "tensor":
         std, mean = torch.std_mean(w, correction=0)
@@ -52,3 +54,16 @@ def outlier_mask(
         del x
         mask[rows] = ((d >= t) & v).reshape(-1, in_f)
     return mask
+
+
+def ragged_group_mask(weight: torch.Tensor, sigma: float, group: int) -> torch.Tensor:
+    """``scope="group"`` when ``group`` does not divide the row: the last, shorter group of each
+    row takes its statistics over its own values only (NaN padding, ignored by the means)."""
+    out_f, in_f = weight.shape
+    padded = torch.nn.functional.pad(weight.float(), (0, -in_f % group), value=float("nan"))
+    x = padded.reshape(-1, group)
+    mean = x.nanmean(dim=1, keepdim=True)
+    std = (x - mean).pow_(2).nanmean(dim=1, keepdim=True).sqrt_()
+    # NaN compares False: the padding is never an outlier.
+    mask = ((x - mean).abs_() >= sigma * std) & (std > 0)
+    return mask.reshape(out_f, -1)[:, :in_f].contiguous()

@@ -110,6 +110,7 @@ class QuantizedWeight:
             self.bits,
             self.in_features,
             dtype or self.dtype,
+            self.group_size,
         )
 
     def dequantize_rows(self, rows: slice, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -127,6 +128,7 @@ class QuantizedWeight:
             self.bits,
             self.in_features,
             dtype or self.dtype,
+            self.group_size,
         )
 
     # ---- storage -------------------------------------------------------------------------------
@@ -180,9 +182,9 @@ class QuantizedWeight:
             raise ValueError(f"bits must be 2, 3, 4 or 8, got {self.bits}")
         if out_f < 1 or in_f < 1:
             raise ValueError(f"shape must be positive, got {self.shape}")
-        if self.group_size is not None and (self.group_size < 1 or in_f % self.group_size):
-            raise ValueError(f"group_size {self.group_size} does not divide in_features {in_f}")
-        groups = in_f // self.group_length
+        if self.group_size is not None and self.group_size < 1:
+            raise ValueError(f"group_size must be >= 1, got {self.group_size}")
+        groups = num_groups(in_f, self.group_size)
         expect = {
             "qweight": ((out_f, packed_length(in_f, self.bits)), (torch.uint8,)),
             "scales": ((out_f, groups), FLOAT_DTYPES),
@@ -216,6 +218,12 @@ def csr_rows(indptr: torch.Tensor) -> torch.Tensor:
     return torch.repeat_interleave(torch.arange(counts.numel(), device=indptr.device), counts)
 
 
+def num_groups(in_features: int, group_size: int | None) -> int:
+    """Quantization groups per row; a group size that does not divide the row leaves a shorter
+    last group (576 input features in groups of 128: four of 128 and one of 64)."""
+    return 1 if group_size is None else -(-in_features // group_size)
+
+
 def dequantize_parts(
     qweight: torch.Tensor,
     scales: torch.Tensor,
@@ -225,13 +233,20 @@ def dequantize_parts(
     bits: int,
     in_features: int,
     dtype: torch.dtype,
+    group_size: int | None = None,
 ) -> torch.Tensor:
-    """Reference dequantization (plain torch, any device): codes * scales, outliers put back."""
+    """Reference dequantization (plain torch, any device): codes * scales, outliers put back.
+
+    ``group_size`` is needed only when it does not divide ``in_features`` (a shorter last group).
+    """
     codes = unpack_codes(qweight, bits, in_features).float() - (1 << (bits - 1))
     groups = scales.shape[1]
-    weight = (codes.reshape(codes.shape[0], groups, -1) * scales.float().unsqueeze(2)).reshape(
-        codes.shape
-    )
+    if group_size is None or in_features % group_size == 0:
+        weight = (codes.reshape(codes.shape[0], groups, -1) * scales.float().unsqueeze(2)).reshape(
+            codes.shape
+        )
+    else:
+        weight = codes * scales.float().repeat_interleave(group_size, dim=1)[:, :in_features]
     if outlier_values.numel():
         weight[csr_rows(outlier_indptr), outlier_indices.long()] = outlier_values.float()
     return weight.to(dtype)

@@ -330,13 +330,7 @@ class EasyQuantHfQuantizer(HfQuantizer):
                 continue
             if not selection.wants(name, (module.out_features, module.in_features)):
                 continue
-            config = selection.config_for(name, base)
-            if config.group_size is not None and module.in_features % config.group_size:
-                raise ValueError(
-                    f"group size {config.group_size} does not divide the {module.in_features} "
-                    f"input features of {name}; choose a divisor or per-channel ranges"
-                )
-            targets[name] = config
+            targets[name] = selection.config_for(name, base)
         if not targets:
             raise ValueError("nothing to quantize: no Linear layer matches the easyquant selection")
         for name, config in targets.items():

@@ -194,14 +194,17 @@ def finish_ranges(
     return scales, codes, packed
 
 
-def quantize_tensor_triton(weight: torch.Tensor, config: QuantConfig) -> QuantizedWeight:
+def quantize_tensor_triton(
+    weight: torch.Tensor, config: QuantConfig, outliers: torch.Tensor | None = None
+) -> QuantizedWeight:
     """What ``quantize_tensor(weight, config, backend="triton")`` returns, faster on a GPU.
 
     ``weight`` must already have passed quantize_tensor's checks (2-D, float, finite, groups
     dividing the row). Outliers (and their CSR lists) are found in torch; the search and the
     finish (storage rounding, the RTN candidate, codes, packing) run as Triton kernels, on a
     chunk of rows at a time (:func:`pipeline_chunk_rows`): besides the weight and its outlier
-    mask, memory holds one chunk's float32 copy, not the weight's.
+    mask, memory holds one chunk's float32 copy, not the weight's. ``outliers``: a mask found
+    beforehand (else the config's n-sigma rule on ``weight``).
     """
     if weight.device.type != "cuda" and not interpreting():
         raise ValueError(f"the Triton pipeline runs on CUDA tensors, got one on {weight.device}")
@@ -209,7 +212,10 @@ def quantize_tensor_triton(weight: torch.Tensor, config: QuantConfig) -> Quantiz
     group = config.group_size or in_f
     groups = in_f // group
     scale_dtype = getattr(torch, config.scale_dtype)
-    outliers = outlier_mask(weight, config.outlier_sigma, config.outlier_scope, config.group_size)
+    if outliers is None:
+        outliers = outlier_mask(
+            weight, config.outlier_sigma, config.outlier_scope, config.group_size
+        )
     # Launch shapes of the whole tensor, for every chunk: each row is searched and finished by
     # the same program shape as without chunks (chunks start at a multiple of its rows).
     search_plan = launch_plan(out_f * groups, group)

@@ -68,13 +68,7 @@ def plan(source: Source, config: QuantConfig, selection: Selection) -> dict[str,
                 f"{module}.weight has unsupported dtype {str(tensor.dtype).removeprefix('torch.')}"
                 "; easyquant quantizes float32, float16 and bfloat16 weights"
             )
-        cfg = selection.config_for(module, config)
-        if cfg.group_size is not None and shape[1] % cfg.group_size:
-            raise ModelInputError(
-                f"group size {cfg.group_size} does not divide the {shape[1]} input features of "
-                f"{module}; choose a divisor or per-channel ranges"
-            )
-        targets[module] = cfg
+        targets[module] = selection.config_for(module, config)
     if not targets:
         raise ModelInputError(
             f"nothing to quantize in {source.description}: no Linear weight matches the selection"

@@ -150,10 +150,15 @@ def report_errors(
                 qweight.bits,
                 in_f,
                 torch.float32,
+                qweight.group_size,
             ).to(x.device)
             error = error + approx.sub_(x).pow_(2).sum(dtype=torch.float64)
             del approx
-        approx = rtn_reconstruction(x.reshape(-1, group), config).reshape(x.shape)
+        # Zero padding to whole groups (a shorter last group): zeros change no max-abs, no error.
+        padded = torch.nn.functional.pad(x, (0, -in_f % group))
+        approx = rtn_reconstruction(padded.reshape(-1, group), config).reshape(padded.shape)
+        approx = approx[:, :in_f]
+        del padded
         rtn = rtn + approx.sub_(x).pow_(2).sum(dtype=torch.float64)
         del x, approx
     denom = float(norm) or 1.0
