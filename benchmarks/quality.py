@@ -191,7 +191,8 @@ def markdown(payload: dict[str, Any]) -> str:
         f"{proto['calib_first']}-{proto['calib_first'] + proto['calib_windows'] - 1} of the same "
         "text (disjoint from the evaluated ones).",
         "",
-        "Each cell: perplexity / bits per weight / quantization seconds (2-core CPU, shared).",
+        "Each cell: perplexity / bits per weight / quantization seconds (on the device above; "
+        "each run's own command and commit are in the JSON).",
         "",
         "| method | " + " | ".join(head) + " |",
         "| --- | " + " | ".join("---" for _ in head) + " |",
@@ -250,11 +251,14 @@ def markdown(payload: dict[str, Any]) -> str:
                 f"| {LABELS[r['method']]} | {setting} | {r['piqa']['acc']:.4f} | "
                 f"{r['piqa']['acc_norm']:.4f} |"
             )
-    best = next((r for r in rows if r["method"] == "best"), None)
+    best = {r["bits"]: r for r in rows if r["method"] == "best"}  # the recipe depends on bits
     if best:
+        lines.append("")
         lines += [
-            "",
-            "Best preset: `" + json.dumps(best["extra"]["config"]) + "` (bits/group per cell).",
+            f"Best preset at {bits} bits: `"
+            + json.dumps(r["extra"]["config"])
+            + "` (group per cell)."
+            for bits, r in sorted(best.items(), reverse=True)
         ]
     return "\n".join(lines) + "\n"
 
