@@ -103,6 +103,15 @@ def run(args: argparse.Namespace) -> int:
         outlier_dtype=args.outlier_dtype,
     )
     selection = Selection.build(args.include, args.exclude, dict(args.override))
+    target_bpw = None
+    if args.target_bpw is not None:
+        from easyquant.models.budget import check_target
+
+        target_bpw = check_target(args.target_bpw)
+        if args.group_size != DEFAULTS.group_size or args.sigma != DEFAULTS.outlier_sigma:
+            raise ValueError(
+                "--target-bpw chooses --sigma and --group-size per module: leave them out"
+            )
 
     def log(message: str) -> None:
         if not args.quiet:
@@ -125,6 +134,7 @@ def run(args: argparse.Namespace) -> int:
             progress=not args.quiet and sys.stderr.isatty(),
             log=log,
             world=world,
+            target_bpw=target_bpw,
         )
     except KeyboardInterrupt:
         log("stopped; finished shards are kept: continue with the same command and --resume")
@@ -200,6 +210,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         type=parse_override,
         metavar="GLOB:KEY=VALUE,...",
         help="per-module config, first match wins (e.g. '*.down_proj:bits=8')",
+    )
+    p.add_argument(
+        "--target-bpw",
+        metavar="BITS",
+        help="average bits/weight budget (e.g. 4.25): outlier sigma and group size chosen per "
+        "module for the least total error (a first pass over the weights; not with --sigma, "
+        "--group-size)",
     )
     p.add_argument(
         "--shard-size",

@@ -133,11 +133,13 @@ class Job:
 
     def report(self, rows: list[dict[str, Any]], **totals: Any) -> dict[str, Any]:
         """quant_report.json, from the rows in source order."""
+        budget = getattr(self.selection, "budget", None)  # a BudgetSelection's plan
         return {
             "format_version": FORMAT_VERSION,
             "source": self.source.description,
             "config": self.config.to_dict(),
             "selection": self.selection.to_dict(),
+            **({"budget": dict(budget)} if budget else {}),
             "note": REFERENCE_NOTE,
             "totals": {
                 **summarize(rows),
@@ -150,7 +152,7 @@ class Job:
 
 
 def prepare(
-    model_or_path: nn.Module | str | Path,
+    model_or_path: nn.Module | str | Path | Source,
     config: QuantConfig,
     out_dir: str | Path,
     selection: Selection,
@@ -161,7 +163,11 @@ def prepare(
     """Check the output, open the input and plan the run (all before any work)."""
     started = time.perf_counter()
     check_output(out_dir, overwrite)  # before the (possibly long) read of the input
-    source = open_source(model_or_path, tokenizer)
+    source = (  # already open: quantize_model with a budget reads it once for both passes
+        model_or_path
+        if isinstance(model_or_path, Source)
+        else open_source(model_or_path, tokenizer)
+    )
     targets = plan(source, config, selection)
     fingerprint = {
         "format_version": FORMAT_VERSION,
@@ -222,6 +228,7 @@ def quantize_model(
     progress: bool = False,
     log: Callable[[str], None] | None = default_log,
     world: World | None = None,
+    target_bpw: float | None = None,
 ) -> QuantizeResult:
     """Quantize a model and save it as a Hugging Face style directory at ``out_dir``.
 
@@ -233,6 +240,9 @@ def quantize_model(
     interrupted run with the same settings. ``world`` (from
     :func:`easyquant.models.distributed.init_world`): this process is one rank of a distributed
     run; every rank calls this with the same arguments and quantizes its share of the tensors.
+    ``target_bpw``: choose each weight's outlier sigma and group size for the least total
+    error within that average of bits per weight (:func:`easyquant.models.budget.plan_budget`,
+    a first pass over the weights; under ``world`` rank 0 plans and broadcasts the plan).
     Load the result with :func:`load_quantized`.
     """
     if out_dir is None:
@@ -242,6 +252,30 @@ def quantize_model(
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device} was asked for but CUDA is not available")
+    if target_bpw is not None:
+        from easyquant.models.budget import check_target, plan_budget, plan_budget_shared
+
+        check_target(target_bpw)
+        planned = selection
+        if world is None:  # open the input once for both passes (a GGUF file is loaded whole)
+            check_output(out_dir, overwrite)
+            model_or_path = open_source(model_or_path, tokenizer)
+
+        def budget_plan() -> Selection:
+            check_output(out_dir, overwrite)  # before the (long) first pass
+            return plan_budget(
+                model_or_path,
+                config,
+                target_bpw,
+                selection=planned,
+                tokenizer=tokenizer,
+                device=device,
+                backend=backend,
+                progress=progress and (world is None or world.is_main),
+                log=log,
+            )
+
+        selection = plan_budget_shared(world, budget_plan)
     if world is not None:
         from easyquant.models.distributed import quantize_distributed
 
