@@ -10,7 +10,9 @@ captured once in a CUDA graph and replayed. Every ``nn.Linear`` of the decoder b
 ``QuantLinear`` (``lm_head`` stays fp16); ranges are RTN (the speed does not depend on how the
 ranges were found) and the outlier threshold is the n-sigma rule with n set so that ~``--outliers``
 of Gaussian weights are outliers (0.5%: n = 2.81). Also times one prefill of ``--prefill``
-tokens (large-batch path). Writes ``<device>-<date>-decode.json``.
+tokens (large-batch path). Then (unless ``--no-fuse``) the same quantized model again with q/k/v
+and gate/up each run as one concatenated layer (``easyquant.nn.quant_linear.fuse_siblings``).
+Writes ``<device>-<date>-decode.json``.
 """
 
 from __future__ import annotations
@@ -82,6 +84,18 @@ def quantize_blocks(model: nn.Module, config: QuantConfig) -> tuple[int, int, in
         weights += linear.weight.numel()
         del linear
     return len(targets), outliers, weights
+
+
+def fuse_projections(model: nn.Module) -> int:
+    """q/k/v and gate/up of every decoder block as one QuantLinear each; returns the groups."""
+    from easyquant.nn.quant_linear import fuse_siblings
+
+    groups = 0
+    for module in model.modules():
+        for names in (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")):
+            if all(hasattr(module, name) for name in names):
+                groups += fuse_siblings(module, names)
+    return groups
 
 
 def sync(device: str) -> None:
@@ -202,6 +216,7 @@ def main() -> None:
     parser.add_argument("--bits", type=int, default=4)
     parser.add_argument("--outliers", type=float, default=0.005)
     parser.add_argument("--no-graph", action="store_true")
+    parser.add_argument("--no-fuse", action="store_true", help="skip the fused q/k/v, gate/up run")
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT") or RESULTS))
     args = parser.parse_args()
     device = args.device
@@ -228,11 +243,24 @@ def main() -> None:
     q_prefill = prefill_ms(model, args.prefill, config.vocab_size, device) if args.prefill else 0
     rows.append({"model": f"easyquant-{args.bits}bit", **quant, "prefill_ms": round(q_prefill, 2)})
     speedup = quant["tokens_per_s"] / fp16["tokens_per_s"]
+    fused_speedup = None
+    if not args.no_fuse:
+        groups = fuse_projections(model)
+        torch.cuda.empty_cache() if device.startswith("cuda") else None
+        fused = decode_speed(model, prompt, args.new_tokens, use_graph, device)
+        f_prefill = (
+            prefill_ms(model, args.prefill, config.vocab_size, device) if args.prefill else 0
+        )
+        name = f"easyquant-{args.bits}bit-fused-qkv-gateup"
+        rows.append({"model": name, **fused, "prefill_ms": round(f_prefill, 2), "groups": groups})
+        fused_speedup = fused["tokens_per_s"] / fp16["tokens_per_s"]
     memory = torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else None
     print()
     print_table(rows, ["model", "mode", "tokens_per_s", "ms_per_token", "prefill_ms"])
     print(
-        f"\ndecode speedup {speedup:.2f}x; {layers} QuantLinear layers, outliers "
+        f"\ndecode speedup {speedup:.2f}x"
+        + (f" ({fused_speedup:.2f}x fused)" if fused_speedup else "")
+        + f"; {layers} QuantLinear layers, outliers "
         f"{outliers / weights:.3%} (n-sigma {sigma:.3f}), quantized in {quantize_s:.1f} s"
     )
     payload = {
@@ -247,6 +275,7 @@ def main() -> None:
         "quant": {**qconfig.to_dict(), "outlier_fraction": outliers / weights, "layers": layers},
         "rows": rows,
         "decode_speedup": round(speedup, 3),
+        "decode_speedup_fused": round(fused_speedup, 3) if fused_speedup else None,
         "max_memory_GiB": memory,
     }
     path = write_result("decode", device, payload, out_dir=args.out)

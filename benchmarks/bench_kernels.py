@@ -7,11 +7,13 @@
    with no outliers and with many, fp16/bf16/fp32, 2/3/4/8 bits, batch 1/7/16/300);
 3. times fp16 cuBLAS and EasyQuant for each shape x batch x outlier fraction (random codes,
    scales and outliers built with ``pack_quantized``; no range search), in the same run.
-   ``--sweep`` also times every candidate kernel configuration at 0.5% outliers and reports the
-   best (the default configurations of ``easyquant.kernels.triton_matmul`` come from such a sweep).
+   ``--sweep`` also times the autotuner's candidate configurations at 0.5% outliers and reports
+   the best (``benchmarks/explore_matmul.py`` is the wider sweep the defaults come from).
 
-Times are ``triton.testing.do_bench`` medians; do_bench clears the L2 cache before each call, so
-weights that would fit in L2 (4096x4096 int4 is 8 MiB of codes) are read from device memory.
+Times are medians of GPU time (``gpu_time_us``): the L2 cache is cleared before each call, so
+weights that would fit in L2 (4096x4096 int4 is 8 MiB of codes) are read from device memory, and
+the GPU is kept busy meanwhile, so that the host's launch time does not count (as in CUDA graphs;
+``triton.testing.do_bench`` counts it whenever it exceeds the cache clear).
 Prints a table and writes ``<device>-<date>-kernels.json`` (device, versions, commit, command).
 """
 
@@ -27,32 +29,15 @@ import torch
 from triton.testing import do_bench
 
 from benchlib import RESULTS, print_table, write_result
-from easyquant.format.qweight import dequantize_parts, pack_quantized
+from easyquant.format.qweight import QuantizedWeight, pack_quantized
 from easyquant.kernels import triton_matmul as tm
 
 SHAPES = [(4096, 4096), (11008, 4096), (14336, 4096), (53746, 14336)]
 BATCHES = [1, 16, 1024]
 FRACTIONS = [0.0, 0.005, 0.01]
 
-GEMV_SWEEP = [
-    tm.GemvConfig(16, 128, 4, 2),
-    tm.GemvConfig(32, 128, 4, 2),
-    tm.GemvConfig(16, 128, 4, 3),
-    tm.GemvConfig(16, 64, 4, 2),
-]
-SMALL_SWEEP = [
-    tm.DotConfig(64, 16, 128, out_chunk=4),
-    tm.DotConfig(64, 16, 128, out_chunk=8),
-    tm.DotConfig(32, 16, 512, out_chunk=8),
-    tm.DotConfig(32, 16, 256, out_chunk=4),
-    tm.DotConfig(64, 16, 256, num_stages=4, out_chunk=8),
-]
-# The fused kernel at large batch (one-hot outliers) measured 10x slower than dequantize + cuBLAS
-# (benchmarks/notes-matmul-kernels.md), so large batches are not swept by default.
-LARGE_SWEEP: list[tm.DotConfig] = []
 
-
-def random_weight(
+def random_parts(
     n: int,
     k: int,
     bits: int,
@@ -61,7 +46,7 @@ def random_weight(
     seed: int,
     device: str,
     extreme_rows: bool = False,
-) -> tm.Weight:
+) -> QuantizedWeight:
     """Random codes, scales and outliers (``fraction`` of them in expectation), stored as a
     checkpoint would store them; ``extreme_rows``: row 0 has 30% outliers, row 1 none."""
     gen = torch.Generator(device=device).manual_seed(seed)
@@ -74,37 +59,39 @@ def random_weight(
     if extreme_rows:
         outliers[0] = torch.rand(k, device=device, generator=gen) < 0.3
         outliers[1] = False
-    qw = pack_quantized(weight, codes, scales, outliers, bits, group)
-    del weight, codes, outliers
-    return tm.Weight(
+    return pack_quantized(weight, codes, scales, outliers, bits, group)
+
+
+def kernel_weight(qw: QuantizedWeight, slots: int | None = None) -> tm.Weight:
+    """The kernels' view of a stored weight (outlier table built as QuantLinear builds it)."""
+    return tm.Weight.from_csr(
         qw.qweight,
         qw.scales,
         qw.outlier_indptr,
         qw.outlier_indices,
         qw.outlier_values,
-        bits,
-        tm.kernel_group(group, k),
-        k,
+        qw.bits,
+        tm.kernel_group(qw.group_size, qw.in_features),
+        qw.in_features,
+        slots=slots,
     )
 
 
-def reference(weight: tm.Weight, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    dense = dequantize_parts(
-        weight.qweight,
-        weight.scales,
-        weight.indptr,
-        weight.indices,
-        weight.values,
-        weight.bits,
-        weight.in_features,
-        torch.float64,
-    )
-    out = x.double() @ dense.T
+def random_weight(
+    n: int, k: int, bits: int, group: int | None, fraction: float, seed: int, device: str
+) -> tm.Weight:
+    return kernel_weight(random_parts(n, k, bits, group, fraction, seed, device))
+
+
+def reference(qw: QuantizedWeight, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """float64 ``x @ W.T + bias`` from the stored (CSR) form: independent of the kernels' table."""
+    out = x.double() @ qw.dequantize(torch.float64).T
     return out if bias is None else out + bias.double()
 
 
 def weight_bytes(weight: tm.Weight) -> int:
-    parts = (weight.qweight, weight.scales, weight.indptr, weight.indices, weight.values)
+    """Bytes the kernels read for the weight: codes, scales and the outlier table."""
+    parts = (weight.qweight, weight.scales, *weight.outliers.tensors())
     return sum(t.numel() * t.element_size() for t in parts)
 
 
@@ -126,10 +113,50 @@ def warm_up(device: str, seconds: float = 2.0) -> None:
         torch.cuda.synchronize()
 
 
+_FLUSH: dict[str, torch.Tensor] = {}
+# Cycles the GPU spins before each timed call (~100 us at 1.98 GHz): longer than the host takes to
+# launch any kernel here, so the timed region never waits for the host.
+SLEEP_CYCLES = 200_000
+
+
+def gpu_time_us(fn: Callable[[], object], rep_ms: float = 100.0) -> float:
+    """Median GPU time of ``fn`` in microseconds. Before each timed call the L2 cache is flushed
+    (a 256 MiB memset, as ``triton.testing.do_bench`` does) and then the GPU spins for
+    SLEEP_CYCLES, so that the host's launch work (Python, Triton's launcher, ~20-100 us) overlaps
+    the spin instead of leaving the GPU idle inside the timed region; decoding runs from CUDA
+    graphs, where launches cost no host time either."""
+    device = torch.cuda.current_device()
+    flush = _FLUSH.get(str(device))
+    if flush is None:
+        flush = _FLUSH[str(device)] = torch.empty(256 << 20, dtype=torch.int8, device="cuda")
+    fn()
+    torch.cuda.synchronize()
+    probe = [torch.cuda.Event(enable_timing=True) for _ in range(2)]
+    probe[0].record()
+    for _ in range(5):
+        fn()
+    probe[1].record()
+    torch.cuda.synchronize()
+    estimate = max(probe[0].elapsed_time(probe[1]) / 5, 1e-3)
+    reps = int(min(max(rep_ms / estimate, 20), 1000))
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    for i in range(reps):
+        flush.zero_()
+        torch.cuda._sleep(SLEEP_CYCLES)
+        starts[i].record()
+        fn()
+        ends[i].record()
+    torch.cuda.synchronize()
+    times = sorted(a.elapsed_time(b) for a, b in zip(starts, ends, strict=True))
+    return times[len(times) // 2] * 1e3
+
+
 def bench(fn: Callable[[], object]) -> float:
-    """Median microseconds; inf (and a printed reason) for a kernel that fails to build or run."""
+    """Median GPU microseconds (``gpu_time_us``); inf (and a printed reason) for a kernel that
+    fails to build or run."""
     try:
-        return do_bench(fn, warmup=25, rep=100, return_mode="median") * 1e3
+        return gpu_time_us(fn)
     except Exception as exc:
         print(f"  failed: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}")
         return float("inf")
@@ -140,83 +167,114 @@ def check_kernels(device: str) -> list[dict]:
     rows = []
     # Few distinct in_features: K is a compile-time constant of the kernels.
     f16, b16, f32 = torch.float16, torch.bfloat16, torch.float32
+    # (the full matrix, small shapes, is tests/kernels/test_triton_matmul.py; these are the
+    # benchmark-sized layouts, one compile each per path: ~60 compiles)
     cases = [
         (4, None, 1000, 4096, (f16, b16, f32)),
-        (4, 128, 777, 4096, (f16, b16)),
-        (4, None, 300, 1000, (f16, f32)),  # in_features not a multiple of any K tile
-        (3, None, 513, 4096, (f16, b16)),
-        (3, 64, 300, 4096, (f16,)),
+        (4, 128, 777, 4096, (f16,)),
+        (3, None, 513, 4096, (f16,)),
         (2, None, 257, 4096, (f16,)),
-        (2, 32, 100, 4096, (f16,)),
         (8, None, 129, 1000, (f16,)),
     ]
     seed = 100
     for bits, group, n, k, dtypes in cases:
-        weight = random_weight(n, k, bits, group, 0.01, seed, device, extreme_rows=True)
+        qw = random_parts(n, k, bits, group, 0.01, seed, device, extreme_rows=True)
         seed += 1
-        for dtype in dtypes:
-            tol = 1e-3 if dtype == torch.float32 else 1e-2
-            bias = torch.randn(n, device=device).to(dtype)
-            for m in (1, 7, 16, 300):
-                x = torch.randn(m, k, device=device).to(dtype)
-                ref = reference(weight, x, bias)
-                paths = {
-                    "small": lambda w, x, b: tm.dot_matmul(w, x, b, tm.DotConfig(32, 16, 128)),
-                    "large": lambda w, x, b: tm.dot_matmul(w, x, b, tm.DotConfig(64, 64, 64)),
-                    "split": lambda w, x, b: tm.dot_matmul(w, x, b, tm.DotConfig(64, 16, 64, 2)),
-                    "dequant": tm.dequant_matmul,
-                    "dispatch": tm.matmul,
+        # the table as QuantLinear builds it, and (first case) cut at 4 slots: overflow
+        for slots in (None, 4) if seed == 101 else (None,):
+            weight = kernel_weight(qw, slots)
+            for dtype in dtypes:
+                rows += check_weight(qw, weight, dtype, device)
+    return rows
+
+
+def check_paths(weight: tm.Weight, m: int) -> dict[str, Callable]:
+    paths: dict[str, Callable] = {"dispatch": tm.matmul}
+    configs: dict[str, tm.GemvConfig | tm.DotConfig] = {
+        "small": tm.DotConfig(32, 16, 128),
+        "small-xt-split": tm.DotConfig(32, 16, 256, split_k=2, xt=True),
+        "planes-xt": tm.DotConfig(32, 16, 512, xt=True, planes=True),
+    }
+    if m == 1:
+        configs["gemv"] = tm.GemvConfig(16, 128)
+        configs["gemv-split-order0"] = tm.GemvConfig(8, 64, split_k=3, order=0)
+        configs["gemv-order2"] = tm.GemvConfig(8, 512, num_stages=1, order=2)
+    if m > 16:
+        configs = {"large": tm.DotConfig(64, 64, 64)}
+        paths["dequant"] = tm.dequant_matmul
+    for name, config in configs.items():
+        if tm.fits(weight, config):
+            paths[name] = lambda w, x, b, c=config: tm._run(w, x, b, c)
+    return paths
+
+
+def check_weight(qw, weight: tm.Weight, dtype: torch.dtype, device: str) -> list[dict]:
+    rows = []
+    n, k = qw.shape
+    tol = 1e-3 if dtype == torch.float32 else 1e-2
+    bias = torch.randn(n, device=device).to(dtype)
+    for m in (1, 16, 300):
+        x = torch.randn(m, k, device=device).to(dtype)
+        ref = reference(qw, x, bias)
+        for name, fn in check_paths(weight, m).items():
+            try:
+                out = fn(weight, x, bias)
+            except Exception as exc:  # a kernel that fails to build is a failed check
+                print(f"  {name} {qw.bits}-bit {dtype} m={m}: {type(exc).__name__}: {exc}")
+                out = torch.full_like(ref, float("nan"))
+            err = float((out.double() - ref).norm() / ref.norm())
+            ok = bool(torch.isfinite(out).all()) and err <= tol
+            rows.append(
+                {
+                    "bits": qw.bits,
+                    "group": qw.group_size,
+                    "shape": f"{n}x{k}",
+                    "slots": weight.outliers.slots,
+                    "overflow": weight.outliers.overflow,
+                    "dtype": str(dtype).removeprefix("torch."),
+                    "batch": m,
+                    "path": name,
+                    "rel_err": f"{err:.1e}",
+                    "ok": ok,
                 }
-                if m == 1 and tm.gemv_block_w(weight, 32) is not None:
-                    paths["gemv"] = lambda w, x, b: tm.gemv(w, x[0], b).reshape(1, -1)
-                for name, fn in paths.items():
-                    try:
-                        out = fn(weight, x, bias)
-                    except Exception as exc:  # a kernel that fails to build is a failed check
-                        print(f"  {name} {bits}-bit {dtype} m={m}: {type(exc).__name__}: {exc}")
-                        out = torch.full_like(ref, float("nan"))
-                    err = float((out.double() - ref).norm() / ref.norm())
-                    ok = bool(torch.isfinite(out).all()) and err <= tol
-                    rows.append(
-                        {
-                            "bits": bits,
-                            "group": group,
-                            "shape": f"{n}x{k}",
-                            "dtype": str(dtype).removeprefix("torch."),
-                            "batch": m,
-                            "path": name,
-                            "rel_err": f"{err:.1e}",
-                            "ok": ok,
-                        }
-                    )
+            )
     return rows
 
 
 # ---- timing --------------------------------------------------------------------------------------
-def time_configs(weight, x, kind: str, configs: list) -> list[tuple[float, str]]:
+def config_name(config) -> str:
+    return "dequant+cublas" if config is None else f"{type(config).__name__}{config}"
+
+
+def time_configs(weight, x, configs: list) -> list[tuple[float, str]]:
     results = []
     for config in configs:
-        if kind == "gemv":
-            fn = lambda c=config: tm.gemv(weight, x[0], None, c)  # noqa: E731
-        else:
-            fn = lambda c=config: tm.dot_matmul(weight, x, None, c)  # noqa: E731
-        results.append((bench(fn), f"{kind}:{config}"))
+        fn = lambda c=config: tm._run(weight, x, None, c)  # noqa: E731
+        results.append((bench(fn), config_name(config)))
     return sorted(results)
 
 
 def time_default(weight, x) -> tuple[float, str]:
-    m = x.shape[0]
-    n, k, bits = weight.out_features, weight.in_features, weight.bits
-    if m == 1 and tm.gemv_block_w(weight, 32) is not None:
-        config: object = tm.gemv_config(n, k, bits)
-        name = f"gemv:{config}"
-    elif m <= tm.SMALL_BATCH:
-        name = f"dot:{tm.small_config(n, k, m, bits)}"
-    elif m > tm.LARGE_BATCH and tm.DEQUANT_LARGE:
-        name = "dequant+cublas"
-    else:
-        name = f"dot:{tm.large_config(n, k, m, bits)}"
+    name = config_name(tm.default_config(weight, x.shape[0]))
     return bench(lambda: tm.matmul(weight, x, None)), name
+
+
+def save(rows: list[dict], checks, sweeps, bandwidth: float, device: str, out: Path) -> Path:
+    """Write the JSON result (outlier overhead: same kernel, shape and batch, against 0%)."""
+    base = {(r["shape"], r["batch"]): r["eq_us"] for r in rows if r["outliers"] == "0.0%"}
+    for r in rows:
+        key = (r["shape"], r["batch"])
+        if r["bits"] == 4 and r["outliers"] != "0.0%" and key in base:
+            r["outlier_overhead"] = f"{r['eq_us'] / base[key] - 1:+.1%}"
+    payload = {
+        "copy_bandwidth_GBps": round(bandwidth),
+        "timing": "median GPU time (L2 cleared, GPU kept busy before each call), microseconds",
+        "weights": "random codes/scales/outliers via pack_quantized, per-channel scales, fp16 x",
+        "checks": checks,
+        "rows": rows,
+        "sweep": sweeps,
+    }
+    return write_result("kernels", device, payload, out_dir=out)
 
 
 def main() -> None:
@@ -242,6 +300,7 @@ def main() -> None:
     if bad:
         print_table(bad, list(bad[0]))
 
+    warm_up(device)  # the checks leave the GPU idle for minutes: clocks down
     shapes = SHAPES[:2] if args.quick else SHAPES
     rows: list[dict] = []
     sweeps: list[dict] = []
@@ -257,12 +316,7 @@ def main() -> None:
                     eq_us, name = time_default(weight, x)
                     candidates = [(eq_us, name)]
                     if args.sweep and bits == 4 and fraction == 0.005:
-                        if m == 1:
-                            candidates += time_configs(weight, x, "gemv", GEMV_SWEEP)
-                        if m <= tm.SMALL_BATCH:
-                            candidates += time_configs(weight, x, "dot", SMALL_SWEEP)
-                        elif n * k <= 4096 * 14336:  # the fused large-batch kernel is slow
-                            candidates += time_configs(weight, x, "dot", LARGE_SWEEP)
+                        candidates += time_configs(weight, x, tm.candidates(weight, m))
                         for us, cand in sorted(candidates):
                             sweeps.append(
                                 {
@@ -298,22 +352,9 @@ def main() -> None:
                 del weight
         del dense
         torch.cuda.empty_cache()
+        save(rows, checks, sweeps, bandwidth, device, args.out)  # partial results survive a cut
 
-    # outlier overhead: same kernel, same shape and batch, 0.5% against 0%
-    base = {(r["shape"], r["batch"]): r["eq_us"] for r in rows if r["outliers"] == "0.0%"}
-    for r in rows:
-        if r["bits"] == 4 and r["outliers"] != "0.0%":
-            r["outlier_overhead"] = f"{r['eq_us'] / base[(r['shape'], r['batch'])] - 1:+.1%}"
-
-    payload = {
-        "copy_bandwidth_GBps": round(bandwidth),
-        "timing": "triton.testing.do_bench median (L2 cleared before each call), microseconds",
-        "weights": "random codes/scales/outliers via pack_quantized, per-channel scales, fp16 x",
-        "checks": checks,
-        "rows": rows,
-        "sweep": sweeps,
-    }
-    path = write_result("kernels", device, payload, out_dir=args.out)
+    path = save(rows, checks, sweeps, bandwidth, device, args.out)
     if sweeps:
         print()
         print_table(sweeps, list(sweeps[0]))

@@ -1,6 +1,9 @@
 """The fused matmul kernels against the torch reference (x @ dequantize().T + bias), on fresh random
-inputs: ragged shapes, rows with no outliers and with many, 2/3/4/8 bits, batch 1 and more. On a
-machine without a GPU they run under Triton's interpreter (set up in conftest.py)."""
+inputs: ragged shapes, rows with no outliers and with many, 2/3/4/8 bits, batch 1 and more, the
+outlier table with and without overflow. On a machine without a GPU they run under Triton's
+interpreter (set up in conftest.py)."""
+
+from dataclasses import replace
 
 import pytest
 import torch
@@ -11,9 +14,7 @@ from easyquant.kernels import triton_matmul as tm
 TOL = {torch.float32: 1e-3, torch.float16: 1e-2, torch.bfloat16: 1e-2}
 
 
-def random_weight(
-    n: int, k: int, bits: int, group: int | None, seed: int, device: str, fraction: float = 0.04
-) -> tm.Weight:
+def random_parts(n, k, bits, group, seed, fraction=0.04):
     """Random codes/scales; ~fraction outliers, row 0 with ~40% outliers and row 1 with none."""
     gen = torch.Generator().manual_seed(seed)
     qmin, qmax = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
@@ -24,8 +25,22 @@ def random_weight(
     outliers = torch.rand(n, k, generator=gen) < fraction
     outliers[0] = torch.rand(k, generator=gen) < 0.4
     outliers[1] = False
-    qw = pack_quantized(weight, codes, scales, outliers, bits, group).to(device)
-    return tm.Weight(
+    return pack_quantized(weight, codes, scales, outliers, bits, group)
+
+
+def random_weight(
+    n: int,
+    k: int,
+    bits: int,
+    group: int | None,
+    seed: int,
+    device: str,
+    fraction: float = 0.04,
+    slots: int | None = None,
+) -> tm.Weight:
+    """``slots``: fixed outlier slots per row (None: the default quantile; small: overflow)."""
+    qw = random_parts(n, k, bits, group, seed, fraction).to(device)
+    return tm.Weight.from_csr(
         qw.qweight,
         qw.scales,
         qw.outlier_indptr,
@@ -34,24 +49,32 @@ def random_weight(
         bits,
         tm.kernel_group(group, k),
         k,
+        slots=slots,
     )
+
+
+def dense_reference(weight: tm.Weight) -> torch.Tensor:
+    """The float64 dense weight rebuilt from the outlier table (checked against the CSR below)."""
+    from easyquant.format.bitpack import unpack_codes
+
+    codes = unpack_codes(weight.qweight.cpu(), weight.bits, weight.in_features).double()
+    codes -= 1 << (weight.bits - 1)
+    scales = weight.scales.cpu().double()
+    n = codes.shape[0]
+    dense = (codes.reshape(n, scales.shape[1], -1) * scales[:, :, None]).reshape(n, -1)
+    table = weight.outliers
+    for r in range(n):
+        c = int(table.count[r])
+        dense[r, table.cols[r, :c].cpu().long()] = table.vals[r, :c].cpu().double()
+        a, b = int(table.ov_indptr[r]), int(table.ov_indptr[r + 1])
+        dense[r, table.ov_cols[a:b].cpu().long()] = table.ov_vals[a:b].cpu().double()
+    return dense
 
 
 def reference(weight: tm.Weight, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    from easyquant.format.qweight import dequantize_parts
-
-    dense = dequantize_parts(
-        weight.qweight,
-        weight.scales,
-        weight.indptr,
-        weight.indices,
-        weight.values,
-        weight.bits,
-        weight.in_features,
-        torch.float64,
-    )
-    out = x.double() @ dense.T
-    return out if bias is None else out + bias.double()
+    out = x.double().cpu() @ dense_reference(weight).T
+    out = out if bias is None else out + bias.double().cpu()
+    return out.to(x.device)
 
 
 def assert_close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> None:
@@ -64,6 +87,27 @@ def assert_close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> No
 def fresh_x(m: int, k: int, dtype: torch.dtype, device: str, seed: int) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
     return torch.randn(m, k, generator=gen).to(device=device, dtype=dtype)
+
+
+def test_outlier_table_holds_the_csr_entries():
+    from easyquant.format.qweight import dequantize_parts
+
+    qw = random_parts(30, 64, 4, None, seed=1, fraction=0.1)
+    parts = (qw.qweight, qw.scales, qw.outlier_indptr, qw.outlier_indices, qw.outlier_values)
+    expected = dequantize_parts(*parts, 4, 64, torch.float64)
+    counts = (qw.outlier_indptr[1:] - qw.outlier_indptr[:-1]).long()
+    for slots in (None, 8, 3, 0):
+        weight = tm.Weight.from_csr(*parts, 4, 0, 64, slots=slots)
+        table = weight.outliers
+        want = tm.choose_slots(counts) if slots is None else slots
+        assert table.slots == want and want % (tm.SLOT_ALIGN if slots is None else 1) == 0
+        assert table.overflow == int((counts - want).clamp(min=0).sum())
+        assert torch.equal(table.count.long(), counts.clamp(max=table.slots))
+        torch.testing.assert_close(dense_reference(weight), expected, rtol=0, atol=0)
+    # a quantile below 1 leaves the fullest rows to the overflow
+    assert tm.choose_slots(torch.tensor([1, 2, 3, 40]), 0.5) == tm.SLOT_ALIGN
+    assert tm.choose_slots(torch.tensor([1, 2, 3, 40]), 1.0) == 40
+    assert tm.choose_slots(torch.zeros(5, dtype=torch.long)) == 0
 
 
 # (bits, group, out, in): out ragged against every row block; in not a multiple of the K tile
@@ -80,26 +124,51 @@ CASES = [
 @pytest.mark.parametrize(("bits", "group", "n", "k"), CASES)
 @pytest.mark.parametrize("m", [1, 5])
 def test_dot_kernel_matches_reference(bits, group, n, k, m, device):
-    weight = random_weight(n, k, bits, group, seed=bits * 100 + n, device=device)
-    for dtype in (torch.float32, torch.float16):
-        x = fresh_x(m, k, dtype, device, seed=m + n)
-        bias = fresh_x(1, n, dtype, device, seed=7)[0]
-        out = tm.dot_matmul(weight, x, bias, tm.DotConfig(16, 16, 32, out_chunk=4))
-        assert_close(out, reference(weight, x, bias), dtype)
+    configs = [
+        (None, tm.DotConfig(16, 16, 32)),
+        (2, tm.DotConfig(16, 16, 32, split_k=2, xt=True, slot_chunk=4, out_chunk=4)),
+    ]
+    for slots, config in configs:
+        weight = random_weight(n, k, bits, group, seed=bits * 100 + n, device=device, slots=slots)
+        for dtype in (torch.float32, torch.float16):
+            x = fresh_x(m, k, dtype, device, seed=m + n)
+            bias = fresh_x(1, n, dtype, device, seed=7)[0]
+            out = tm.dot_matmul(weight, x, bias, config)
+            assert_close(out, reference(weight, x, bias), dtype)
+
+
+@pytest.mark.parametrize(("bits", "n", "k"), [(4, 45, 256), (3, 33, 512), (2, 19, 384), (8, 9, 80)])
+def test_word_plane_kernel_matches_reference(bits, n, k, device):
+    per = tm.GEMV_WORD_CODES[bits]
+    for slots, config in ((None, tm.DotConfig(16, 16, 16 * per)),
+                          (1, tm.DotConfig(32, 16, 16 * per, split_k=2, xt=True))):  # fmt: skip
+        weight = random_weight(n, k, bits, None, seed=n, device=device, slots=slots)
+        assert tm.fits(weight, replace(config, planes=True))
+        for dtype, m in ((torch.float32, 3), (torch.float16, 16)):
+            x = fresh_x(m, k, dtype, device, seed=m)
+            out = tm.dot_matmul(weight, x, None, replace(config, planes=True))
+            assert_close(out, reference(weight, x, None), dtype)
 
 
 @pytest.mark.parametrize(("bits", "group", "n", "k"), [c for c in CASES if c[3] % 32 == 0])
 def test_gemv_matches_reference(bits, group, n, k, device):
-    weight = random_weight(n, k, bits, group, seed=bits + n, device=device)
-    assert tm.gemv_block_w(weight, 4) is not None
-    for dtype in (torch.float32, torch.float16):
-        x = fresh_x(1, k, dtype, device, seed=n)
-        out = tm.gemv(weight, x[0], None, tm.GemvConfig(block_n=16, block_w=4))
-        assert_close(out[None], reference(weight, x, None), dtype)
+    configs = [
+        (None, tm.GemvConfig(block_n=16, block_w=4, order=1)),
+        (None, tm.GemvConfig(block_n=8, block_w=2, order=2)),
+        (2, tm.GemvConfig(block_n=16, block_w=4, order=0, split_k=3)),
+    ]
+    for slots, config in configs:
+        weight = random_weight(n, k, bits, group, seed=bits + n, device=device, slots=slots)
+        assert tm.gemv_block_w(weight, 4) is not None
+        for dtype in (torch.float32, torch.float16):
+            x = fresh_x(1, k, dtype, device, seed=n)
+            bias = fresh_x(1, n, dtype, device, seed=3)[0]
+            out = tm.gemv(weight, x[0], bias, config)
+            assert_close(out[None], reference(weight, x, bias), dtype)
 
 
 def test_bfloat16_activations(device):
-    weight = random_weight(40, 64, 4, None, seed=3, device=device)
+    weight = random_weight(40, 64, 4, None, seed=3, device=device, slots=4)
     for m in (1, 3):
         x = fresh_x(m, 64, torch.bfloat16, device, seed=m)
         ref = reference(weight, x, None)
@@ -107,23 +176,35 @@ def test_bfloat16_activations(device):
         assert_close(tm.matmul(weight, x, None), ref, torch.bfloat16)
 
 
-def test_large_batch_paths_split_k_and_dequantize(device):
-    """One-hot outliers (wide batch tiles), split K with atomics, and the dense weight."""
-    weight = random_weight(50, 160, 4, None, seed=11, device=device, fraction=0.1)
+@pytest.mark.parametrize("slots", [None, 3])
+def test_large_batch_paths_and_dequantize(slots, device):
+    """Dense weight (rows padded for cuBLAS), the fused kernel with wide batch tiles, split K."""
+    weight = random_weight(50, 160, 4, None, seed=11, device=device, fraction=0.1, slots=slots)
     x = fresh_x(20, 160, torch.float32, device, seed=12)
-    ref = reference(weight, x, None)
-    onehot = tm.dot_matmul(weight, x, None, tm.DotConfig(16, 64, 32, num_warps=4))
-    split = tm.dot_matmul(weight, x, None, tm.DotConfig(16, 16, 32, split_k=3))
-    assert_close(onehot, ref, torch.float32)
+    bias = fresh_x(1, 50, torch.float32, device, seed=13)[0]
+    ref = reference(weight, x, bias)
+    wide = tm.dot_matmul(weight, x, bias, tm.DotConfig(16, 64, 32, num_warps=4))
+    split = tm.dot_matmul(weight, x, bias, tm.DotConfig(16, 16, 32, split_k=3))
+    assert_close(wide, ref, torch.float32)
     assert_close(split, ref, torch.float32)
-    assert_close(tm.dequant_matmul(weight, x, None), ref, torch.float32)
-    dense = tm.dequantize(weight, torch.float32)
-    torch.testing.assert_close(dense.double(), reference(weight, torch.eye(160), None).T)
+    for pad in (1, 8, 64):
+        assert_close(tm.dequant_matmul(weight, x, bias, pad=pad), ref, torch.float32)
+        assert_close(
+            tm.dequant_matmul(weight, x, None, pad=pad), ref - bias.double(), torch.float32
+        )
+    dense = tm.dequantize(weight, torch.float32, rows=56)
+    assert dense.shape == (56, 160)
+    torch.testing.assert_close(dense[:50].double().cpu(), dense_reference(weight), rtol=0, atol=0)
+    grouped = random_weight(24, 96, 3, 32, seed=4, device=device, slots=2)
+    expected = dense_reference(grouped)
+    for dtype in (torch.float32, torch.float16):
+        got = tm.dequantize(grouped, dtype).double().cpu()
+        torch.testing.assert_close(got, expected.to(dtype).double(), rtol=0, atol=0)
 
 
-def test_rows_with_more_outliers_than_the_main_loop_takes(device):
-    """A single K step with 4 slots per row leaves the dense rows to the trailing loop."""
-    weight = random_weight(18, 64, 4, None, seed=5, device=device, fraction=0.5)
+def test_rows_with_many_more_outliers_than_slots(device):
+    weight = random_weight(18, 64, 4, None, seed=5, device=device, fraction=0.5, slots=1)
+    assert weight.outliers.overflow > 18 * 20
     x = fresh_x(1, 64, torch.float32, device, seed=6)
     ref = reference(weight, x, None)
     assert_close(tm.gemv(weight, x[0], None, tm.GemvConfig(16, 8))[None], ref, torch.float32)
@@ -136,10 +217,10 @@ def test_no_outliers_at_all(device):
     codes = torch.randint(-8, 8, (24, 64), generator=gen)
     scales = torch.rand(24, 1, generator=gen).half() + 0.1
     qw = pack_quantized(torch.zeros(24, 64), codes, scales, codes < -100, 4, None).to(device)
-    weight = tm.Weight(qw.qweight, qw.scales, qw.outlier_indptr, qw.outlier_indices,
-                       qw.outlier_values, 4, 0, 64)  # fmt: skip
-    assert weight.nnz == 0
-    for m in (1, 4):
+    weight = tm.Weight.from_csr(qw.qweight, qw.scales, qw.outlier_indptr, qw.outlier_indices,
+                                qw.outlier_values, 4, 0, 64)  # fmt: skip
+    assert not weight.has_outliers and weight.outliers.slots == 0
+    for m in (1, 4, 20):
         x = fresh_x(m, 64, torch.float32, device, seed=m)
         assert_close(tm.matmul(weight, x, None), reference(weight, x, None), torch.float32)
 
@@ -152,6 +233,26 @@ def test_supports():
     assert not tm.supports(5, None, 64)
 
 
+def test_default_configs_fit_and_run(device):
+    """Whatever ``matmul`` picks fits; the measured table answers only for CUDA devices."""
+    assert tm.measured_config("gemv", 4096, 4096, torch.device("cpu")) is None
+    weight = random_weight(40, 256, 4, None, seed=8, device=device)
+    for m in (1, 2, 16, 17):
+        config = tm.default_config(weight, m)
+        assert config is None or tm.fits(weight, config)
+        x = fresh_x(m, 256, torch.float16, device, seed=m)
+        assert_close(tm.matmul(weight, x, None), reference(weight, x, None), torch.float16)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the autotuner times on a GPU")
+def test_autotuned_choice_matches_reference(device, monkeypatch):
+    monkeypatch.setattr(tm, "AUTOTUNE", True)
+    weight = random_weight(300, 512, 4, None, seed=9, device=device)
+    for m in (1, 16, 40):
+        x = fresh_x(m, 512, torch.float16, device, seed=m)
+        assert_close(tm.matmul(weight, x, None), reference(weight, x, None), torch.float16)
+
+
 def test_quant_linear_on_the_kernels_matches_the_torch_path(device):
     from easyquant import QuantConfig, QuantLinear, quantize_tensor
     from tests.conftest import student_t
@@ -159,6 +260,7 @@ def test_quant_linear_on_the_kernels_matches_the_torch_path(device):
     weight = student_t(40, 96, seed=9)
     layer = QuantLinear(quantize_tensor(weight, QuantConfig(steps=5)), torch.randn(40)).to(device)
     assert layer.fused_supported
+    assert layer.slot_cols.device.type == torch.device(device).type
     for shape in ((1, 96), (2, 3, 96)):
         x = torch.randn(*shape).to(device)
         expected = layer.set_backend("torch")(x)

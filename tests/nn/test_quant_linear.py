@@ -81,3 +81,49 @@ def test_torch_compile_matches_eager():
     x = torch.randn(5, 32)
     compiled = torch.compile(layer)
     torch.testing.assert_close(compiled(x), layer(x), rtol=1e-5, atol=1e-5)
+
+
+def test_outlier_table_is_derived_and_rebuilt_on_load():
+    from easyquant.nn.quant_linear import TABLE_KEYS
+
+    layer = QuantLinear(quantize_tensor(student_t(16, 64, seed=1), QuantConfig(steps=2)))
+    assert not set(TABLE_KEYS) & set(layer.state_dict())
+    nnz = layer.outlier_values.numel()
+    assert nnz and int(layer.slot_count.sum()) + layer.overflow_vals.numel() == nnz
+    state = layer.state_dict()
+    state["outlier_values"] = state["outlier_values"] * 2
+    before = layer.slot_vals.clone()
+    layer.load_state_dict(state)
+    torch.testing.assert_close(layer.slot_vals, 2 * before)
+    other = quantize_tensor(student_t(16, 64, seed=2), QuantConfig(steps=2, outlier_sigma=2.0))
+    assert other.num_outliers != nnz
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        layer.load_state_dict(other.state_dict())
+
+
+def test_fused_siblings_match_the_separate_layers():
+    from easyquant.nn.quant_linear import FusedSlice, concat_layers, fuse_siblings
+
+    def make(rows, seed, bias):
+        w = student_t(rows, 32, seed=seed)
+        return QuantLinear(
+            quantize_tensor(w, QuantConfig(steps=2)), torch.randn(rows) if bias else None
+        )
+
+    parent = nn.Module()
+    parent.q, parent.k, parent.v = make(8, 1, True), make(4, 2, False), make(4, 3, True)
+    x = torch.randn(2, 3, 32)
+    expected = [getattr(parent, n)(x) for n in "qkv"]
+    fused = concat_layers([parent.q, parent.k, parent.v])
+    assert fused.out_features == 16 and fused.bias is not None
+    assert fuse_siblings(parent, ["q", "k", "v"])
+    assert isinstance(parent.k, FusedSlice)
+    for name, want in zip("qkv", expected, strict=True):
+        torch.testing.assert_close(getattr(parent, name)(x), want, rtol=1e-5, atol=1e-5)
+    x.mul_(2)  # an in-place change of the same tensor is not served from the last output
+    torch.testing.assert_close(parent.v(x), 2 * expected[2] - parent.v.group[0].fused.bias[12:]
+                               .float() * 1, rtol=1e-4, atol=1e-4)  # fmt: skip
+    other = nn.Module()
+    other.a = make(4, 4, False)
+    other.b = nn.Linear(32, 4)
+    assert not fuse_siblings(other, ["a", "b"])

@@ -4,10 +4,16 @@ The stored tensors are buffers, so ``.to(device)``, ``state_dict()`` and ``load_
 as for any module; their names (``qweight``, ``scales``, ``outlier_*``, ``meta``) are the checkpoint
 names. The reference forward is ``x @ dequantize(x.dtype).T + bias`` and runs on any device; fused
 kernels are chosen by :meth:`set_backend` ("auto" picks them on CUDA when available).
+
+For the fused kernels each layer also keeps a copy of its outliers in the kernels' layout (fixed
+slots per row plus a CSR overflow: ``easyquant.kernels.triton_matmul.build_outlier_table``), built
+at construction and again after ``load_state_dict``. These buffers are not persistent: the
+checkpoint holds only the CSR form.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import ClassVar
 
 import torch
@@ -17,6 +23,15 @@ from easyquant.config import QuantConfig
 from easyquant.format.qweight import STATE_KEYS, QuantizedWeight, dequantize_parts
 
 LINEAR_BACKENDS = ("auto", "torch", "triton")
+# Non-persistent buffers: the kernels' copy of the outliers (see build_outlier_table).
+TABLE_KEYS = (
+    "slot_cols",
+    "slot_vals",
+    "slot_count",
+    "overflow_indptr",
+    "overflow_cols",
+    "overflow_vals",
+)
 
 
 class QuantLinear(nn.Module):
@@ -48,6 +63,8 @@ class QuantLinear(nn.Module):
         self.backend = "auto"
         # Decided once here, not per call: forward stays free of imports for torch.compile.
         self.fused_supported = kernel_supports(self.bits, self.group_size, self.in_features)
+        self.build_outlier_table()
+        self.register_load_state_dict_post_hook(_rebuild_outlier_table)
 
     @classmethod
     def from_linear(
@@ -62,6 +79,26 @@ class QuantLinear(nn.Module):
     def quantized(self) -> QuantizedWeight:
         """The stored weight as a :class:`QuantizedWeight` (validated)."""
         return QuantizedWeight.from_state_dict({k: getattr(self, k) for k in STATE_KEYS})
+
+    def build_outlier_table(self, slots: int | None = None) -> None:
+        """(Re)build the kernels' copy of the outliers from the CSR buffers (``slots``: fixed
+        slots per row; None picks them from the rows' outlier counts). Layers the fused kernels
+        do not run, and layers still on the meta device, keep none."""
+        if not self.fused_supported or self.outlier_indptr.is_meta:
+            for key in TABLE_KEYS:
+                self._buffers.pop(key, None)
+            return
+        from easyquant.kernels.triton_matmul import build_outlier_table
+
+        table = build_outlier_table(
+            self.outlier_indptr, self.outlier_indices, self.outlier_values, slots
+        )
+        for key, tensor in zip(TABLE_KEYS, table.tensors(), strict=True):
+            self.register_buffer(key, tensor, persistent=False)
+
+    def outlier_table(self) -> tuple[torch.Tensor, ...]:
+        """The kernel-side outlier tensors, in ``TABLE_KEYS`` order."""
+        return tuple(getattr(self, key) for key in TABLE_KEYS)
 
     def set_backend(self, backend: str) -> QuantLinear:
         if backend not in self.backends:
@@ -79,6 +116,7 @@ class QuantLinear(nn.Module):
             self.bits,
             self.in_features,
             dtype or self.weight_dtype,
+            self.group_size,
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -107,6 +145,15 @@ class QuantLinear(nn.Module):
         )
 
 
+def _rebuild_outlier_table(module: nn.Module, incompatible_keys: object) -> None:
+    # A load that failed part-way (torch raises its size-mismatch error after the hooks) can
+    # leave the CSR tensors inconsistent: then there is nothing to rebuild from.
+    if isinstance(module, QuantLinear) and not module.outlier_indptr.is_meta:
+        nnz = module.outlier_values.numel()
+        if int(module.outlier_indptr[-1]) == nnz == module.outlier_indices.numel():
+            module.build_outlier_table()
+
+
 def kernel_supports(bits: int, group_size: int | None, in_features: int) -> bool:
     """Do the fused kernels cover this layout (and is Triton importable)?"""
     try:
@@ -124,3 +171,96 @@ def set_quant_backend(model: nn.Module, backend: str) -> int:
     for layer in layers:
         layer.set_backend(backend)
     return len(layers)
+
+
+# ---- layers that share an input, run as one ------------------------------------------------------
+def concat_layers(layers: Sequence[QuantLinear]) -> QuantLinear:
+    """One :class:`QuantLinear` whose output is the outputs of ``layers`` side by side (rows
+    concatenated: codes, scales, CSR outliers with shifted offsets, biases). The layers must share
+    in_features, bits, group size and tensor dtypes; a missing bias counts as zeros."""
+    first = layers[0]
+    for layer in layers[1:]:
+        same = (layer.in_features, layer.bits, layer.group_size, layer.weight_dtype)
+        if same != (first.in_features, first.bits, first.group_size, first.weight_dtype):
+            raise ValueError("layers to concatenate differ in in_features, bits, group or dtype")
+    indptrs, offset = [first.outlier_indptr[:1]], 0
+    for layer in layers:
+        indptrs.append(layer.outlier_indptr[1:] + offset)
+        offset += layer.outlier_values.numel()
+    qweight = QuantizedWeight(
+        qweight=torch.cat([layer.qweight for layer in layers]),
+        scales=torch.cat([layer.scales for layer in layers]),
+        outlier_indptr=torch.cat(indptrs),
+        outlier_indices=torch.cat([layer.outlier_indices for layer in layers]),
+        outlier_values=torch.cat([layer.outlier_values for layer in layers]),
+        shape=(sum(layer.out_features for layer in layers), first.in_features),
+        bits=first.bits,
+        group_size=first.group_size,
+        dtype=first.weight_dtype,
+    )
+    bias = None
+    if any(layer.bias is not None for layer in layers):
+        bias = torch.cat(
+            [
+                layer.bias.detach()
+                if layer.bias is not None
+                else layer.scales.new_zeros(layer.out_features, dtype=torch.float32)
+                for layer in layers
+            ]
+        )
+    return QuantLinear(qweight, bias).set_backend(first.backend)
+
+
+class _FusedGroup(nn.Module):
+    """The concatenated layer, and the last input it ran on (identity and version)."""
+
+    def __init__(self, layers: Sequence[QuantLinear]) -> None:
+        super().__init__()
+        self.fused = concat_layers(layers)
+        self.sizes = [layer.out_features for layer in layers]
+        self._last: tuple[torch.Tensor, int, tuple[torch.Tensor, ...]] | None = None
+
+    def outputs(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        last = self._last
+        if last is None or last[0] is not x or last[1] != x._version:
+            parts = self.fused(x).split(self.sizes, dim=-1)
+            last = self._last = (x, x._version, parts)
+        return last[2]
+
+
+class FusedSlice(nn.Module):
+    """Stands in for one layer of a fused group: the first of the group called on an input runs
+    the concatenated layer once; the others called on the same (unchanged) tensor take their slice
+    of that output. For eager mode and CUDA graphs."""
+
+    def __init__(self, group: _FusedGroup, index: int) -> None:
+        super().__init__()
+        self.group = [group]  # a list: the group is owned by the parent, not by each slice
+        self.index = index
+        self.in_features = group.fused.in_features
+        self.out_features = group.sizes[index]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.group[0].outputs(x)[self.index]
+
+    def extra_repr(self) -> str:
+        return f"slice {self.index} of {self.group[0].fused.extra_repr()}"
+
+
+def fuse_siblings(parent: nn.Module, names: Sequence[str]) -> bool:
+    """Replace ``parent.<name>`` for each name (QuantLinear layers that the parent calls on the
+    same input, such as q/k/v or gate/up projections) by slices of one concatenated layer.
+    Returns False, changing nothing, where they are not all compatible QuantLinear layers."""
+    layers = [getattr(parent, name, None) for name in names]
+    if not all(isinstance(layer, QuantLinear) for layer in layers):
+        return False
+    try:
+        group = _FusedGroup(layers)  # type: ignore[arg-type]
+    except ValueError:
+        return False
+    # registered once on the parent, so .to() and state_dict see one copy (the state dict of a
+    # fused model is not a checkpoint's: save before fusing)
+    parent.add_module("fused_" + "_".join(names), group)
+    for index, name in enumerate(names):
+        setattr(parent, name, FusedSlice(group, index))
+    return True
