@@ -94,6 +94,24 @@ def search_scales(
     return scale
 
 
+def stored_search_scales(
+    normals: torch.Tensor, config: QuantConfig, backend: str, trace: StepTrace | None = None
+) -> torch.Tensor:
+    """Ranges ``[rows, 1]`` of ``normals`` (outliers zeroed) as stored: the search, rounded to
+    the scale dtype, then the optional least-squares refinement (before the RTN candidate)."""
+    scale = storage_round(search_scales(normals, config, backend, trace), config.scale_dtype)
+    if config.method == "easyquant" and config.refine_steps:
+        scale = least_squares_refine(
+            normals,
+            scale,
+            config.qmin,
+            config.qmax,
+            config.refine_steps,
+            store=lambda s: storage_round(s, config.scale_dtype),
+        )
+    return scale
+
+
 def quantize_tensor(
     weight: torch.Tensor,
     config: QuantConfig | None = None,
@@ -233,16 +251,7 @@ def quantize_rows(
     normals = (w.masked_fill_ if w is not weight else w.masked_fill)(outliers, 0.0)
     del w
     normals = normals.reshape(-1, group)
-    scale = storage_round(search_scales(normals, config, backend, trace), config.scale_dtype)
-    if config.method == "easyquant" and config.refine_steps:
-        scale = least_squares_refine(
-            normals,
-            scale,
-            lo,
-            hi,
-            config.refine_steps,
-            store=lambda s: storage_round(s, config.scale_dtype),
-        )
+    scale = stored_search_scales(normals, config, backend, trace)
     if rtn is not None:
         keep_rtn = reconstruction_loss(normals, rtn, lo, hi) < reconstruction_loss(
             normals, scale, lo, hi

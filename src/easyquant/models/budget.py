@@ -38,14 +38,18 @@ from torch import nn
 
 from easyquant.algorithm.budget import Candidate, TensorChoices, allocate
 from easyquant.algorithm.outliers import outlier_mask
-from easyquant.algorithm.range_init import least_squares_refine
 from easyquant.algorithm.range_search import initial_scales, reconstruction_loss
 from easyquant.config import QuantConfig
 from easyquant.format.bitpack import packed_length
 from easyquant.format.qweight import index_dtype, num_groups
 from easyquant.models.select import Selection
 from easyquant.models.sources import Source, open_source
-from easyquant.quantize import check_weight, resolve_backend, search_scales, storage_round
+from easyquant.quantize import (
+    check_weight,
+    resolve_backend,
+    storage_round,
+    stored_search_scales,
+)
 
 if TYPE_CHECKING:
     from easyquant.models.distributed import World
@@ -216,16 +220,7 @@ def range_losses(
             rtn = storage_round(initial_scales(x, hi), config.scale_dtype)
         normals = x.masked_fill(outliers[i : i + per], 0.0)
         del x
-        scale = storage_round(search_scales(normals, config, backend, None), config.scale_dtype)
-        if config.method == "easyquant" and config.refine_steps:
-            scale = least_squares_refine(
-                normals,
-                scale,
-                lo,
-                hi,
-                config.refine_steps,
-                store=lambda s: storage_round(s, config.scale_dtype),
-            )
+        scale = stored_search_scales(normals, config, backend)
         loss = reconstruction_loss(normals, scale, lo, hi)
         if rtn is not None:
             loss = torch.minimum(loss, reconstruction_loss(normals, rtn, lo, hi))
