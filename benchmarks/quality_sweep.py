@@ -36,7 +36,7 @@ from easyquant.models.select import Selection
 REPO = Path(__file__).resolve().parents[1]
 WIKITEXT = REPO.parent / "shared" / "data" / "wikitext2" / "wiki.test.raw"
 EQ_KEYS = ("norm_alpha", "value_alpha", "mlp_alpha")
-EXTRA_KEYS = (*EQ_KEYS, "only", "mag_power", "min_range")
+EXTRA_KEYS = (*EQ_KEYS, "only", "mag_power", "min_range", "type_sigma")
 MODULE_TYPES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # Table 6 of the paper: zero 1% of each weight's entries, taken from one band of |W - mean|.
 ZERO_BANDS = ((0.99, 1.0), (0.98, 0.99), (0.95, 0.96), (0.90, 0.91), (0.50, 0.51), (0.0, 0.01))
@@ -59,6 +59,7 @@ def base_setting(**changes: Any) -> dict[str, Any]:
         only=None,
         mag_power=0.0,
         min_range=0.0,
+        type_sigma=None,
     )
     setting.update(changes)
     return setting
@@ -145,6 +146,25 @@ def stage_settings(stage: str) -> list[dict[str, Any]]:
                     )
                 rows.append(base_setting(bits=bits, mag_power=p, group_size=64))
         return rows
+    if stage == "by-type":
+        # More outliers where quantizing alone hurts most (the MLP), fewer in q/k: best preset.
+        best = dict(steps=50, lr=3e-3)
+        attn = ("q_proj", "k_proj", "v_proj", "o_proj")
+        return [
+            base_setting(**best),
+            base_setting(
+                **best,
+                type_sigma={
+                    **dict.fromkeys(attn, 3.25),
+                    "gate_proj": 2.75,
+                    "up_proj": 2.75,
+                    "down_proj": 2.75,
+                },
+            ),
+            base_setting(**best, type_sigma={"down_proj": 2.5}),
+            base_setting(**best, type_sigma={"q_proj": 3.5, "k_proj": 3.5}),
+            base_setting(**best, type_sigma={"q_proj": 3.5, "k_proj": 3.5, "down_proj": 2.75}),
+        ]
     raise SystemExit(f"unknown stage {stage!r}")
 
 
@@ -247,6 +267,11 @@ def run_setting(base: torch.nn.Module, setting: dict[str, Any], ppl: Any) -> dic
     for name, linear in decoder_linears(model):
         if setting["only"] and setting["only"] not in name:
             continue
+        module_type = name.rsplit(".", 1)[-1]
+        if setting["type_sigma"] and module_type in setting["type_sigma"]:
+            config = config.replace(outlier_sigma=setting["type_sigma"][module_type])
+        else:
+            config = QuantConfig(**{k: v for k, v in setting.items() if k not in EXTRA_KEYS})
         weight = linear.weight.data
         if setting["mag_power"] or setting["min_range"]:
             qweight = weighted_quantize(weight, config, setting["mag_power"], setting["min_range"])

@@ -186,14 +186,13 @@ def main(argv: list[str] | None = None) -> int:
         "channel, 3σ per tensor, float16 outliers, Adam 500 steps at lr 1e-2 (the paper preset)."
     )
     md.append("")
-    md.append("Runs (files in this folder; the GPU machine has no git: code = commit 92f9fbd + ")
-    md.append(
-        "`benchmarks/quality_sweep.py` and `easyquant/*/equalize.py` as committed with them):"
-    )
+    md.append("Runs (files in this folder; the GPU machine has no git, so its runs say commit")
+    md.append("'unknown': their code was commit 92f9fbd + `benchmarks/quality_sweep.py` and")
+    md.append("`easyquant/*/equalize.py` as first committed in 8761f66):")
     md.append("")
     for h in headers:
         md.append(
-            f"- `{h['file']}`: {h['device']}, {h['date']} (device clock), torch "
+            f"- `{h['file']}`: {h['device']}, commit {h['commit']}, {h['date']}, torch "
             f"{h['versions'].get('torch')}, triton {h['versions'].get('triton')}, transformers "
             f"{h['versions'].get('transformers')}; `python {h['command']}`"
         )
