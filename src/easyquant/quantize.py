@@ -126,6 +126,17 @@ def quantize_tensor(
     """
     config = config or QuantConfig()
     check_weight(weight, config)
+    return quantize_checked(weight, config, backend, trace)
+
+
+def quantize_checked(
+    weight: torch.Tensor,
+    config: QuantConfig,
+    backend: Backend = "auto",
+    trace: StepTrace | None = None,
+) -> QuantizedWeight:
+    """:func:`quantize_tensor` for a weight that already passed :func:`check_weight` (the
+    check reads the whole weight once; callers that check with their own name skip a second)."""
     backend = resolve_backend(backend, weight.device)
     if config.group_size is not None and weight.shape[1] % config.group_size:
         return quantize_ragged(weight, config, backend, trace)

@@ -24,7 +24,7 @@ from easyquant.algorithm.range_search import initial_scales, quantize_codes
 from easyquant.config import QuantConfig
 from easyquant.format.qweight import QuantizedWeight, dequantize_parts
 from easyquant.nn.quant_linear import QuantLinear
-from easyquant.quantize import check_weight, quantize_tensor, storage_round
+from easyquant.quantize import check_weight, quantize_checked, storage_round
 
 # A decoder-block module name: "model.layers.3.mlp.down_proj", "transformer.h.3.attn.c_proj", ...
 DECODER_BLOCK = re.compile(r"(^|\.)(layers|h|blocks|block|decoder\.layers)\.\d+\.")
@@ -180,7 +180,7 @@ def quantize_with_report(
     """Quantize one weight (refusing it with a message naming ``name``) and say how it went."""
     check_weight(weight, config, name=name)
     start = time.perf_counter()
-    qweight = quantize_tensor(weight, config, backend=backend)  # type: ignore[arg-type]
+    qweight = quantize_checked(weight, config, backend=backend)  # type: ignore[arg-type]
     seconds = time.perf_counter() - start
     error, rtn = report_errors(weight, qweight, config)
     report = TensorReport(
