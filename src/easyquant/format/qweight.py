@@ -133,9 +133,12 @@ class QuantizedWeight:
 
     # ---- storage -------------------------------------------------------------------------------
     def meta(self) -> torch.Tensor:
+        """Format version, bits, group size (0: per channel), shape and dtype code, as int64 on
+        the payload's device (so a module built from it holds every buffer on one device)."""
         return torch.tensor(
             [FORMAT_VERSION, self.bits, self.group_size or 0, *self.shape, DTYPE_CODES[self.dtype]],
             dtype=torch.int64,
+            device=self.device,
         )
 
     def state_dict(self) -> dict[str, torch.Tensor]:
