@@ -13,7 +13,7 @@ import torch
 
 from easyquant.algorithm import range_search
 from easyquant.algorithm.chunking import row_slices, rows_per_chunk, weight_row_slices
-from easyquant.algorithm.outliers import outlier_mask
+from easyquant.algorithm.outliers import outlier_mask, zeroed_float
 from easyquant.algorithm.range_init import grid_init_scales, least_squares_refine
 from easyquant.algorithm.range_search import (
     StepTrace,
@@ -256,12 +256,8 @@ def quantize_rows(
         # The max-abs range of the whole row (outliers included, i.e. plain RTN's) is a candidate
         # too: a searched range is then never worse than RTN on the values it quantizes. (The
         # max-abs is exact in any dtype, so it is taken before the float32 copy.)
-        rtn = storage_round(max_abs_scales(weight.reshape(-1, group), hi), config.scale_dtype)
-    w = weight.float()
-    # In place where .float() made a copy (a float32 weight is not copied, nor changed).
-    normals = (w.masked_fill_ if w is not weight else w.masked_fill)(outliers, 0.0)
-    del w
-    normals = normals.reshape(-1, group)
+        rtn = storage_round(initial_scales(weight.reshape(-1, group), hi), config.scale_dtype)
+    normals = zeroed_float(weight, outliers).reshape(-1, group)
     scale = stored_search_scales(normals, config, backend, trace)
     if rtn is not None:
         keep_rtn = reconstruction_loss(normals, rtn, lo, hi) < reconstruction_loss(
@@ -276,9 +272,3 @@ def quantize_rows(
     del codes
     scales = scale.reshape(num_rows, in_f // group).to(getattr(torch, config.scale_dtype))
     return scales, pack_codes(unsigned, config.bits)
-
-
-def max_abs_scales(rows: torch.Tensor, qmax: int) -> torch.Tensor:
-    """:func:`initial_scales` of ``rows`` in any float dtype, as of their float32 copy (the
-    max-abs is one of the values, so it is exact), without the copy."""
-    return rows.abs().amax(dim=1, keepdim=True).float() / qmax

@@ -172,7 +172,8 @@ def allocate(tensors: Sequence[TensorChoices], target_bpw: float) -> Allocation:
 
     def dual(lam: float) -> float:
         """The Lagrangian dual value: a lower bound on any feasible total error."""
-        return error_of(solve(lam)) + lam * (bits_of(solve(lam)) - budget)
+        choices = solve(lam)
+        return error_of(choices) + lam * (bits_of(choices) - budget)
 
     lam = 0.0
     choices = solve(0.0)

@@ -62,11 +62,6 @@ def scaled_row_norms(weight: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
     return (weight.float() * gamma.float()).norm(dim=1)
 
 
-def value_input_size(w_v: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
-    """Estimated rms of each value row's output (and so of ``o_proj``'s matching input columns)."""
-    return scaled_row_norms(w_v, gamma)
-
-
 def mlp_input_size(w_gate: torch.Tensor, w_up: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
     """Estimated rms of ``silu(gate_j) * up_j``, the input of ``down_proj``, per ``j``."""
     return silu_rms(scaled_row_norms(w_gate, gamma)) * scaled_row_norms(w_up, gamma)

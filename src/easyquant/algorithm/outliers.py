@@ -11,8 +11,7 @@ from __future__ import annotations
 import torch
 
 from easyquant.algorithm.chunking import weight_row_slices
-
-SCOPES = ("tensor", "channel", "group")
+from easyquant.config import OUTLIER_SCOPES
 
 
 def outlier_mask(
@@ -27,7 +26,7 @@ def outlier_mask(
     """
     if sigma is None:
         return torch.zeros_like(weight, dtype=torch.bool)
-    if scope not in SCOPES:
+    if scope not in OUTLIER_SCOPES:
         raise ValueError(f"outlier_scope must be 'tensor', 'channel' or 'group', got {scope!r}")
     out_f, in_f = weight.shape
     group = (group_size or in_f) if scope == "group" else in_f
@@ -67,3 +66,10 @@ def ragged_group_mask(weight: torch.Tensor, sigma: float, group: int) -> torch.T
     # NaN compares False: the padding is never an outlier.
     mask = ((x - mean).abs_() >= sigma * std) & (std > 0)
     return mask.reshape(out_f, -1)[:, :in_f].contiguous()
+
+
+def zeroed_float(weight: torch.Tensor, outliers: torch.Tensor) -> torch.Tensor:
+    """A float32 copy of ``weight`` with its outliers zeroed: the values the ranges are searched
+    on. Zeroed in place where ``.float()`` made a copy; a float32 weight is not changed."""
+    w = weight.float()
+    return (w.masked_fill_ if w is not weight else w.masked_fill)(outliers, 0.0)

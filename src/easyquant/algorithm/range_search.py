@@ -42,8 +42,11 @@ def reconstruction_loss(x: torch.Tensor, scale: torch.Tensor, qmin: int, qmax: i
 
 
 def initial_scales(x: torch.Tensor, qmax: int) -> torch.Tensor:
-    """Max-abs (RTN) scales, ``[rows, 1]``: the largest magnitude maps to ``qmax``."""
-    return x.abs().amax(dim=1, keepdim=True) / qmax
+    """Max-abs (RTN) scales, ``[rows, 1]``: the largest magnitude maps to ``qmax``. In float32
+    (float64 for float64 ``x``); for a 16-bit ``x`` the max-abs is one of its values, so taking it
+    before the conversion is exact and needs no float32 copy of ``x``."""
+    amax = x.abs().amax(dim=1, keepdim=True)
+    return amax.to(torch.promote_types(x.dtype, torch.float32)) / qmax
 
 
 def adam_range_search(

@@ -17,7 +17,6 @@ from dataclasses import dataclass
 
 import torch
 
-from easyquant.algorithm.chunking import weight_row_slices
 from easyquant.format.bitpack import pack_codes, packed_length, unpack_codes
 
 FORMAT_VERSION = 1
@@ -307,12 +306,9 @@ def outlier_csr(
     by row (columns sorted), values in ``outlier_dtype`` (default: the weight's own)."""
     out_f, in_f = weight.shape
     rows, cols = outliers.nonzero(as_tuple=True)  # row-major: sorted by row, then column
-    # Counted a chunk of rows at a time: a sum to int32 first converts its input to int32.
-    counts = torch.empty(out_f, dtype=torch.int32, device=weight.device)
-    for chunk in weight_row_slices(outliers):
-        counts[chunk] = outliers[chunk].sum(dim=1, dtype=torch.int32)
+    # Counted from the row indices (a sum over the mask would convert all of it to int32 first).
     indptr = torch.zeros(out_f + 1, dtype=torch.int32, device=weight.device)
-    indptr[1:] = torch.cumsum(counts, dim=0, dtype=torch.int32)
+    indptr[1:] = torch.cumsum(torch.bincount(rows, minlength=out_f), dim=0, dtype=torch.int32)
     values = weight[rows, cols].to(outlier_dtype or weight.dtype).contiguous()
     del rows
     return indptr, cols.to(index_dtype(in_f)), values

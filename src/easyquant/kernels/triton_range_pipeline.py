@@ -20,7 +20,7 @@ import triton.language as tl
 
 from easyquant.algorithm import chunking
 from easyquant.algorithm.chunking import row_slices
-from easyquant.algorithm.outliers import outlier_mask
+from easyquant.algorithm.outliers import outlier_mask, zeroed_float
 from easyquant.algorithm.range_init import grid_init_scales, least_squares_refine
 from easyquant.algorithm.range_search import initial_scales
 from easyquant.config import INIT_GRID_LOW, QuantConfig
@@ -228,11 +228,7 @@ def quantize_tensor_triton(
     scales = torch.empty(out_f, groups, dtype=scale_dtype, device=weight.device)
     for rows in row_slices(out_f, chunk):
         w = weight[rows]
-        normals = w.float()
-        # In place where .float() made a copy (a float32 weight is not copied, nor changed).
-        normals = (normals.masked_fill_ if normals is not w else normals.masked_fill)(
-            outliers[rows], 0.0
-        ).reshape(-1, group)
+        normals = zeroed_float(w, outliers[rows]).reshape(-1, group)
         if config.method == "easyquant":
             init = None
             if config.init_grid:

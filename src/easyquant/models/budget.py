@@ -164,6 +164,8 @@ def evaluate_candidates(
     previous: dict[int | None, torch.Tensor] = {}  # mask key -> the previous sigma's mask
     losses: dict[int | None, torch.Tensor] = {}  # group -> loss per range (float64)
     found: dict[tuple[float | None, int | None], Candidate] = {}
+    # The weight as ranges depends on the group only (a copy where the group is ragged).
+    ranges_of = {group: padded_ranges(weight, group or in_f) for group in group_list}
     for sigma in sigma_order(sigmas):
         masks: dict[int | None, tuple[torch.Tensor, int, float]] = {}
         for group in group_list:
@@ -175,14 +177,13 @@ def evaluate_candidates(
                 masks[key] = (mask, int(mask.sum()), outlier_error(weight, mask, final))
             mask, outliers, stored_error = masks[key]
             length = group or in_f
-            ranges, flags = padded_ranges(weight, length), padded_ranges(mask, length)
+            ranges, flags = ranges_of[group], padded_ranges(mask, length)
             if group not in losses:
                 losses[group] = range_losses(ranges, flags, search, backend, chunk)
             else:
                 changed = padded_ranges(mask != previous[key], length).any(dim=1)
                 changed = changed.nonzero().squeeze(1)
                 if changed.numel():
-                    losses[group] = losses[group].clone()
                     losses[group][changed] = range_losses(
                         ranges[changed], flags[changed], search, backend, chunk
                     )

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from easyquant.algorithm.equalize import mlp_input_size, normalized_power, value_input_size
+from easyquant.algorithm.equalize import mlp_input_size, normalized_power, scaled_row_norms
 
 
 @dataclass(frozen=True)
@@ -95,7 +95,7 @@ def equalize_model(model: nn.Module, config: EqualizeConfig) -> dict[str, int]:
             head_dim = getattr(attn, "head_dim", None) or model_config.head_dim
             num_heads = attn.o_proj.in_features // head_dim
             num_kv = attn.v_proj.out_features // head_dim
-            a = normalized_power(value_input_size(attn.v_proj.weight, gamma1), config.value_alpha)
+            a = normalized_power(scaled_row_norms(attn.v_proj.weight, gamma1), config.value_alpha)
             divide_rows(attn.v_proj, a)
             index = value_to_output_index(num_heads, num_kv, head_dim).to(a.device)
             scale_columns(attn.o_proj, a[index])

@@ -22,7 +22,7 @@ from torch import nn
 from easyquant.algorithm.chunking import weight_row_slices
 from easyquant.algorithm.range_search import initial_scales, quantize_codes
 from easyquant.config import QuantConfig
-from easyquant.format.qweight import QuantizedWeight, dequantize_parts
+from easyquant.format.qweight import QuantizedWeight
 from easyquant.nn.quant_linear import QuantLinear
 from easyquant.quantize import check_weight, quantize_checked, storage_round
 
@@ -113,12 +113,6 @@ def relative_error(approx: torch.Tensor, exact: torch.Tensor) -> float:
     return float((approx.float() - exact).pow(2).sum()) / denom
 
 
-def rtn_error(weight: torch.Tensor, config: QuantConfig) -> float:
-    """Relative squared error of plain RTN (max-abs ranges, no outliers) at ``config``'s bits,
-    groups and scale dtype; see :func:`report_errors`."""
-    return report_errors(weight, None, config)[1]
-
-
 def report_errors(
     weight: torch.Tensor, qweight: QuantizedWeight | None, config: QuantConfig
 ) -> tuple[float, float]:
@@ -134,24 +128,11 @@ def report_errors(
     group = config.group_size or in_f
     zero = torch.zeros((), dtype=torch.float64, device=weight.device)
     norm, error, rtn = zero, zero, zero
-    # Outlier offsets on the host, read once (QuantizedWeight.dequantize_rows reads them anew).
-    indptr = qweight.outlier_indptr.tolist() if qweight is not None else []
     for rows in weight_row_slices(weight):
         x = weight[rows].float()
         norm = norm + x.pow(2).sum(dtype=torch.float64)
         if qweight is not None:
-            begin, end = indptr[rows.start], indptr[rows.stop]
-            approx = dequantize_parts(
-                qweight.qweight[rows],
-                qweight.scales[rows],
-                qweight.outlier_indptr[rows.start : rows.stop + 1],
-                qweight.outlier_indices[begin:end],
-                qweight.outlier_values[begin:end],
-                qweight.bits,
-                in_f,
-                torch.float32,
-                qweight.group_size,
-            ).to(x.device)
+            approx = qweight.dequantize_rows(rows, torch.float32).to(x.device)
             error = error + approx.sub_(x).pow_(2).sum(dtype=torch.float64)
             del approx
         # Zero padding to whole groups (a shorter last group): zeros change no max-abs, no error.
