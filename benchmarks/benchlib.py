@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -32,7 +33,8 @@ def git_commit() -> str:
         ).stdout.strip()
         return out.stdout.strip() + ("-dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+        # The GPU machines have no git: the caller names the commit it sent there.
+        return os.environ.get("EASYQUANT_COMMIT", "unknown")
 
 
 def device_name(device: str) -> str:
