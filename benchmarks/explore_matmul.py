@@ -59,7 +59,8 @@ def gemv_candidates() -> list[tm.GemvConfig]:
         (8, 512, 4, 1),
         (4, 256, 1, 2),
     ]
-    return [G(bn, bw, w, s) for bn, bw, w, s in specs]
+    # each also with the two-operation code decode (GemvConfig.decode=1)
+    return [G(bn, bw, w, s, decode=d) for d in (0, 1) for bn, bw, w, s in specs]
 
 
 def small_candidates() -> list[tm.DotConfig]:
@@ -149,6 +150,13 @@ def main() -> None:
         action="store_true",
         help=f"record the fastest configs for this device in {tm.CONFIG_TABLE.name}",
     )
+    parser.add_argument(
+        "--kinds",
+        nargs="+",
+        choices=("gemv", "dot", "dequant"),
+        default=["gemv", "dot", "dequant"],
+        help="time only these kernels (batch 1, 16, 1024); the table keeps the others' entries",
+    )
     args = parser.parse_args()
     from bench_kernels import copy_bandwidth, random_parts, random_weight, warm_up
 
@@ -176,12 +184,17 @@ def main() -> None:
         return [(n, k, t.slots, t.overflow > 0, m, kind, c) for c in configs]
 
     jobs = []
+    kinds = set(args.kinds)
     for n, k in shapes:
         for tag in ("default", "none"):
-            jobs += jobs_for(n, k, tag, 1, "gemv", gemv_candidates())
-            jobs += jobs_for(n, k, tag, 16, "dot", small_candidates())
-        jobs += jobs_for(n, k, "max", 1, "gemv", gemv_candidates()[:1])
-        jobs += jobs_for(n, k, "default", 1024, "dequant", DEQUANT)
+            if "gemv" in kinds:
+                jobs += jobs_for(n, k, tag, 1, "gemv", gemv_candidates())
+            if "dot" in kinds:
+                jobs += jobs_for(n, k, tag, 16, "dot", small_candidates())
+        if "gemv" in kinds:
+            jobs += jobs_for(n, k, "max", 1, "gemv", gemv_candidates()[:1])
+        if "dequant" in kinds:
+            jobs += jobs_for(n, k, "default", 1024, "dequant", DEQUANT)
     precompile(jobs, args.workers)
 
     rows: list[dict] = []
@@ -202,7 +215,7 @@ def main() -> None:
 
     for n, k in shapes:
         warm_up(device, 0.5)
-        time_shape(n, k, weights, record, device)
+        time_shape(n, k, weights, record, device, kinds)
         torch.cuda.empty_cache()
 
     args.out.mkdir(parents=True, exist_ok=True)
@@ -223,6 +236,11 @@ def write_table(rows: list[dict]) -> None:
     except (OSError, ValueError):
         table = {}
     mine: dict = {"gemv": {}, "small": {}}
+    measured = {
+        "gemv" if r["batch"] == 1 else "small" for r in rows if r["kind"] in ("gemv", "dot")
+    }
+    for kind in set(mine) - measured:  # not timed this run: keep the recorded entries
+        mine[kind] = table.get(name, {}).get(kind, {})
     best: dict = {}
     for r in rows:
         if r["outliers"] == "default" and r["kind"] in ("gemv", "dot"):
@@ -266,12 +284,29 @@ def best_rows(rows: list[dict]) -> dict:
     return out
 
 
-def time_shape(n: int, k: int, weights: dict, record, device: str) -> None:
+def time_shape(n: int, k: int, weights: dict, record, device: str, kinds: set[str]) -> None:
     from triton.testing import do_bench
 
     dense = torch.randn(n, k, device=device, dtype=torch.float16) * 0.02
     xs = {m: torch.randn(m, k, device=device, dtype=torch.float16) for m in (1, 16, 1024)}
     fp16 = {m: bench(lambda x=x: x @ dense.T) for m, x in xs.items()}
+    if "gemv" in kinds:
+        time_gemv(n, k, weights, record, xs, fp16, do_bench)
+    if "dot" in kinds:
+        for tag, config in [(t, c) for c in small_candidates() for t in ("default", "none")]:
+            w = weights[(n, k, tag)]
+            us = bench(lambda c=config, w=w: tm.dot_matmul(w, xs[16], None, c))
+            record(n, k, 16, tag, "dot", config, us, fp16[16])
+    if "dequant" in kinds:
+        base = weights[(n, k, "default")]
+        for config in DEQUANT:
+            us = bench(lambda c=config: tm.dequantize(base, torch.float16, None, *c))
+            record(n, k, 0, "default", "dequant-only", config, us, float("nan"))
+        us = bench(lambda: tm.dequant_matmul(base, xs[1024], None))
+        record(n, k, 1024, "default", "dequant+cublas", None, us, fp16[1024])
+
+
+def time_gemv(n: int, k: int, weights: dict, record, xs, fp16, do_bench) -> None:
     for tag_config in [(t, c) for c in gemv_candidates() for t in ("default", "none")]:
         tag, config = tag_config
         w = weights[(n, k, tag)]
@@ -284,17 +319,6 @@ def time_shape(n: int, k: int, weights: dict, record, device: str) -> None:
     w = weights[(n, k, "default")]
     us = do_bench(lambda: tm.gemv(w, xs[1][0], None, first), return_mode="median") * 1e3
     record(n, k, 1, "default", "gemv-timed-by-do_bench", first, us, fp16[1])
-    for tag_config in [(t, c) for c in small_candidates() for t in ("default", "none")]:
-        tag, config = tag_config
-        w = weights[(n, k, tag)]
-        us = bench(lambda c=config, w=w: tm.dot_matmul(w, xs[16], None, c))
-        record(n, k, 16, tag, "dot", config, us, fp16[16])
-    base = weights[(n, k, "default")]
-    for config in DEQUANT:
-        us = bench(lambda c=config: tm.dequantize(base, torch.float16, None, *c))
-        record(n, k, 0, "default", "dequant-only", config, us, float("nan"))
-    us = bench(lambda: tm.dequant_matmul(base, xs[1024], None))
-    record(n, k, 1024, "default", "dequant+cublas", None, us, fp16[1024])
 
 
 if __name__ == "__main__":

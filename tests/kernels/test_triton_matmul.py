@@ -150,12 +150,18 @@ def test_word_plane_kernel_matches_reference(bits, n, k, device):
             assert_close(out, reference(weight, x, None), dtype)
 
 
-@pytest.mark.parametrize(("bits", "group", "n", "k"), [c for c in CASES if c[3] % 32 == 0])
+GEMV_CASES = [c for c in CASES if c[3] % 32 == 0]
+GEMV_CASES += [(4, None, 45, 256), (3, None, 33, 96), (2, None, 19, 128), (8, None, 9, 96)]
+
+
+@pytest.mark.parametrize(("bits", "group", "n", "k"), GEMV_CASES)
 def test_gemv_matches_reference(bits, group, n, k, device):
     configs = [
         (None, tm.GemvConfig(block_n=16, block_w=4, order=1)),
         (None, tm.GemvConfig(block_n=8, block_w=2, order=2)),
         (2, tm.GemvConfig(block_n=16, block_w=4, order=0, split_k=3)),
+        (None, tm.GemvConfig(block_n=16, block_w=4, decode=1)),
+        (2, tm.GemvConfig(block_n=8, block_w=2, order=2, decode=1, split_k=2)),
     ]
     for slots, config in configs:
         weight = random_weight(n, k, bits, group, seed=bits + n, device=device, slots=slots)
