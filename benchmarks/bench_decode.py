@@ -105,7 +105,12 @@ def sync(device: str) -> None:
 
 @torch.no_grad()
 def decode_speed(
-    model: nn.Module, prompt: torch.Tensor, new_tokens: int, use_graph: bool, device: str
+    model: nn.Module,
+    prompt: torch.Tensor,
+    new_tokens: int,
+    use_graph: bool,
+    device: str,
+    profile: bool = False,
 ) -> dict:
     from transformers import StaticCache
 
@@ -179,6 +184,7 @@ def decode_speed(
             print(f"CUDA graph capture failed ({type(exc).__name__}: {exc}); timing eagerly")
     seconds = run(new_tokens, replay)
     picked = tokens(check, replay)
+    kernels = kernel_times(step, device) if profile else None
     return {
         "mode": mode,
         "new_tokens": new_tokens,
@@ -188,7 +194,34 @@ def decode_speed(
         "first_tokens": picked[:8],
         "same_tokens_as_eager": picked == eager_tokens,
         "eager_ms_per_token": round(1e3 * eager_seconds / check, 3),
+        **({"kernels_us_per_token": kernels} if kernels else {}),
     }
+
+
+def kernel_times(step, device: str, steps: int = 8, top: int = 12) -> dict[str, float]:
+    """GPU microseconds per token of each kernel (by name; the rest summed as "other"), from
+    torch.profiler over eager steps: the same kernels a CUDA graph replays, without launch gaps."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.startswith("cuda")
+    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            step()
+        sync(device)
+    totals: dict[str, float] = {}
+    for event in prof.events():
+        if cuda and event.device_type == torch.autograd.DeviceType.CUDA:
+            us = event.device_time
+        elif not cuda and event.device_type == torch.autograd.DeviceType.CPU:
+            us = event.self_cpu_time_total  # CPU smoke test: host ops instead of kernels
+        else:
+            continue
+        totals[event.name[:60]] = totals.get(event.name[:60], 0.0) + us / steps
+    ranked = sorted(totals.items(), key=lambda kv: -kv[1])
+    out = {name: round(us, 1) for name, us in ranked[:top]}
+    out["other"] = round(sum(us for _, us in ranked[top:]), 1)
+    out["total"] = round(sum(totals.values()), 1)
+    return out
 
 
 @torch.no_grad()
@@ -216,6 +249,9 @@ def main() -> None:
     parser.add_argument("--bits", type=int, default=4)
     parser.add_argument("--outliers", type=float, default=0.005)
     parser.add_argument("--no-graph", action="store_true")
+    parser.add_argument(
+        "--profile", action="store_true", help="also GPU time per kernel per token (profiler)"
+    )
     parser.add_argument("--no-fuse", action="store_true", help="skip the fused q/k/v, gate/up run")
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT") or RESULTS))
     args = parser.parse_args()
@@ -226,7 +262,7 @@ def main() -> None:
     model = build_model(config, device)
     prompt = torch.randint(0, config.vocab_size, (1, args.prompt), device=device)
     rows = []
-    fp16 = decode_speed(model, prompt, args.new_tokens, use_graph, device)
+    fp16 = decode_speed(model, prompt, args.new_tokens, use_graph, device, args.profile)
     fp16_prefill = prefill_ms(model, args.prefill, config.vocab_size, device) if args.prefill else 0
     rows.append({"model": "fp16", **fp16, "prefill_ms": round(fp16_prefill, 2)})
     print_table(rows[-1:], list(rows[-1]))
@@ -239,7 +275,7 @@ def main() -> None:
     sync(device)
     quantize_s = time.perf_counter() - start
     torch.cuda.empty_cache() if device.startswith("cuda") else None
-    quant = decode_speed(model, prompt, args.new_tokens, use_graph, device)
+    quant = decode_speed(model, prompt, args.new_tokens, use_graph, device, args.profile)
     q_prefill = prefill_ms(model, args.prefill, config.vocab_size, device) if args.prefill else 0
     rows.append({"model": f"easyquant-{args.bits}bit", **quant, "prefill_ms": round(q_prefill, 2)})
     speedup = quant["tokens_per_s"] / fp16["tokens_per_s"]
@@ -247,7 +283,7 @@ def main() -> None:
     if not args.no_fuse:
         groups = fuse_projections(model)
         torch.cuda.empty_cache() if device.startswith("cuda") else None
-        fused = decode_speed(model, prompt, args.new_tokens, use_graph, device)
+        fused = decode_speed(model, prompt, args.new_tokens, use_graph, device, args.profile)
         f_prefill = (
             prefill_ms(model, args.prefill, config.vocab_size, device) if args.prefill else 0
         )
@@ -278,6 +314,10 @@ def main() -> None:
         "decode_speedup_fused": round(fused_speedup, 3) if fused_speedup else None,
         "max_memory_GiB": memory,
     }
+    for row in rows if args.profile else ():
+        print(f"\n{row['model']}: GPU time per token by kernel (us)")
+        for name, us in row["kernels_us_per_token"].items():
+            print(f"  {us:9.1f}  {name}")
     path = write_result("decode", device, payload, out_dir=args.out)
     print(f"wrote {path}")
 

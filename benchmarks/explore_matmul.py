@@ -59,8 +59,7 @@ def gemv_candidates() -> list[tm.GemvConfig]:
         (8, 512, 4, 1),
         (4, 256, 1, 2),
     ]
-    # each also with the two-operation code decode (GemvConfig.decode=1)
-    return [G(bn, bw, w, s, decode=d) for d in (0, 1) for bn, bw, w, s in specs]
+    return [G(bn, bw, w, s) for bn, bw, w, s in specs]
 
 
 def small_candidates() -> list[tm.DotConfig]:

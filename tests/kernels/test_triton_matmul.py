@@ -160,8 +160,7 @@ def test_gemv_matches_reference(bits, group, n, k, device):
         (None, tm.GemvConfig(block_n=16, block_w=4, order=1)),
         (None, tm.GemvConfig(block_n=8, block_w=2, order=2)),
         (2, tm.GemvConfig(block_n=16, block_w=4, order=0, split_k=3)),
-        (None, tm.GemvConfig(block_n=16, block_w=4, decode=1)),
-        (2, tm.GemvConfig(block_n=8, block_w=2, order=2, decode=1, split_k=2)),
+        (2, tm.GemvConfig(block_n=8, block_w=2, order=2, split_k=2)),
     ]
     for slots, config in configs:
         weight = random_weight(n, k, bits, group, seed=bits + n, device=device, slots=slots)

@@ -146,35 +146,10 @@ def _plane_code(w0, w1, w2, k: tl.constexpr, BITS: tl.constexpr):
 
 
 @triton.jit
-def _shift_to(w, src: tl.constexpr, dst: tl.constexpr):
-    """``w`` shifted so that bit ``src`` lands on bit ``dst`` (either direction)."""
-    if dst >= src:
-        return w << (dst - src)
-    else:
-        return w >> (src - dst)
-
-
-@triton.jit
-def _gemv_plane(w0, w1, w2, k: tl.constexpr, BITS: tl.constexpr, DECODE: tl.constexpr):
-    """Code ``k`` as the fp32 value ``1 + u / 2^BITS`` (``u`` OR-ed into the mantissa of 1.0).
-
-    DECODE 0: extract ``u`` (shift, and), then place it (shift, or): four integer operations.
-    DECODE 1: shift the word so that code ``k`` lands in the mantissa's top bits, then one
-    and-or (a single LOP3): two operations. The bits shifted in from the neighbours (or the
-    sign, for an arithmetic right shift) fall outside the mask. 3-bit codes that straddle two
-    words take the DECODE 0 path."""
-    top: tl.constexpr = 23 - BITS  # where u's lowest bit goes
-    field: tl.constexpr = ((1 << BITS) - 1) << top
-    bit: tl.constexpr = BITS * k
-    if DECODE == 1 and (BITS != 3 or bit + 3 <= 32):
-        v = _shift_to(w0, bit, top)
-    elif DECODE == 1 and BITS == 3 and bit >= 32 and bit + 3 <= 64:
-        v = _shift_to(w1, bit - 32, top)
-    elif DECODE == 1 and BITS == 3 and bit >= 64:
-        v = _shift_to(w2, bit - 64, top)
-    else:
-        v = _plane_code(w0, w1, w2, k, BITS) << top
-    return ((v & field) | 0x3F800000).to(tl.float32, bitcast=True)
+def _gemv_plane(w0, w1, w2, k: tl.constexpr, BITS: tl.constexpr):
+    """Code ``k`` as the fp32 value ``1 + u / 2^BITS`` (``u`` OR-ed into the mantissa of 1.0)."""
+    u = _plane_code(w0, w1, w2, k, BITS)
+    return ((u << (23 - BITS)) | 0x3F800000).to(tl.float32, bitcast=True)
 
 
 # ---- outliers from the kernel-side table ---------------------------------------------------------
@@ -283,7 +258,6 @@ def _gemv_kernel(
     SLOTS_P2: tl.constexpr,
     HAS_OVERFLOW: tl.constexpr,
     ORDER: tl.constexpr,  # slots: 0 loaded after the codes, 1 loaded first, 2 also summed first
-    DECODE: tl.constexpr,  # see _gemv_plane
     BLOCK_N: tl.constexpr,
     BLOCK_W: tl.constexpr,  # words (3 bits: word triples) per row per step
     SPLIT_K: tl.constexpr,
@@ -337,7 +311,7 @@ def _gemv_kernel(
         for k in tl.static_range(PER):
             col = k0 + PER * tl.arange(0, BLOCK_W) + k
             xk = tl.load(x_ptr + col, mask=col < K, other=0.0).to(tl.float32)
-            f = _gemv_plane(w0, w1, w2, k, BITS, DECODE)
+            f = _gemv_plane(w0, w1, w2, k, BITS)
             if GROUP > 0:
                 acc += (f * s_mul[:, None] + s_add[:, None]) * xk[None, :]
             else:
@@ -789,7 +763,6 @@ class GemvConfig:
     num_stages: int = 2
     split_k: int = 1  # > 1: K split over programs, fp32 atomics into a zeroed output
     order: int = 1  # outlier slots: 0 loaded after the codes, 1 loaded first, 2 summed first
-    decode: int = 0  # code -> float: 0 extract then place (4 integer ops), 1 shift + LOP3 (2)
 
 
 @dataclass(frozen=True)
@@ -847,7 +820,6 @@ def gemv(
         SLOTS_P2=_slots_p2(table),
         HAS_OVERFLOW=table.overflow > 0,
         ORDER=config.order,
-        DECODE=config.decode,
         BLOCK_N=config.block_n,
         BLOCK_W=block_w,
         SPLIT_K=split_k,
