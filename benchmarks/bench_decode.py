@@ -6,7 +6,8 @@ EasyQuant (RTN codes + outliers, fused kernels), in the same run.
 
 transformers' ``LlamaForCausalLM`` from a ``LlamaConfig`` (hidden 4096, MLP 11008, 32 heads,
 vocab 32000), fp16, ``StaticCache``; each decode step (forward, greedy pick, position update) is
-captured once in a CUDA graph and replayed. Every ``nn.Linear`` of the decoder blocks becomes a
+captured once in a CUDA graph and replayed (``--compile``: the step is ``torch.compile``-d first,
+for both models). Every ``nn.Linear`` of the decoder blocks becomes a
 ``QuantLinear`` (``lm_head`` stays fp16); ranges are RTN (the speed does not depend on how the
 ranges were found) and the outlier threshold is the n-sigma rule with n set so that ~``--outliers``
 of Gaussian weights are outliers (0.5%: n = 2.81). Also times one prefill of ``--prefill``
@@ -111,8 +112,14 @@ def decode_speed(
     use_graph: bool,
     device: str,
     profile: bool = False,
+    compile_model: bool = False,
 ) -> dict:
     from transformers import StaticCache
+
+    forward = model
+    if compile_model:  # inductor fuses the model's elementwise work; QuantLinear is one op
+        torch._dynamo.reset()
+        forward = torch.compile(model, dynamic=False)
 
     length = prompt.shape[1]
     cache = StaticCache(config=model.config, max_cache_len=length + new_tokens + 8)
@@ -123,7 +130,7 @@ def decode_speed(
     position = torch.tensor([length], device=device)
 
     def step() -> None:
-        out = model(
+        out = forward(
             input_ids=token,
             past_key_values=cache,
             cache_position=position,
@@ -250,6 +257,9 @@ def main() -> None:
     parser.add_argument("--outliers", type=float, default=0.005)
     parser.add_argument("--no-graph", action="store_true")
     parser.add_argument(
+        "--compile", action="store_true", help="torch.compile each model's step (both models)"
+    )
+    parser.add_argument(
         "--profile", action="store_true", help="also GPU time per kernel per token (profiler)"
     )
     parser.add_argument("--no-fuse", action="store_true", help="skip the fused q/k/v, gate/up run")
@@ -262,7 +272,9 @@ def main() -> None:
     model = build_model(config, device)
     prompt = torch.randint(0, config.vocab_size, (1, args.prompt), device=device)
     rows = []
-    fp16 = decode_speed(model, prompt, args.new_tokens, use_graph, device, args.profile)
+    fp16 = decode_speed(
+        model, prompt, args.new_tokens, use_graph, device, args.profile, args.compile
+    )
     fp16_prefill = prefill_ms(model, args.prefill, config.vocab_size, device) if args.prefill else 0
     rows.append({"model": "fp16", **fp16, "prefill_ms": round(fp16_prefill, 2)})
     print_table(rows[-1:], list(rows[-1]))
@@ -275,7 +287,9 @@ def main() -> None:
     sync(device)
     quantize_s = time.perf_counter() - start
     torch.cuda.empty_cache() if device.startswith("cuda") else None
-    quant = decode_speed(model, prompt, args.new_tokens, use_graph, device, args.profile)
+    quant = decode_speed(
+        model, prompt, args.new_tokens, use_graph, device, args.profile, args.compile
+    )
     q_prefill = prefill_ms(model, args.prefill, config.vocab_size, device) if args.prefill else 0
     rows.append({"model": f"easyquant-{args.bits}bit", **quant, "prefill_ms": round(q_prefill, 2)})
     speedup = quant["tokens_per_s"] / fp16["tokens_per_s"]
@@ -283,7 +297,9 @@ def main() -> None:
     if not args.no_fuse:
         groups = fuse_projections(model)
         torch.cuda.empty_cache() if device.startswith("cuda") else None
-        fused = decode_speed(model, prompt, args.new_tokens, use_graph, device, args.profile)
+        fused = decode_speed(
+            model, prompt, args.new_tokens, use_graph, device, args.profile, args.compile
+        )
         f_prefill = (
             prefill_ms(model, args.prefill, config.vocab_size, device) if args.prefill else 0
         )
@@ -300,6 +316,7 @@ def main() -> None:
         f"{outliers / weights:.3%} (n-sigma {sigma:.3f}), quantized in {quantize_s:.1f} s"
     )
     payload = {
+        "compiled": args.compile,
         "config": {
             "hidden": config.hidden_size,
             "intermediate": config.intermediate_size,
@@ -318,7 +335,8 @@ def main() -> None:
         print(f"\n{row['model']}: GPU time per token by kernel (us)")
         for name, us in row["kernels_us_per_token"].items():
             print(f"  {us:9.1f}  {name}")
-    path = write_result("decode", device, payload, out_dir=args.out)
+    kind = "decode-compiled" if args.compile else "decode"
+    path = write_result(kind, device, payload, out_dir=args.out)
     print(f"wrote {path}")
 
 
