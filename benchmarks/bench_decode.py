@@ -119,6 +119,8 @@ def decode_speed(
     forward = model
     if compile_model:  # inductor fuses the model's elementwise work; QuantLinear is one op
         torch._dynamo.reset()
+        # a decoder layer compiled on its own (after a graph break) is specialised per layer
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 128)
         forward = torch.compile(model, dynamic=False)
 
     length = prompt.shape[1]

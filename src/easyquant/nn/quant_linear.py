@@ -231,7 +231,8 @@ class _FusedGroup(nn.Module):
 class FusedSlice(nn.Module):
     """Stands in for one layer of a fused group: the first of the group called on an input runs
     the concatenated layer once; the others called on the same (unchanged) tensor take their slice
-    of that output. For eager mode and CUDA graphs."""
+    of that output (eager mode and CUDA graphs; under torch.compile see
+    :mod:`easyquant.nn.compile_fusion`)."""
 
     def __init__(self, group: _FusedGroup, index: int) -> None:
         super().__init__()
@@ -241,7 +242,12 @@ class FusedSlice(nn.Module):
         self.out_features = group.sizes[index]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.group[0].outputs(x)[self.index]
+        group = self.group[0]
+        if torch.compiler.is_compiling():
+            # the output cache is not traceable: each slice calls the concatenated layer, and
+            # the identical calls are merged by easyquant.nn.compile_fusion's Inductor pass
+            return group.fused(x).split(group.sizes, dim=-1)[self.index]
+        return group.outputs(x)[self.index]
 
     def extra_repr(self) -> str:
         return f"slice {self.index} of {self.group[0].fused.extra_repr()}"
@@ -263,4 +269,8 @@ def fuse_siblings(parent: nn.Module, names: Sequence[str]) -> bool:
     parent.add_module("fused_" + "_".join(names), group)
     for index, name in enumerate(names):
         setattr(parent, name, FusedSlice(group, index))
+    if group.fused.fused_supported:
+        from easyquant.nn.compile_fusion import install_merge_pass
+
+        install_merge_pass()
     return True
