@@ -17,6 +17,10 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def git_commit() -> str:
+    # The GPU machines get a copy of the working tree whose .git may be stale: the caller names
+    # the commit it sent there.
+    if os.environ.get("EASYQUANT_COMMIT"):
+        return os.environ["EASYQUANT_COMMIT"]
     try:
         out = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"],
@@ -33,8 +37,7 @@ def git_commit() -> str:
         ).stdout.strip()
         return out.stdout.strip() + ("-dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
-        # The GPU machines have no git: the caller names the commit it sent there.
-        return os.environ.get("EASYQUANT_COMMIT", "unknown")
+        return "unknown"
 
 
 def device_name(device: str) -> str:
