@@ -9,6 +9,9 @@ from easyquant.nn.compile_fusion import MergeQuantLinearCalls
 from easyquant.nn.quant_linear import fuse_siblings
 from tests.conftest import student_t
 
+# the kernels on the GPU when there is one, else under the interpreter (tests/conftest.py)
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
 
 class Attention(nn.Module):
     """Calls q, k and v on the same input, as transformers' attention does."""
@@ -27,8 +30,8 @@ class Attention(nn.Module):
 
 def test_compiled_fused_siblings_run_the_kernel_once_per_group(monkeypatch):
     torch._dynamo.reset()
-    model = Attention()
-    x = torch.randn(1, 64)
+    model = Attention().to(DEVICE)
+    x = torch.randn(1, 64, device=DEVICE)
     expected = model(x)
     assert fuse_siblings(model, ["q", "k", "v"])
     import torch._inductor.config as inductor_config
