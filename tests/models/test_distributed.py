@@ -111,6 +111,24 @@ def test_two_processes_write_the_same_tensors_as_one(tiny_llama_dir, tmp_path):
     assert type(model.model.layers[0].mlp.up_proj).__name__ == "QuantLinear"
 
 
+def test_two_processes_with_a_bits_budget_match_one(tiny_llama_dir, tmp_path):
+    """--target-bpw: rank 0 plans (opening the input once) and broadcasts the plan."""
+    done = torchrun(tiny_llama_dir, tmp_path / "dist", "--target-bpw", "5.0")
+    assert done.returncode == 0, done.stderr
+    with one_thread():
+        quantize_model(
+            tiny_llama_dir,
+            QuantConfig(steps=STEPS),
+            tmp_path / "single",
+            shard_size=SHARD,
+            log=None,
+            target_bpw=5.0,
+        )
+    assert_same_tensors(read_all(tmp_path / "dist"), read_all(tmp_path / "single"))
+    report = json.loads((tmp_path / "dist" / "quant_report.json").read_text())
+    assert report["budget"] and report["totals"]["bits_per_weight"] <= 5.0 + 1e-9
+
+
 def poison(src: Path, name: str, value: bytes) -> bytes:
     """Overwrite the first element of tensor ``name`` in place (the header stays the same, so
     the source fingerprint does too); return the bytes it had."""

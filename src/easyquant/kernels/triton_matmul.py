@@ -27,6 +27,7 @@ tile never straddles a group).
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from dataclasses import dataclass, fields, replace
@@ -996,6 +997,7 @@ CONFIG_TABLE = Path(__file__).with_name("matmul_configs.json")
 _TABLE: dict[str, dict] = {}
 
 
+@functools.cache  # asked on every eager call: the lookup costs host time
 def measured_config(
     kind: str, n: int, k: int, device: torch.device
 ) -> GemvConfig | DotConfig | None:

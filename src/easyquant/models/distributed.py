@@ -30,8 +30,8 @@ from easyquant.config import QuantConfig
 from easyquant.models.errors import ModelInputError, one_line
 from easyquant.models.pipeline import QuantizeResult, prepare, quantize_tensors
 from easyquant.models.select import Selection
-from easyquant.models.sources import SourceTensor
-from easyquant.models.writer import LOCK_FILE, PROGRESS_FILE, OutputWriter, publish
+from easyquant.models.sources import Source, SourceTensor
+from easyquant.models.writer import LOCK_FILE, OutputWriter, publish, rank_bookkeeping
 
 # Ranks that finish early wait at the final exchange for the slowest one: allow long runs.
 TIMEOUT = datetime.timedelta(hours=12)
@@ -185,13 +185,13 @@ def bookkeeping(size: int) -> list[str]:
     """The writer's lock and progress files of every rank: removed before publishing."""
     names = [LOCK_FILE]
     for rank in range(size):
-        names += [f"rank{rank:05d}-lock", f"rank{rank:05d}-{PROGRESS_FILE}"]
+        names += rank_bookkeeping(rank)
     return names
 
 
 def quantize_distributed(
     world: World,
-    model_or_path: nn.Module | str | Path,
+    model_or_path: nn.Module | str | Path | Source,
     config: QuantConfig,
     out_dir: str | Path,
     *,

@@ -214,7 +214,7 @@ def quantize_tensors(
 
 
 def quantize_model(
-    model_or_path: nn.Module | str | Path,
+    model_or_path: nn.Module | str | Path | Source,
     config: QuantConfig | None = None,
     out_dir: str | Path | None = None,
     *,
@@ -257,14 +257,15 @@ def quantize_model(
 
         check_target(target_bpw)
         planned = selection
-        if world is None:  # open the input once for both passes (a GGUF file is loaded whole)
-            check_output(out_dir, overwrite)
-            model_or_path = open_source(model_or_path, tokenizer)
+        opened: list[Source] = []
 
         def budget_plan() -> Selection:
+            # The process that plans (under torchrun: rank 0) opens the input once for both
+            # passes (a GGUF file is loaded whole); the other ranks open it for their share.
             check_output(out_dir, overwrite)  # before the (long) first pass
+            opened.append(open_source(model_or_path, tokenizer))
             return plan_budget(
-                model_or_path,
+                opened[0],
                 config,
                 target_bpw,
                 selection=planned,
@@ -276,6 +277,8 @@ def quantize_model(
             )
 
         selection = plan_budget_shared(world, budget_plan)
+        if opened:
+            model_or_path = opened[0]
     if world is not None:
         from easyquant.models.distributed import quantize_distributed
 

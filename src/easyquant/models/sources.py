@@ -250,8 +250,11 @@ def open_gguf(path: Path, dtype: torch.dtype = torch.float32) -> ModuleSource:
     return ModuleSource(model.eval(), tokenizer, description=str(path.resolve()), identity=identity)
 
 
-def open_source(source: str | Path | nn.Module, tokenizer: Any = None) -> Source:
-    """A :class:`Source` for a model directory, a GGUF file, or an in-memory model."""
+def open_source(source: str | Path | nn.Module | Source, tokenizer: Any = None) -> Source:
+    """A :class:`Source` for a model directory, a GGUF file, or an in-memory model (a Source
+    already open is returned as it is)."""
+    if isinstance(source, Source):
+        return source
     if isinstance(source, nn.Module):
         return ModuleSource(source, tokenizer)
     path = Path(source)

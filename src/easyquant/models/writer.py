@@ -39,6 +39,17 @@ LOCK_FILE = ".lock"
 INDEX_FILE = "model.safetensors.index.json"
 RANK_FILE = re.compile(r"rank(\d{5})-")  # files of one rank of a distributed run
 
+
+def rank_prefix(rank: int) -> str:
+    """What every file a rank writes into the partial directory starts with."""
+    return f"rank{rank:05d}-"
+
+
+def rank_bookkeeping(rank: int) -> list[str]:
+    """A rank's own lock and progress files (removed before the output is published)."""
+    return [rank_prefix(rank) + "lock", rank_prefix(rank) + PROGRESS_FILE]
+
+
 try:  # POSIX advisory lock: two runs never write the same partial directory
     import fcntl
 except ImportError:  # pragma: no cover - Windows
@@ -104,7 +115,7 @@ class OutputWriter:
         self.shard_size = shard_size
         self.log = log or (lambda message: None)
         self.rank, self.world_size = rank, world_size
-        self.prefix = "" if rank is None else f"rank{rank:05d}-"
+        self.prefix = "" if rank is None else rank_prefix(rank)
         self.progress_file = self.prefix + PROGRESS_FILE
         self.partial = partial_path(self.out_dir)
         self.partial.parent.mkdir(parents=True, exist_ok=True)
