@@ -156,7 +156,14 @@ def main() -> None:
         default=["gemv", "dot", "dequant"],
         help="time only these kernels (batch 1, 16, 1024); the table keeps the others' entries",
     )
+    parser.add_argument(
+        "--slot-quantile",
+        type=float,
+        default=tm.SLOT_QUANTILE,
+        help="quantile of the rows' outlier counts the fixed slots cover (the rest overflow)",
+    )
     args = parser.parse_args()
+    tm.SLOT_QUANTILE = args.slot_quantile
     from bench_kernels import copy_bandwidth, random_parts, random_weight, warm_up
 
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes]

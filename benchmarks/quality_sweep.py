@@ -165,6 +165,13 @@ def stage_settings(stage: str) -> list[dict[str, Any]]:
             base_setting(**best, type_sigma={"q_proj": 3.5, "k_proj": 3.5}),
             base_setting(**best, type_sigma={"q_proj": 3.5, "k_proj": 3.5, "down_proj": 2.75}),
         ]
+    if stage == "3bit-g128-sigma":
+        # 3-bit g128 (target ppl <= 45): how far do more outliers take it, and at what size
+        g = dict(bits=3, group_size=128)
+        rows = [base_setting(**g, outlier_sigma=s) for s in (3.0, 2.75, 2.5, 2.25)]
+        rows.append(base_setting(**g, outlier_sigma=2.5, steps=100, lr=3e-3))
+        rows.append(base_setting(**g, outlier_sigma=2.5, outlier_scope="group"))
+        return rows
     raise SystemExit(f"unknown stage {stage!r}")
 
 
