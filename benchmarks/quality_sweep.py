@@ -172,6 +172,18 @@ def stage_settings(stage: str) -> list[dict[str, Any]]:
         rows.append(base_setting(**g, outlier_sigma=2.5, steps=100, lr=3e-3))
         rows.append(base_setting(**g, outlier_sigma=2.5, outlier_scope="group"))
         return rows
+    if stage == "group-scope":
+        # outlier statistics per group of 128 (the best 3-bit g128 row of 3bit-g128-sigma)
+        rows = []
+        for sigma in (2.25, 2.4):
+            rows.append(base_setting(bits=3, group_size=128, outlier_sigma=sigma,
+                                     outlier_scope="group"))  # fmt: skip
+        rows.append(base_setting(bits=3, group_size=128, outlier_sigma=2.5, outlier_scope="group",
+                                 steps=100, lr=3e-3))  # fmt: skip
+        for sigma in (2.5, 2.75, 3.0):
+            rows.append(base_setting(bits=4, group_size=128, outlier_sigma=sigma,
+                                     outlier_scope="group", steps=50, lr=3e-3))  # fmt: skip
+        return rows
     raise SystemExit(f"unknown stage {stage!r}")
 
 
