@@ -184,6 +184,9 @@ def stage_settings(stage: str) -> list[dict[str, Any]]:
             rows.append(base_setting(bits=4, group_size=128, outlier_sigma=sigma,
                                      outlier_scope="group", steps=50, lr=3e-3))  # fmt: skip
         return rows
+    if stage == "group-scope-base":
+        # the same run's reference for group-scope: the 4-bit best preset (tensor scope) at g128
+        return [base_setting(bits=4, group_size=128, steps=50, lr=3e-3)]
     raise SystemExit(f"unknown stage {stage!r}")
 
 

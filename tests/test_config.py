@@ -76,7 +76,11 @@ def test_new_fields_default_to_the_paper_and_validate():
 def test_best_preset_is_a_different_valid_recipe_and_round_trips():
     best = QuantConfig.best()
     assert best != QuantConfig.paper()
-    assert QuantConfig.preset("best", bits=4, group_size=64) == best.replace(group_size=64)
+    grouped = QuantConfig.preset("best", bits=4, group_size=64)
+    assert grouped.group_size == 64 and grouped.outlier_scope == "group"
+    assert grouped.steps == best.steps and grouped.outlier_sigma < best.outlier_sigma
+    low_grouped = QuantConfig.best(bits=3, group_size=128)
+    assert low_grouped.outlier_scope == "group" and low_grouped.outlier_sigma < 2.75
     # Below 4 bits the recipe changes (more outliers, a longer search), not just the bit width.
     low = QuantConfig.preset("best", bits=3)
     assert low.bits == 3 and low != best.replace(bits=3)
