@@ -1,0 +1,253 @@
+"""Fake-quantization experiments beyond the library's options, on SmolLM2 (CPU is enough).
+
+    python benchmarks/grid_experiments.py '[{"bits": 4, "sigma": 3.0, "grid": "nf0"}]' \\
+        [--windows 8] [--first 100] [--out benchmarks/results/grid-experiments.jsonl]
+
+Each setting (a JSON list of dicts) quantizes every decoder Linear weight of SmolLM2-135M-Instruct
+in plain torch (outliers kept exactly, fp16; one Adam search per range over the non-outliers,
+as the library does), writes the dequantized weights back and measures WikiText-2 perplexity on
+``--windows`` 2048-token windows from window ``--first`` (default: the dev windows 100-107 of
+benchmarks/quality_sweep.py). It appends one JSON line per setting to ``--out``. Keys:
+
+- ``bits``, ``sigma`` (n-sigma per tensor), ``steps`` (50), ``lr`` (3e-3, relative), ``group``;
+- ``grid``: ``int`` (the library's signed integers), ``half`` (16 symmetric levels at
+  +-0.5..7.5, no zero), ``nf0`` (normal quantiles with an exact zero, NF4-like), ``powP``
+  (integers companded as sign(u)|u|^P); ``asym``: a per-range offset as well as the scale;
+- ``wloss``: weight each column's error by a data-free estimate of its input's size, to this
+  power (RMSNorm gamma^2 for q/k/v and gate/up; the value rows' norms for o_proj; E[silu(g)^2]
+  times the up rows' norms for down_proj, for isotropic normalised inputs);
+  ``wsel``: pick the same number of outliers by that weighted deviation instead;
+- ``statblock``: n-sigma statistics per block of that many columns (ranges stay per channel).
+
+Bits per weight are counted as the library stores them (codes, fp16 scales (and offsets),
+16-bit index + 16-bit value per outlier, int32 row pointers). The library's own settings are
+swept by benchmarks/quality_sweep.py; this script is for ideas that would need a new format or
+kernel first, so that they are measured before they are built.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from benchlib import environment
+from easyquant.evaluation.loader import load_model
+from easyquant.evaluation.perplexity import perplexity, read_text, tokenize
+from easyquant.models.gguf_source import default_model_path
+
+REPO = Path(__file__).resolve().parents[1]
+WIKITEXT = REPO.parent / "shared" / "data" / "wikitext2" / "wiki.test.raw"
+ADAM_BETAS = (0.9, 0.999)
+
+
+def silu_square_mean(spread: torch.Tensor) -> torch.Tensor:
+    """E[silu(g)^2] for g ~ N(0, spread^2), per entry (Gauss-Hermite, 64 points)."""
+    nodes, weights = np.polynomial.hermite_e.hermegauss(64)
+    g = spread.double()[:, None] * torch.tensor(nodes, dtype=torch.float64)[None, :]
+    w = torch.tensor(weights, dtype=torch.float64) / math.sqrt(2 * math.pi)
+    return ((g * torch.sigmoid(g)) ** 2 * w).sum(1).float()
+
+
+def column_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Data-free size estimate of each decoder Linear's input columns (isotropic x / rms(x))."""
+    cfg = model.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    repeat = cfg.num_attention_heads // cfg.num_key_value_heads
+    out = {}
+    for i, layer in enumerate(model.model.layers):
+        attn_gamma = layer.input_layernorm.weight.detach().float()
+        mlp_gamma = layer.post_attention_layernorm.weight.detach().float()
+        attn, mlp = layer.self_attn, layer.mlp
+        for name in ("q_proj", "k_proj", "v_proj"):
+            out[f"model.layers.{i}.self_attn.{name}"] = attn_gamma**2
+        for name in ("gate_proj", "up_proj"):
+            out[f"model.layers.{i}.mlp.{name}"] = mlp_gamma**2
+        value = (attn.v_proj.weight.detach().float() * attn_gamma).pow(2).sum(1)
+        per_head = value.reshape(-1, head_dim).repeat_interleave(repeat, dim=0).reshape(-1)
+        out[f"model.layers.{i}.self_attn.o_proj"] = per_head
+        gate = (mlp.gate_proj.weight.detach().float() * mlp_gamma).pow(2).sum(1).sqrt()
+        up = (mlp.up_proj.weight.detach().float() * mlp_gamma).pow(2).sum(1)
+        out[f"model.layers.{i}.mlp.down_proj"] = silu_square_mean(gate) * up
+    return out
+
+
+def grid_levels(kind: str, bits: int) -> torch.Tensor:
+    """The grid's levels in units of the scale, ascending."""
+    n = 1 << bits
+    ints = torch.arange(-(n // 2), n // 2, dtype=torch.float64)
+    if kind == "int":
+        levels = ints
+    elif kind == "half":
+        levels = ints + 0.5
+    elif kind == "nf0":  # NF4's construction: normal quantiles, 8 positive, 7 negative, zero
+        top = torch.special.ndtri(torch.tensor(0.9677, dtype=torch.float64))
+        pos = torch.special.ndtri(torch.linspace(0.5, 0.9677, n // 2 + 1, dtype=torch.float64))
+        neg = -torch.special.ndtri(torch.linspace(0.5, 0.9677, n // 2, dtype=torch.float64))
+        levels = torch.cat([neg[1:].flip(0), torch.zeros(1, dtype=torch.float64), pos[1:]])
+        levels = levels / top * (n // 2 - 1)
+    elif kind.startswith("pow"):
+        u = ints / (n // 2 - 1)
+        levels = u.sign() * u.abs() ** float(kind[3:]) * (n // 2 - 1)
+    else:
+        raise ValueError(f"unknown grid {kind!r}")
+    return levels.float()
+
+
+def nearest(x: torch.Tensor, scale: torch.Tensor, levels: torch.Tensor, kind: str):
+    """(value, level) of the nearest grid point to each ``x`` for per-row ``scale``."""
+    t = x / scale
+    if kind == "int":  # as the library rounds: floor(t + 1/2), clamped
+        level = torch.clamp(torch.floor(t + 0.5), levels[0].item(), levels[-1].item())
+    elif kind == "half":
+        level = torch.clamp(torch.floor(t), levels[0].item() - 0.5, levels[-1].item() - 0.5) + 0.5
+    else:
+        level = levels[torch.bucketize(t.contiguous(), (levels[1:] + levels[:-1]) / 2)]
+    return level * scale, level
+
+
+def search(
+    x: torch.Tensor,
+    col_weight: torch.Tensor | None,
+    levels: torch.Tensor,
+    kind: str,
+    steps: int,
+    lr: float,
+    asym: bool,
+) -> torch.Tensor:
+    """Adam on each row's scale (and offset) for the least weighted squared error; returns the
+    quantized rows (scale and offset rounded to fp16). ``x``: rows, outliers zeroed."""
+    rows, cols = x.shape
+    w = torch.ones_like(x) if col_weight is None else col_weight[None, :].expand(rows, cols)
+    if asym:
+        low, high = x.min(1, keepdim=True).values, x.max(1, keepdim=True).values
+        s0 = ((high - low) / (levels[-1] - levels[0])).clamp_min(1e-12)
+        m0 = low - levels[0] * s0
+    else:
+        s0 = (x.abs().amax(1, keepdim=True) / levels.max()).clamp_min(1e-12)
+        m0 = torch.zeros_like(s0)
+    ratio, shift = torch.ones_like(s0), torch.zeros_like(s0)
+    params = [ratio, shift] if asym else [ratio]
+    moments = [(torch.zeros_like(p), torch.zeros_like(p)) for p in params]
+    best_loss = torch.full((rows,), float("inf"))
+    best_s, best_m = s0.clone(), m0.clone()
+    w_sum = w.sum(1, keepdim=True)
+    b1, b2 = ADAM_BETAS
+    for step in range(steps + 1):
+        s, m = s0 * ratio, m0 + shift * s0
+        value, level = nearest(x - m, s, levels, kind)
+        err = value + m - x
+        loss = (w * err * err).sum(1)
+        better = loss < best_loss
+        best_loss = torch.where(better, loss, best_loss)
+        best_s = torch.where(better[:, None], s, best_s)
+        best_m = torch.where(better[:, None], m, best_m)
+        if step == steps:
+            break
+        grads = [(w * err * level).sum(1, keepdim=True) * 2 / w_sum]
+        if asym:
+            grads.append((w * err).sum(1, keepdim=True) * 2 / w_sum)
+        for p, g, (mom, vel) in zip(params, grads, moments, strict=True):
+            mom.mul_(b1).add_(g, alpha=1 - b1)
+            vel.mul_(b2).addcmul_(g, g, value=1 - b2)
+            p -= (
+                lr * (mom / (1 - b1 ** (step + 1))) / ((vel / (1 - b2 ** (step + 1))).sqrt() + 1e-8)
+            )
+        ratio.clamp_(min=1e-3)
+    s, m = best_s.half().float(), best_m.half().float()
+    return nearest(x - m, s, levels, kind)[0] + m
+
+
+def outlier_mask(weight: torch.Tensor, col_weight: torch.Tensor | None, st: dict) -> torch.Tensor:
+    out_f, in_f = weight.shape
+    sigma = st.get("sigma")
+    if not sigma:
+        return torch.zeros_like(weight, dtype=torch.bool)
+    block = st.get("statblock")
+    if block:  # statistics per block of columns (NaN padding for a short last block)
+        padded = torch.nn.functional.pad(weight, (0, -in_f % block), value=float("nan"))
+        rows = padded.reshape(-1, block)
+        mean = rows.nanmean(1, keepdim=True)
+        std = (rows - mean).pow(2).nanmean(1, keepdim=True).sqrt()
+        return ((rows - mean).abs() >= sigma * std).reshape(out_f, -1)[:, :in_f]
+    deviation = (weight - weight.mean()).abs()
+    mask = deviation >= sigma * weight.std(correction=0)
+    count = int(mask.sum())
+    if st.get("wsel") and col_weight is not None and count:
+        score = deviation * (col_weight / col_weight.mean()).sqrt()[None, :] ** st["wsel"]
+        cut = score.flatten().kthvalue(score.numel() - count + 1).values
+        mask = score >= cut
+    return mask
+
+
+def fake_quant(weight: torch.Tensor, col_weight: torch.Tensor | None, st: dict):
+    """(dequantized weight, stored bits, outliers) of one weight for setting ``st``."""
+    bits, group = st["bits"], st.get("group")
+    out_f, in_f = weight.shape
+    weight = weight.float()
+    mask = outlier_mask(weight, col_weight, st)
+    size = group or in_f
+    rows = weight.masked_fill(mask, 0.0).reshape(-1, size)
+    weighting = None
+    if col_weight is not None and st.get("wloss") and not group:
+        weighting = (col_weight / col_weight.mean()) ** st["wloss"]
+    kind = st.get("grid", "int")
+    quantized = search(
+        rows,
+        weighting,
+        grid_levels(kind, bits),
+        kind,
+        st.get("steps", 50),
+        st.get("lr", 3e-3),
+        st.get("asym", False),
+    ).reshape(out_f, in_f)
+    quantized = torch.where(mask, weight.half().float(), quantized)
+    outliers = int(mask.sum())
+    scale_bits = 16 * (2 if st.get("asym") else 1) * out_f * (in_f // size)
+    stored = bits * weight.numel() + scale_bits + 32 * outliers + 32 * (out_f + 1)
+    return quantized, stored, outliers
+
+
+def run(model, ids, col_weights, st: dict, windows: int, first: int) -> dict[str, Any]:
+    model = copy.deepcopy(model)
+    stored = weights = outliers = 0
+    start = time.perf_counter()
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and ".layers." in name:
+            quantized, b, n = fake_quant(module.weight.data, col_weights.get(name), st)
+            module.weight.data = quantized
+            stored, weights, outliers = stored + b, weights + module.weight.numel(), outliers + n
+    seconds = time.perf_counter() - start
+    ppl = perplexity(model, ids, 2048, windows, first_window=first).ppl
+    return {"ppl": ppl, "bpw": stored / weights, "frac": outliers / weights, "qs": seconds}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("settings", help="JSON list of settings")
+    parser.add_argument("--windows", type=int, default=8)
+    parser.add_argument("--first", type=int, default=100)
+    parser.add_argument("--out", type=Path, default=Path("grid-experiments.jsonl"))
+    args = parser.parse_args()
+    loaded = load_model(default_model_path())
+    ids = tokenize(loaded.tokenizer, read_text(WIKITEXT))
+    col_weights = column_weights(loaded.model)
+    with args.out.open("a") as f:
+        f.write(json.dumps({"header": environment("cpu")}) + "\n")
+    for st in json.loads(args.settings):
+        row = {"st": st, **run(loaded.model, ids, col_weights, st, args.windows, args.first)}
+        row.update(first=args.first, windows=args.windows)
+        print(json.dumps(row), flush=True)
+        with args.out.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+if __name__ == "__main__":
+    main()
