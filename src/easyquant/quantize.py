@@ -112,6 +112,32 @@ def stored_search_scales(
     return scale
 
 
+def stored_ranges(
+    ranges: torch.Tensor,
+    normals: torch.Tensor,
+    config: QuantConfig,
+    backend: str,
+    trace: StepTrace | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ranges ``[rows, 1]`` quantize_tensor stores for ``ranges`` (rows of one range each,
+    outliers included, any float dtype) and ``normals`` (the same rows as float32, outliers
+    zeroed), and each range's ``||Q[x] - x||^2`` over its non-outliers.
+
+    For EasyQuant the max-abs range of the whole row (outliers included, i.e. plain RTN's) is a
+    candidate too: a searched range is then never worse than RTN on the values it quantizes."""
+    lo, hi = config.qmin, config.qmax
+    scale = stored_search_scales(normals, config, backend, trace)
+    loss = reconstruction_loss(normals, scale, lo, hi)
+    if config.method == "easyquant":
+        # the max-abs is exact in any dtype: no float32 copy of the rows for it
+        rtn = storage_round(initial_scales(ranges, hi), config.scale_dtype)
+        rtn_loss = reconstruction_loss(normals, rtn, lo, hi)
+        keep_rtn = rtn_loss < loss
+        scale = torch.where(keep_rtn.unsqueeze(1), rtn, scale)
+        loss = torch.where(keep_rtn, rtn_loss, loss)
+    return scale, loss
+
+
 def quantize_tensor(
     weight: torch.Tensor,
     config: QuantConfig | None = None,
@@ -251,19 +277,8 @@ def quantize_rows(
     num_rows, in_f = weight.shape
     group = config.group_size or in_f
     lo, hi = config.qmin, config.qmax
-    rtn = None
-    if config.method == "easyquant":
-        # The max-abs range of the whole row (outliers included, i.e. plain RTN's) is a candidate
-        # too: a searched range is then never worse than RTN on the values it quantizes. (The
-        # max-abs is exact in any dtype, so it is taken before the float32 copy.)
-        rtn = storage_round(initial_scales(weight.reshape(-1, group), hi), config.scale_dtype)
     normals = zeroed_float(weight, outliers).reshape(-1, group)
-    scale = stored_search_scales(normals, config, backend, trace)
-    if rtn is not None:
-        keep_rtn = reconstruction_loss(normals, rtn, lo, hi) < reconstruction_loss(
-            normals, scale, lo, hi
-        )
-        scale = torch.where(keep_rtn.unsqueeze(1), rtn, scale)
+    scale, _ = stored_ranges(weight.reshape(-1, group), normals, config, backend, trace)
     safe = torch.where(scale > 0, scale, torch.ones_like(scale))
     codes = quantize_codes(normals, safe, lo, hi).reshape(num_rows, in_f)
     del normals

@@ -37,19 +37,13 @@ import torch
 from torch import nn
 
 from easyquant.algorithm.budget import Candidate, TensorChoices, allocate
-from easyquant.algorithm.outliers import outlier_mask
-from easyquant.algorithm.range_search import initial_scales, reconstruction_loss
+from easyquant.algorithm.outliers import outlier_mask, zeroed_float
 from easyquant.config import QuantConfig
 from easyquant.format.bitpack import packed_length
 from easyquant.format.qweight import index_dtype, num_groups
 from easyquant.models.select import Selection
 from easyquant.models.sources import Source, open_source
-from easyquant.quantize import (
-    check_weight,
-    resolve_backend,
-    storage_round,
-    stored_search_scales,
-)
+from easyquant.quantize import check_weight, resolve_backend, stored_ranges
 
 if TYPE_CHECKING:
     from easyquant.models.distributed import World
@@ -212,19 +206,11 @@ def range_losses(
     quantize_tensor stores it with ``config``: searched range rounded to the scale dtype, least-
     squares refinement if asked, and plain RTN's max-abs range where that is better."""
     per = max(1, chunk // ranges.shape[1])
-    lo, hi = config.qmin, config.qmax
     parts = []
     for i in range(0, ranges.shape[0], per):
-        x = ranges[i : i + per].float()
-        rtn = None
-        if config.method == "easyquant":
-            rtn = storage_round(initial_scales(x, hi), config.scale_dtype)
-        normals = x.masked_fill(outliers[i : i + per], 0.0)
-        del x
-        scale = stored_search_scales(normals, config, backend)
-        loss = reconstruction_loss(normals, scale, lo, hi)
-        if rtn is not None:
-            loss = torch.minimum(loss, reconstruction_loss(normals, rtn, lo, hi))
+        rows = ranges[i : i + per]
+        normals = zeroed_float(rows, outliers[i : i + per])
+        _, loss = stored_ranges(rows, normals, config, backend)
         parts.append(loss.double())
         del normals
     return torch.cat(parts)
