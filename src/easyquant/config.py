@@ -182,10 +182,10 @@ BEST_LOW_BITS: dict[str, Any] = dict(
 # the best dev perplexity at 2.4σ, where the search needs the paper's 500 steps at 1e-2
 # (stages group-scope and 3bit-g128-sigma of benchmarks/quality_sweep.py, on the CPU).
 BEST_GROUPED: dict[str, Any] = {**BEST, "outlier_sigma": 2.75, "outlier_scope": "group"}
-BEST_GROUPED_LOW_BITS: dict[str, Any] = dict(
-    outlier_sigma=2.4,
-    outlier_scope="group",
-    outlier_dtype="float16",
-    steps=500,
-    lr=1e-2,
-)
+BEST_GROUPED_LOW_BITS: dict[str, Any] = {
+    **BEST_LOW_BITS,
+    "outlier_sigma": 2.4,
+    "outlier_scope": "group",
+    "steps": 500,
+    "lr": 1e-2,
+}
