@@ -18,6 +18,7 @@ from easyquant.algorithm.range_init import grid_init_scales, least_squares_refin
 from easyquant.algorithm.range_search import (
     StepTrace,
     adam_range_search,
+    as_ranges,
     initial_scales,
     quantize_codes,
     reconstruction_loss,
@@ -186,10 +187,10 @@ def quantize_ragged(
     own values only; the padding's codes are then dropped.
     """
     out_f, in_f = weight.shape
-    pad = -in_f % config.group_size
-    outliers = outlier_mask(weight, config.outlier_sigma, config.outlier_scope, config.group_size)
-    padded = torch.nn.functional.pad(weight, (0, pad))
-    padded_outliers = torch.nn.functional.pad(outliers, (0, pad), value=False)
+    group = config.group_size
+    outliers = outlier_mask(weight, config.outlier_sigma, config.outlier_scope, group)
+    padded = as_ranges(weight, group).reshape(out_f, -1)
+    padded_outliers = as_ranges(outliers, group).reshape(out_f, -1)
     del outliers
     if backend == "triton" and trace is None:
         from easyquant.kernels.triton_range_pipeline import quantize_tensor_triton
@@ -198,7 +199,7 @@ def quantize_ragged(
     else:
         whole = quantize_tensor_stepwise(padded, config, backend, trace, outliers=padded_outliers)
     del padded, padded_outliers
-    codes = unpack_codes(whole.qweight, config.bits, in_f + pad)[:, :in_f]
+    codes = unpack_codes(whole.qweight, config.bits, whole.shape[1])[:, :in_f]
     return QuantizedWeight(
         qweight=pack_codes(codes.contiguous(), config.bits),
         scales=whole.scales,

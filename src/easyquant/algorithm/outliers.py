@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from easyquant.algorithm.chunking import weight_row_slices
+from easyquant.algorithm.range_search import as_ranges
 from easyquant.config import OUTLIER_SCOPES
 
 
@@ -59,8 +60,7 @@ def ragged_group_mask(weight: torch.Tensor, sigma: float, group: int) -> torch.T
     """``scope="group"`` when ``group`` does not divide the row: the last, shorter group of each
     row takes its statistics over its own values only (NaN padding, ignored by the means)."""
     out_f, in_f = weight.shape
-    padded = torch.nn.functional.pad(weight.float(), (0, -in_f % group), value=float("nan"))
-    x = padded.reshape(-1, group)
+    x = as_ranges(weight.float(), group, fill=float("nan"))
     mean = x.nanmean(dim=1, keepdim=True)
     std = (x - mean).pow_(2).nanmean(dim=1, keepdim=True).sqrt_()
     # NaN compares False: the padding is never an outlier.

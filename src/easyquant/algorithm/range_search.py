@@ -28,6 +28,17 @@ DEFAULT_CPU_CHUNK = 1 << 19
 StepTrace = Callable[[int, torch.Tensor, torch.Tensor], None]
 
 
+def as_ranges(x: torch.Tensor, length: int, fill: float = 0.0) -> torch.Tensor:
+    """``x`` ``[out, in]`` as rows of one range each, ``[out * groups, length]``. Where
+    ``length`` does not divide the row, each row is padded with ``fill`` to whole groups (a
+    shorter last group): zeros quantize to code 0 and add nothing to any range's error, gradient
+    or max-abs; NaN is ignored by nan-statistics. A view when nothing is padded."""
+    pad = -x.shape[1] % length
+    if pad:
+        x = torch.nn.functional.pad(x, (0, pad), value=fill)
+    return x.reshape(-1, length)
+
+
 def quantize_codes(x: torch.Tensor, scale: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
     """Signed integer codes (as float) of ``x`` on the grid ``scale * [qmin, qmax]``:
     ``clamp(floor(x / scale + 1/2))``, in place on one temporary of ``x``'s size."""

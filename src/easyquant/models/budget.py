@@ -38,6 +38,7 @@ from torch import nn
 
 from easyquant.algorithm.budget import Candidate, TensorChoices, allocate
 from easyquant.algorithm.outliers import outlier_mask, zeroed_float
+from easyquant.algorithm.range_search import as_ranges
 from easyquant.config import QuantConfig
 from easyquant.format.bitpack import packed_length
 from easyquant.format.qweight import index_dtype, num_groups
@@ -159,7 +160,7 @@ def evaluate_candidates(
     losses: dict[int | None, torch.Tensor] = {}  # group -> loss per range (float64)
     found: dict[tuple[float | None, int | None], Candidate] = {}
     # The weight as ranges depends on the group only (a copy where the group is ragged).
-    ranges_of = {group: padded_ranges(weight, group or in_f) for group in group_list}
+    ranges_of = {group: as_ranges(weight, group or in_f) for group in group_list}
     for sigma in sigma_order(sigmas):
         masks: dict[int | None, tuple[torch.Tensor, int, float]] = {}
         for group in group_list:
@@ -171,11 +172,11 @@ def evaluate_candidates(
                 masks[key] = (mask, int(mask.sum()), outlier_error(weight, mask, final))
             mask, outliers, stored_error = masks[key]
             length = group or in_f
-            ranges, flags = ranges_of[group], padded_ranges(mask, length)
+            ranges, flags = ranges_of[group], as_ranges(mask, length)
             if group not in losses:
                 losses[group] = range_losses(ranges, flags, search, backend, chunk)
             else:
-                changed = padded_ranges(mask != previous[key], length).any(dim=1)
+                changed = as_ranges(mask != previous[key], length).any(dim=1)
                 changed = changed.nonzero().squeeze(1)
                 if changed.numel():
                     losses[group][changed] = range_losses(
@@ -187,16 +188,6 @@ def evaluate_candidates(
         previous = {key: mask for key, (mask, _, _) in masks.items()}
         del masks
     return [found[s, g] for g in group_list for s in sigma_order(sigmas)]
-
-
-def padded_ranges(x: torch.Tensor, length: int) -> torch.Tensor:
-    """``x`` ``[out, in]`` as ranges ``[out * groups, length]``; a row that groups do not divide
-    is padded with zeros (False), which quantize to code 0 and add nothing to any range's error,
-    gradient or max-abs: what quantize_tensor does with a shorter last group."""
-    pad = -x.shape[1] % length
-    if pad:
-        x = torch.nn.functional.pad(x, (0, pad))
-    return x.reshape(-1, length)
 
 
 def range_losses(

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from easyquant.algorithm.chunking import weight_row_slices
-from easyquant.algorithm.range_search import initial_scales, quantize_codes
+from easyquant.algorithm.range_search import as_ranges, initial_scales, quantize_codes
 from easyquant.config import QuantConfig
 from easyquant.format.qweight import QuantizedWeight
 from easyquant.nn.quant_linear import QuantLinear
@@ -135,11 +135,7 @@ def report_errors(
             approx = qweight.dequantize_rows(rows, torch.float32).to(x.device)
             error = error + approx.sub_(x).pow_(2).sum(dtype=torch.float64)
             del approx
-        # Zero padding to whole groups (a shorter last group): zeros change no max-abs, no error.
-        padded = torch.nn.functional.pad(x, (0, -in_f % group))
-        approx = rtn_reconstruction(padded.reshape(-1, group), config).reshape(padded.shape)
-        approx = approx[:, :in_f]
-        del padded
+        approx = rtn_reconstruction(as_ranges(x, group), config).reshape(len(x), -1)[:, :in_f]
         rtn = rtn + approx.sub_(x).pow_(2).sum(dtype=torch.float64)
         del x, approx
     denom = float(norm) or 1.0
