@@ -8,11 +8,15 @@ Writes the synthetic Llama-7B-shaped checkpoint of bench_memory.py (``--layers``
 ``--hidden/--intermediate/--vocab`` shrink it), then times ``easyquant quantize`` in one process
 and under ``torchrun --standalone --nproc-per-node N`` (GPU: one GPU per process, cuda:LOCAL_RANK;
 CPU: the cores split between the processes), each from the command line to the finished
-directory, and checks that both outputs hold the same tensors bit for bit. ``in-run s`` is rank
-0's ``wall_seconds`` (quant_report.json: from opening the input, which imports transformers, to
-writing the report; no interpreter start-up). With a fast quantizer (GPU) the run is mostly
-reading and writing the checkpoint, so the speedup depends on the disk as much as on the GPUs.
-Prints a table and writes benchmarks/results/<device>-<date>-distributed.json.
+directory, and checks that every output holds the same tensors bit for bit. ``--runs`` picks
+the runs (default ``1 N``), e.g. ``1 1:no-overlap N N:gloo N:no-overlap``; speedups are
+against the first. The checkpoint is read from the page cache in every run (just written).
+``in-run s`` is rank 0's ``wall_seconds`` (quant_report.json: from opening the input, which
+imports transformers, to writing the report; no interpreter start-up); ``read s`` and ``write
+s`` are the time spent reading the input and writing shards, summed over ranks.
+With a fast quantizer (GPU) the run is mostly reading and writing the checkpoint, so the
+speedup depends on the disk as much as on the GPUs. Prints a table and writes
+benchmarks/results/<device>-<date>-distributed.json.
 """
 
 from __future__ import annotations
@@ -43,10 +47,15 @@ def child_env(threads: int) -> dict[str, str]:
 
 
 def quantize(
-    src: Path, out: Path, nproc: int, args: argparse.Namespace, threads: int
+    src: Path, out: Path, run: str, args: argparse.Namespace, threads: int
 ) -> tuple[float, dict]:
-    """Seconds of the whole command, and the run's quant_report totals."""
+    """Seconds of the whole command, and the run's quant_report totals. ``run``: processes,
+    then ``:`` options (``no-overlap``, ``gloo``/``nccl``), as in ``--runs``."""
+    nproc, *flags = run.split(":")
+    nproc = int(nproc)
     options = ["--steps", str(args.steps), "--device", args.device, "--backend", args.backend]
+    for flag in flags:
+        options += ["--no-overlap"] if flag == "no-overlap" else ["--dist-backend", flag]
     command = [str(src), "--out", str(out), *options, "--quiet"]
     launcher = [sys.executable]
     if nproc > 1:
@@ -92,6 +101,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--nproc", type=int, help="processes (default: the GPUs, or 2 on CPU)")
+    parser.add_argument(
+        "--runs",
+        nargs="+",
+        default=["1", "N"],
+        help="runs to time, the first is the reference: processes (N: --nproc) and options after "
+        "':', e.g. 1 1:no-overlap N N:gloo N:no-overlap",
+    )
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--steps", type=int, default=500)
     parser.add_argument("--backend", default="auto", choices=("auto", "torch", "triton"))
@@ -104,7 +120,7 @@ def main() -> None:
     args = parser.parse_args()
     gpu = args.device.startswith("cuda")
     nproc = args.nproc or (torch.cuda.device_count() if gpu else 2)
-    if nproc < 2:
+    if nproc < 2 and any(run.startswith("N") for run in args.runs):
         raise SystemExit(f"needs at least 2 processes (GPUs visible: {torch.cuda.device_count()})")
     # CPU threads in all: the one process gets them all, each of N processes its share
     cores = int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count() or 1)
@@ -123,27 +139,41 @@ def main() -> None:
         print(f"writing a {args.layers}-layer {args.dtype} checkpoint in {work} ...")
         layout = write_checkpoint(work / "src", config, getattr(torch, args.dtype))
         print(f"  {layout['checkpoint_bytes'] / 1e9:.2f} GB")
-        one_s, one = quantize(work / "src", work / "q1", 1, args, cores)
-        many_s, many = quantize(work / "src", work / "qn", nproc, args, max(1, cores // nproc))
-        identical = same_tensors(work / "q1", work / "qn")
+        runs = [
+            run.replace("N", str(nproc), 1) if run.startswith("N") else run for run in args.runs
+        ]
+        timed: list[tuple[str, float, dict]] = []
+        identical = True
+        for i, run in enumerate(runs):
+            n = int(run.split(":")[0])
+            out = work / f"q{i}"
+            seconds, totals = quantize(work / "src", out, run, args, max(1, cores // n))
+            timed.append((run, seconds, totals))
+            print(f"  {run}: {seconds:.2f} s", flush=True)
+            if i:
+                identical &= same_tensors(work / "q0", out)
+                shutil.rmtree(out)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    _, ref_s, ref = timed[0]
     rows = [
         {
-            "processes": n,
+            "run": run,
             "command s": round(s, 2),
             "in-run s": round(t["wall_seconds"], 2),
             "quantize s (sum)": round(t["quantize_seconds"], 2),
-            "speedup (command)": round(one_s / s, 2),
-            "speedup (in-run)": round(one["wall_seconds"] / t["wall_seconds"], 2),
+            "read s (sum)": round(t.get("read_seconds", float("nan")), 2),
+            "write s (sum)": round(t.get("write_seconds", float("nan")), 2),
+            "speedup (command)": round(ref_s / s, 2),
+            "speedup (in-run)": round(ref["wall_seconds"] / t["wall_seconds"], 2),
         }
-        for n, s, t in ((1, one_s, one), (nproc, many_s, many))
+        for run, s, t in timed
     ]
     print()
     print_table(rows, list(rows[0]))
     print(
-        f"\n{args.steps} Adam steps, {args.device}, {one['quantized_parameters']:,} parameters "
-        f"quantized; outputs bit-identical: {identical}"
+        f"\n{args.steps} Adam steps, {args.device}, {ref['quantized_parameters']:,} parameters "
+        f"quantized; every output bit-identical to the first run's: {identical}"
     )
     payload = {
         "layers": args.layers,
@@ -155,6 +185,7 @@ def main() -> None:
         **layout,
         "bit_identical": identical,
         "rows": rows,
+        "totals": {run: t for run, _, t in timed},
     }
     path = write_result("distributed", args.device, payload, out_dir=args.out_dir)
     print(f"wrote {path}")

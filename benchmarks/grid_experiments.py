@@ -17,7 +17,12 @@ benchmarks/quality_sweep.py). It appends one JSON line per setting to ``--out``.
   power (RMSNorm gamma^2 for q/k/v and gate/up; the value rows' norms for o_proj; E[silu(g)^2]
   times the up rows' norms for down_proj, for isotropic normalised inputs);
   ``wsel``: pick the same number of outliers by that weighted deviation instead;
-- ``statblock``: n-sigma statistics per block of that many columns (ranges stay per channel).
+- ``statblock``: n-sigma statistics per block of that many columns (ranges stay per channel);
+- ``rotate``: quantize ``W R`` instead of ``W`` and use ``Q(W R) R^T``, ``R`` an orthogonal
+  rotation of the input columns (random signs, then a normalised Hadamard transform in blocks of
+  that many columns, a power of two; ``"max"``: the largest power of two dividing the width;
+  ``"dense"``: a random orthogonal matrix as wide as the input, the unattainable ideal). Serving
+  it would rotate each input the same way (x R), as QuaRot/QuIP# do; no data is used.
 
 Bits per weight are counted as the library stores them (codes, fp16 scales (and offsets),
 16-bit index + 16-bit value per outlier, int32 row pointers). The library's own settings are
@@ -165,6 +170,27 @@ def search(
     return nearest(x - m, s, levels, kind)[0] + m
 
 
+def hadamard(size: int) -> torch.Tensor:
+    """Sylvester's Hadamard matrix of a power-of-two ``size``, normalised to be orthogonal."""
+    h = torch.ones(1, 1, dtype=torch.float64)
+    while h.shape[0] < size:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return h / math.sqrt(size)
+
+
+def rotation(width: int, kind: int | str) -> torch.Tensor:
+    """The orthogonal ``width`` x ``width`` rotation of setting ``rotate`` (seeded by width)."""
+    gen = torch.Generator().manual_seed(width)
+    if kind == "dense":
+        q, r = torch.linalg.qr(torch.randn(width, width, generator=gen, dtype=torch.float64))
+        return (q * r.diagonal().sign()).float()
+    block = width & -width if kind == "max" else int(kind)
+    if width % block:
+        raise ValueError(f"rotation block {block} does not divide {width}")
+    signs = torch.randint(0, 2, (width,), generator=gen).double() * 2 - 1
+    return (signs[:, None] * torch.block_diag(*[hadamard(block)] * (width // block))).float()
+
+
 def outlier_mask(weight: torch.Tensor, col_weight: torch.Tensor | None, st: dict) -> torch.Tensor:
     out_f, in_f = weight.shape
     sigma = st.get("sigma")
@@ -192,6 +218,11 @@ def fake_quant(weight: torch.Tensor, col_weight: torch.Tensor | None, st: dict):
     bits, group = st["bits"], st.get("group")
     out_f, in_f = weight.shape
     weight = weight.float()
+    rotate = st.get("rotate")
+    if rotate:
+        r = rotation(in_f, rotate)
+        quantized, stored, outliers = fake_quant(weight @ r, None, {**st, "rotate": None})
+        return quantized @ r.T, stored, outliers
     mask = outlier_mask(weight, col_weight, st)
     size = group or in_f
     rows = weight.masked_fill(mask, 0.0).reshape(-1, size)

@@ -153,18 +153,56 @@ def test_existing_output_is_refused_and_kept_unless_overwrite(tiny_llama_dir, tm
     assert sorted(p.name for p in tmp_path.iterdir()) == ["q"]  # no partial or old copy left
 
 
-def test_failure_mid_run_leaves_no_complete_looking_output(tmp_path):
+def test_overlapped_and_one_at_a_time_passes_write_the_same_files(tiny_llama_dir, tmp_path):
+    for overlap in (True, False):
+        quantize_model(
+            tiny_llama_dir, CONFIG, tmp_path / str(overlap), shard_size=30_000, overlap=overlap
+        )
+    assert model_files(tmp_path / "True") == model_files(tmp_path / "False")
+    for overlap in (True, False):
+        totals = json.loads((tmp_path / str(overlap) / "quant_report.json").read_text())["totals"]
+        assert totals["overlap"] is overlap
+        assert 0 < totals["read_seconds"] < totals["pass_seconds"] <= totals["wall_seconds"]
+        assert 0 < totals["write_seconds"] < totals["pass_seconds"]
+        assert 0 <= totals["io_wait_seconds"] < totals["pass_seconds"]
+
+
+@pytest.mark.parametrize("overlap", [True, False])
+def test_failure_mid_run_leaves_no_complete_looking_output(tmp_path, overlap):
     model = tiny_llama(seed=2)
     with torch.no_grad():
         model.model.layers[1].mlp.up_proj.weight[3, 5] = float("nan")
     out = tmp_path / "q"
     with pytest.raises(ValueError, match=r"model\.layers\.1\.mlp\.up_proj\.weight has 1 NaN/Inf"):
-        quantize_model(model, CONFIG, out, shard_size=20_000, log=None)
+        quantize_model(model, CONFIG, out, shard_size=20_000, log=None, overlap=overlap)
     assert not out.exists()
     partial = partial_path(out.absolute())
     names = {p.name for p in partial.iterdir()}
     assert "config.json" not in names and "progress.json" in names
     assert any(n.startswith("shard-") for n in names)  # finished shards are kept for --resume
+
+
+def test_a_read_error_in_the_reading_thread_fails_the_run_and_resume_finishes_it(
+    tiny_llama_dir, tmp_path, monkeypatch
+):
+    from easyquant.models.sources import SafetensorsDirSource
+
+    load = SafetensorsDirSource.load
+
+    def failing_load(self, name):
+        if name == "model.layers.1.mlp.down_proj.weight":
+            raise OSError("disk went away")
+        return load(self, name)
+
+    out = tmp_path / "q"
+    monkeypatch.setattr(SafetensorsDirSource, "load", failing_load)
+    with pytest.raises(OSError, match="disk went away"):
+        quantize_model(tiny_llama_dir, CONFIG, out, shard_size=20_000, log=None)
+    assert not out.exists()
+    monkeypatch.setattr(SafetensorsDirSource, "load", load)
+    quantize_model(tiny_llama_dir, CONFIG, out, shard_size=20_000, log=None, resume=True)
+    quantize_model(tiny_llama_dir, CONFIG, tmp_path / "whole", shard_size=20_000, log=None)
+    assert model_files(out) == model_files(tmp_path / "whole")
 
 
 @pytest.mark.parametrize(

@@ -4,7 +4,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from easyquant.models.errors import ModelInputError
-from easyquant.models.safetensors_io import ShardWriter, read_header, read_tensor
+from easyquant.models.safetensors_io import ShardWriter, header_reserve, read_header, read_tensor
 
 TENSORS = {
     "a.weight": torch.randn(5, 7),
@@ -18,17 +18,32 @@ TENSORS = {
 }
 
 
-def test_shard_writer_output_reads_back_with_the_reference_library(tmp_path):
-    writer = ShardWriter(tmp_path / "x.safetensors")
+@pytest.mark.parametrize("reserve", [4096, 16])  # the header fits its room / needs a rewrite
+def test_shard_writer_output_reads_back_with_the_reference_library(tmp_path, reserve):
+    writer = ShardWriter(tmp_path / "x.safetensors", reserve)
     for name, tensor in TENSORS.items():
         writer.add(name, tensor)
     assert writer.close() == list(TENSORS)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.safetensors"]  # no body/tmp left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.safetensors"]  # no part/tmp left
+    raw = (tmp_path / "x.safetensors").read_bytes()
+    header_len = int.from_bytes(raw[:8], "little")
+    assert header_len % 8 == 0
+    assert (8 + header_len == reserve) == (reserve == 4096)  # written in place only if it fits
     with safe_open(str(tmp_path / "x.safetensors"), framework="pt") as f:
         assert set(f.keys()) == set(TENSORS)
         for name, tensor in TENSORS.items():
             got = f.get_tensor(name)
             assert got.dtype == tensor.dtype and torch.equal(got, tensor), name
+    entries, _ = read_header(tmp_path / "x.safetensors")
+    for entry in entries:
+        assert torch.equal(read_tensor(entry), TENSORS[entry.name]), entry.name
+
+
+def test_header_reserve_grows_with_the_shard_size_within_bounds():
+    assert header_reserve(1000) == 4096
+    assert header_reserve(2 * 1024**3) == 1 << 20
+    assert header_reserve(10 * 1024**3) == 1 << 20
+    assert header_reserve(100_000_003) % 8 == 0
 
 
 def test_reader_reads_files_of_the_reference_library(tmp_path):

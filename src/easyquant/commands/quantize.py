@@ -118,7 +118,8 @@ def run(args: argparse.Namespace) -> int:
             print(f"easyquant: {message}", file=sys.stderr)
 
     out = Path(args.out)
-    joined = init_world(args.device)  # None unless started by torchrun with several processes
+    # None unless started by torchrun with several processes
+    joined = init_world(args.device, args.dist_backend)
     world, device = joined if joined is not None else (None, args.device)
     try:
         result = quantize_model(
@@ -135,6 +136,7 @@ def run(args: argparse.Namespace) -> int:
             log=log,
             world=world,
             target_bpw=target_bpw,
+            overlap=not args.no_overlap,
         )
     except KeyboardInterrupt:
         log("stopped; finished shards are kept: continue with the same command and --resume")
@@ -230,5 +232,17 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="replace an existing output directory (only once the new one is done)",
     )
     p.add_argument("--resume", action="store_true", help="continue an interrupted run")
+    p.add_argument(
+        "--no-overlap",
+        action="store_true",
+        help="read, quantize and write one tensor at a time (host memory: one tensor, not three)",
+    )
+    p.add_argument(
+        "--dist-backend",
+        choices=("auto", "gloo", "nccl"),
+        default="auto",
+        help="under torchrun: the process group's backend (auto: nccl with --device cuda, else "
+        "gloo; the ranks only exchange small messages, so gloo serves GPUs too)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar, no messages")
     p.set_defaults(func=run)

@@ -61,6 +61,7 @@ class Status:
     shards: list[dict[str, Any]] = field(default_factory=list)
     rows: list[dict[str, Any]] = field(default_factory=list)
     error: str | None = None
+    times: dict[str, float] = field(default_factory=dict)  # StageSeconds.to_dict()
 
 
 def world_from_env(environ: Mapping[str, str] = os.environ) -> World | None:
@@ -72,17 +73,22 @@ def world_from_env(environ: Mapping[str, str] = os.environ) -> World | None:
 
 
 def init_world(
-    device: str | torch.device, timeout: datetime.timedelta = TIMEOUT
+    device: str | torch.device,
+    backend: str = "auto",
+    timeout: datetime.timedelta = TIMEOUT,
 ) -> tuple[World, torch.device] | None:
-    """Join the process group torchrun set up (None when alone) and pick this rank's device:
-    gloo on CPU; NCCL and ``cuda:LOCAL_RANK`` for a CUDA device."""
+    """Join the process group torchrun set up (None when alone) and pick this rank's device
+    (``cuda:LOCAL_RANK`` for a CUDA device). ``backend``: the process group's; ``auto`` is
+    NCCL for a CUDA device and gloo on CPU. The ranks exchange only a few small messages."""
+    if backend not in ("auto", "gloo", "nccl"):
+        raise ValueError(f"unknown process group backend {backend!r}: use auto, gloo or nccl")
     world = world_from_env()
     if world is None:
         return None
     import torch.distributed as dist
 
     device = torch.device(device)
-    backend = "gloo"
+    chosen = "gloo"
     if device.type == "cuda":
         count = torch.cuda.device_count()
         if world.local_rank >= count:
@@ -92,9 +98,11 @@ def init_world(
             )
         device = torch.device("cuda", world.local_rank)
         torch.cuda.set_device(device)
-        backend = "nccl"
+        chosen = "nccl"
+    if backend == "nccl" and device.type != "cuda":
+        raise ValueError("--dist-backend nccl needs a CUDA --device")
     if not dist.is_initialized():
-        dist.init_process_group(backend, timeout=timeout)
+        dist.init_process_group(chosen if backend == "auto" else backend, timeout=timeout)
     return world, device
 
 
@@ -181,6 +189,13 @@ def check_visible(partial: Path, statuses: Sequence[Status]) -> None:
                 )
 
 
+def rank_times(statuses: Sequence[Status]) -> dict[str, Any]:
+    """The report's stage times: summed over ranks, and each rank's own."""
+    keys = statuses[0].times.keys()
+    summed = {key: sum(s.times[key] for s in statuses) for key in keys}
+    return {**summed, "rank_times": [s.times for s in statuses]}
+
+
 def bookkeeping(size: int) -> list[str]:
     """The writer's lock and progress files of every rank: removed before publishing."""
     names = [LOCK_FILE]
@@ -204,6 +219,7 @@ def quantize_distributed(
     resume: bool,
     progress: bool,
     log: Callable[[str], None] | None,
+    overlap: bool = True,
 ) -> QuantizeResult:
     """This rank's part of :func:`~easyquant.models.pipeline.quantize_model` (``world`` given)."""
 
@@ -222,9 +238,11 @@ def quantize_distributed(
         writer = OutputWriter(
             out_dir, fingerprint, shard_size, overwrite, resume, rank_log, world.rank, world.size
         )
-        quantize_tensors(job, mine, writer, device, backend, progress and world.is_main)
+        times = quantize_tensors(
+            job, mine, writer, device, backend, progress and world.is_main, overlap
+        )
         writer.close()
-        status = Status(writer.shards, writer.reports)
+        status = Status(writer.shards, writer.reports, times=times.to_dict())
     except Exception as exc:
         own, status = exc, Status(error=describe(exc))
     except BaseException:  # interrupted: torchrun stops the other ranks too
@@ -246,7 +264,9 @@ def quantize_distributed(
                     writer.out_dir,
                     [shard for s in statuses for shard in s.shards],
                     job.hf_config(),
-                    lambda: job.report(rows, processes=world.size),
+                    lambda: job.report(
+                        rows, processes=world.size, overlap=overlap, **rank_times(statuses)
+                    ),
                     job.source.write_extras,
                     bookkeeping(world.size),
                 )

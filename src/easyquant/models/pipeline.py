@@ -9,9 +9,11 @@ temporaries, whatever the model size.
 
 from __future__ import annotations
 
+import functools
 import sys
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -179,6 +181,41 @@ def prepare(
     return Job(source, config, selection, targets, fingerprint, started)
 
 
+@dataclass
+class StageSeconds:
+    """Where a pass over the tensors spent its time: ``read`` and ``write`` are the time spent
+    reading inputs and writing outputs (in their own threads when overlapped), ``waited`` the
+    time the quantizing thread stood idle for them; ``wall`` the whole pass."""
+
+    read: float = 0.0
+    write: float = 0.0
+    waited: float = 0.0
+    wall: float = 0.0
+
+    def to_dict(self) -> dict[str, float]:
+        return {
+            "read_seconds": self.read,
+            "write_seconds": self.write,
+            "io_wait_seconds": self.waited,
+            "pass_seconds": self.wall,
+        }
+
+
+class _Inline:
+    """An executor that runs each task at once, in the calling thread (``overlap=False``)."""
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> Future[Any]:
+        future: Future[Any] = Future()
+        try:
+            future.set_result(fn(*args))
+        except BaseException as exc:
+            future.set_exception(exc)
+        return future
+
+    def shutdown(self, wait: bool = True) -> None:
+        pass
+
+
 def quantize_tensors(
     job: Job,
     tensors: list[SourceTensor],
@@ -186,31 +223,80 @@ def quantize_tensors(
     device: torch.device,
     backend: str,
     progress: bool,
-) -> None:
-    """Quantize or copy ``tensors`` (in this order) into ``writer``, from ``writer.done`` on."""
+    overlap: bool = True,
+) -> StageSeconds:
+    """Quantize or copy ``tensors`` (in this order) into ``writer``, from ``writer.done`` on.
+
+    ``overlap``: read the next tensor and write the previous one's outputs in two threads while
+    this one quantizes (file I/O releases the GIL), so a run on a fast GPU is not the sum of
+    read, quantize and write. It holds up to three tensors in host memory instead of one.
+    """
+    times = StageSeconds()
+    started = time.perf_counter()
+
+    def timed(stage: str, fn: Callable[..., Any], *args: Any) -> Any:
+        start = time.perf_counter()
+        try:
+            return fn(*args)
+        finally:
+            setattr(times, stage, getattr(times, stage) + time.perf_counter() - start)
+
+    def wait(future: Future[Any]) -> Any:
+        start = time.perf_counter()
+        try:
+            return future.result()
+        finally:
+            times.waited += time.perf_counter() - start
+
+    todo = list(enumerate(tensors))[writer.done :]
     bar = None
     if progress:
         from tqdm import tqdm
 
         bar = tqdm(total=len(tensors), initial=writer.done, unit="tensor", file=sys.stderr)
-    for index, info in list(enumerate(tensors))[writer.done :]:
-        tensor = job.source.load(info.name)
-        module = info.name.removesuffix(".weight")
-        cfg = job.targets.get(module) if info.name.endswith(".weight") else None
-        if cfg is None:
-            writer.add(index, {info.name: tensor}, None)
-        else:
-            qweight, report = quantize_with_report(
-                info.name, tensor.to(device), cfg, backend=backend
-            )
-            outputs = {f"{module}.{k}": v.cpu() for k, v in qweight.state_dict().items()}
-            del qweight  # its device copy must not live on while the next tensor is quantized
-            writer.add(index, outputs, report.to_dict())
-        del tensor
+    pin = overlap and device.type == "cuda"  # read into page-locked memory, copy asynchronously
+
+    def load(name: str) -> torch.Tensor:
+        return job.source.load(name, pin)
+
+    reader = ThreadPoolExecutor(1, "easyquant-read") if overlap else _Inline()
+    writing = ThreadPoolExecutor(1, "easyquant-write") if overlap else _Inline()
+    try:
+        read = reader.submit(timed, "read", load, todo[0][1].name) if todo else None
+        written: Future[Any] | None = None
+        for position, (index, info) in enumerate(todo):
+            assert read is not None
+            tensor = wait(read)
+            if position + 1 < len(todo):
+                read = reader.submit(timed, "read", load, todo[position + 1][1].name)
+            module = info.name.removesuffix(".weight")
+            cfg = job.targets.get(module) if info.name.endswith(".weight") else None
+            if cfg is None:
+                outputs, row = {info.name: tensor}, None
+            else:
+                qweight, report = quantize_with_report(
+                    info.name, tensor.to(device, non_blocking=pin), cfg, backend=backend
+                )
+                outputs = {f"{module}.{k}": v.cpu() for k, v in qweight.state_dict().items()}
+                row = report.to_dict()
+                del qweight  # its device copy must not live on while the next tensor is quantized
+            del tensor
+            if written is not None:
+                wait(written)  # at most one tensor's outputs waiting to be written
+            written = writing.submit(timed, "write", writer.add, index, outputs, row)
+            del outputs
+            if bar is not None:
+                bar.update(1)
+        if written is not None:
+            wait(written)
+    finally:
+        # On an error: let the read and write in flight finish (the caller aborts the writer).
+        reader.shutdown(wait=True)
+        writing.shutdown(wait=True)
         if bar is not None:
-            bar.update(1)
-    if bar is not None:
-        bar.close()
+            bar.close()
+    times.wall = time.perf_counter() - started
+    return times
 
 
 def quantize_model(
@@ -229,6 +315,7 @@ def quantize_model(
     log: Callable[[str], None] | None = default_log,
     world: World | None = None,
     target_bpw: float | None = None,
+    overlap: bool = True,
 ) -> QuantizeResult:
     """Quantize a model and save it as a Hugging Face style directory at ``out_dir``.
 
@@ -243,7 +330,8 @@ def quantize_model(
     ``target_bpw``: choose each weight's outlier sigma and group size for the least total
     error within that average of bits per weight (:func:`easyquant.models.budget.plan_budget`,
     a first pass over the weights; under ``world`` rank 0 plans and broadcasts the plan).
-    Load the result with :func:`load_quantized`.
+    ``overlap``: read, quantize and write in three threads (:func:`quantize_tensors`); False
+    keeps one tensor in host memory at a time. Load the result with :func:`load_quantized`.
     """
     if out_dir is None:
         raise ValueError("quantize_model needs out_dir, the directory to write")
@@ -296,12 +384,16 @@ def quantize_model(
             resume=resume,
             progress=progress,
             log=log,
+            overlap=overlap,
         )
     job = prepare(model_or_path, config, out_dir, selection, tokenizer, shard_size, overwrite)
     writer = OutputWriter(out_dir, job.fingerprint, shard_size, overwrite, resume, log)
     try:
-        quantize_tensors(job, job.source.tensors, writer, device, backend, progress)
-        path = writer.finish(job.hf_config(), job.report, job.source.write_extras)
+        times = quantize_tensors(
+            job, job.source.tensors, writer, device, backend, progress, overlap
+        )
+        report = functools.partial(job.report, **times.to_dict(), overlap=overlap)
+        path = writer.finish(job.hf_config(), report, job.source.write_extras)
     except BaseException:
         writer.abort()
         raise

@@ -7,8 +7,9 @@ pages of a map stay resident (and count in the process RSS) for as long as the f
 streaming pass over a large checkpoint would end up holding all of it. Headers are checked against
 the file size, so a truncated or corrupt file is refused before any work starts.
 
-:class:`ShardWriter` appends tensor bytes to a body file as they come and writes the header in
-front when the shard is closed: memory stays bounded by one tensor, whatever the shard size.
+:class:`ShardWriter` writes tensor bytes into the file as they come, behind room kept for the
+header, and writes the header in front when the shard is closed: memory stays bounded by one
+tensor, whatever the shard size, and the data is written once.
 """
 
 from __future__ import annotations
@@ -115,17 +116,17 @@ def read_header(path: Path) -> tuple[list[TensorEntry], bytes]:
     return entries, raw
 
 
-def read_tensor(entry: TensorEntry) -> torch.Tensor:
-    """Read one tensor (one copy, no memory map)."""
-    buffer = bytearray(entry.nbytes)
+def read_tensor(entry: TensorEntry, pin_memory: bool = False) -> torch.Tensor:
+    """Read one tensor (one copy, no memory map); ``pin_memory``: into page-locked memory."""
+    if not entry.nbytes:
+        return torch.empty(entry.shape, dtype=entry.dtype)
+    buffer = torch.empty(entry.nbytes, dtype=torch.uint8, pin_memory=pin_memory)
     with open(entry.file, "rb") as f:
         f.seek(entry.start)
-        got = f.readinto(buffer)
+        got = f.readinto(memoryview(buffer.numpy()))
     if got != entry.nbytes:
         raise ModelInputError(f"{entry.file} is truncated: tensor {entry.name!r} is incomplete")
-    if not buffer:
-        return torch.empty(entry.shape, dtype=entry.dtype)
-    return torch.frombuffer(buffer, dtype=entry.dtype).reshape(entry.shape)
+    return buffer.view(entry.dtype).reshape(entry.shape)
 
 
 def tensor_bytes(tensor: torch.Tensor) -> memoryview:
@@ -133,13 +134,28 @@ def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     return memoryview(flat.view(torch.uint8).numpy()).cast("B")
 
 
-class ShardWriter:
-    """Writes one safetensors file tensor by tensor; ``close()`` puts it in place atomically."""
+def header_reserve(shard_size: int) -> int:
+    """Bytes a shard keeps for its header: about 1/1024 of the shard (a 2 GB shard: 1 MiB, room
+    for some 8,000 tensor entries), at least 4 KiB; 8-byte aligned."""
+    return min(1 << 20, max(4096, shard_size // 1024)) // 8 * 8
 
-    def __init__(self, path: Path) -> None:
+
+class ShardWriter:
+    """Writes one safetensors file tensor by tensor; ``close()`` puts it in place atomically.
+
+    Tensor bytes go straight into the file, after ``reserve`` bytes kept for the header, so the
+    data is written once (the header is only known at the end; the format lets it end in spaces).
+    A header that outgrows the reserve costs one rewrite of the file with an exact header.
+    """
+
+    def __init__(self, path: Path, reserve: int = 4096) -> None:
+        if reserve < 16 or reserve % 8:
+            raise ValueError(f"header reserve must be a multiple of 8, at least 16; got {reserve}")
         self.path = path
-        self.body_path = path.with_name(path.name + ".body")
-        self.body = open(self.body_path, "wb")
+        self.part_path = path.with_name(path.name + ".part")
+        self.reserve = reserve
+        self.file = open(self.part_path, "wb")
+        self.file.seek(reserve)
         self.header: dict[str, dict[str, object]] = {}
         self.nbytes = 0
 
@@ -149,7 +165,7 @@ class ShardWriter:
         if tensor.dtype not in DTYPE_NAMES:
             raise ValueError(f"tensor {name!r}: dtype {tensor.dtype} cannot be stored")
         data = tensor_bytes(tensor)
-        self.body.write(data)
+        self.file.write(data)
         self.header[name] = {
             "dtype": DTYPE_NAMES[tensor.dtype],
             "shape": list(tensor.shape),
@@ -158,22 +174,33 @@ class ShardWriter:
         self.nbytes += len(data)
 
     def close(self) -> list[str]:
-        """Write header + body to ``path`` (via a temporary name, fsync'd); return tensor names."""
-        self.body.close()
+        """Write the header, fsync and move the file to ``path``; return the tensor names."""
         header = json.dumps({"__metadata__": METADATA, **self.header}, separators=(",", ":"))
         raw = header.encode()
+        if 8 + len(raw) <= self.reserve:
+            raw = raw.ljust(self.reserve - 8, b" ")
+            self.file.seek(0)
+            self.file.write(struct.pack("<Q", len(raw)))
+            self.file.write(raw)
+            self.file.flush()
+            os.fsync(self.file.fileno())
+            self.file.close()
+            os.replace(self.part_path, self.path)
+            return list(self.header)
+        self.file.close()
         raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned, as the reference writer does
         tmp = self.path.with_name(self.path.name + ".tmp")
-        with open(tmp, "wb") as out, open(self.body_path, "rb") as body:
+        with open(tmp, "wb") as out, open(self.part_path, "rb") as part:
             out.write(struct.pack("<Q", len(raw)))
             out.write(raw)
-            shutil.copyfileobj(body, out, 16 << 20)
+            part.seek(self.reserve)
+            shutil.copyfileobj(part, out, 16 << 20)
             out.flush()
             os.fsync(out.fileno())
         os.replace(tmp, self.path)
-        self.body_path.unlink()
+        self.part_path.unlink()
         return list(self.header)
 
     def abort(self) -> None:
-        self.body.close()
-        self.body_path.unlink(missing_ok=True)
+        self.file.close()
+        self.part_path.unlink(missing_ok=True)

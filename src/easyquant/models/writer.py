@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from easyquant.models.errors import ModelInputError, OutputExistsError
-from easyquant.models.safetensors_io import ShardWriter, tensor_bytes
+from easyquant.models.safetensors_io import ShardWriter, header_reserve, tensor_bytes
 
 PROGRESS_FILE = "progress.json"
 LOCK_FILE = ".lock"
@@ -220,7 +220,7 @@ class OutputWriter:
             self._close_shard()
         if self.current is None:
             name = f"{self.prefix}shard-{len(self.shards) + 1:05d}.safetensors"
-            self.current = ShardWriter(self.partial / name)
+            self.current = ShardWriter(self.partial / name, header_reserve(self.shard_size))
         for name, tensor in outputs.items():
             self.current.add(name, tensor)
         if report is not None:
