@@ -12,8 +12,9 @@ directory, and checks that every output holds the same tensors bit for bit. ``--
 the runs (default ``1 N``), e.g. ``1 1:no-overlap N N:gloo N:no-overlap``; speedups are
 against the first. The checkpoint is read from the page cache in every run (just written).
 ``in-run s`` is rank 0's ``wall_seconds`` (quant_report.json: from opening the input, which
-imports transformers, to writing the report; no interpreter start-up); ``read s`` and ``write
-s`` are the time spent reading the input and writing shards, summed over ranks.
+imports transformers, to writing the report; no interpreter start-up), ``open s`` and ``pass s``
+rank 0's time to open and plan and its pass over its tensors; ``read s`` and ``write s`` are the
+time spent reading the input and writing shards, summed over ranks.
 With a fast quantizer (GPU) the run is mostly reading and writing the checkpoint, so the
 speedup depends on the disk as much as on the GPUs. Prints a table and writes
 benchmarks/results/<device>-<date>-distributed.json.
@@ -73,6 +74,12 @@ def quantize(
     return seconds, json.loads((out / "quant_report.json").read_text())["totals"]
 
 
+def rank0(totals: dict, key: str) -> float:
+    """Rank 0's own figure (a run's totals sum some over ranks); NaN if not reported."""
+    own = totals.get("rank_times", [totals])[0]
+    return own.get(key, float("nan"))
+
+
 def tensor_files(directory: Path) -> dict[str, Path]:
     index = directory / "model.safetensors.index.json"
     if not index.is_file():
@@ -115,6 +122,9 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=LLAMA_7B["hidden_size"])
     parser.add_argument("--intermediate", type=int, default=LLAMA_7B["intermediate_size"])
     parser.add_argument("--vocab", type=int, default=LLAMA_7B["vocab_size"])
+    parser.add_argument(
+        "--warmup", action="store_true", help="run the first run once, untimed, before timing"
+    )
     parser.add_argument("--workdir", help="where the checkpoint is written (default: a temp dir)")
     parser.add_argument("--out-dir", type=Path, default=RESULTS, help="where the JSON goes")
     args = parser.parse_args()
@@ -137,11 +147,15 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="easyquant-dist-", dir=args.workdir))
     try:
         print(f"writing a {args.layers}-layer {args.dtype} checkpoint in {work} ...")
-        layout = write_checkpoint(work / "src", config, getattr(torch, args.dtype))
+        draw = "cuda" if gpu else "cpu"
+        layout = write_checkpoint(work / "src", config, getattr(torch, args.dtype), draw)
         print(f"  {layout['checkpoint_bytes'] / 1e9:.2f} GB")
         runs = [
             run.replace("N", str(nproc), 1) if run.startswith("N") else run for run in args.runs
         ]
+        if args.warmup:  # Triton compiles the range-search kernels on a machine's first run
+            quantize(work / "src", work / "warmup", runs[0], args, cores)
+            shutil.rmtree(work / "warmup")
         timed: list[tuple[str, float, dict]] = []
         identical = True
         for i, run in enumerate(runs):
@@ -162,6 +176,8 @@ def main() -> None:
             "command s": round(s, 2),
             "in-run s": round(t["wall_seconds"], 2),
             "quantize s (sum)": round(t["quantize_seconds"], 2),
+            "open s": round(rank0(t, "open_seconds"), 2),
+            "pass s": round(rank0(t, "pass_seconds"), 2),
             "read s (sum)": round(t.get("read_seconds", float("nan")), 2),
             "write s (sum)": round(t.get("write_seconds", float("nan")), 2),
             "speedup (command)": round(ref_s / s, 2),
@@ -181,6 +197,7 @@ def main() -> None:
         "dtype": args.dtype,
         "backend": args.backend,
         "nproc": nproc,
+        "warmup": args.warmup,
         "config": {k: config[k] for k in ("hidden_size", "intermediate_size", "vocab_size")},
         **layout,
         "bit_identical": identical,

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from benchlib import print_table, write_result
-from easyquant.models.safetensors_io import ShardWriter
+from easyquant.models.safetensors_io import ShardWriter, header_reserve
 
 LLAMA_7B = dict(
     hidden_size=4096,
@@ -82,17 +82,25 @@ def checkpoint_shapes(config: dict) -> list[tuple[str, tuple[int, ...]]]:
     return shapes
 
 
-def synthetic_tensor(shape: tuple[int, ...], dtype: torch.dtype, seed: int) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(seed)
+def synthetic_tensor(
+    shape: tuple[int, ...], dtype: torch.dtype, seed: int, device: str = "cpu"
+) -> torch.Tensor:
+    """A CPU tensor, drawn on ``device`` (a GPU draws a 7B checkpoint in seconds, not minutes;
+    the values differ from the CPU's)."""
+    gen = torch.Generator(device).manual_seed(seed)
     if len(shape) == 1:
         return torch.ones(shape, dtype=dtype)
     # Student-t-like (normal / sqrt(chi-square(4)/4)), scale 0.02: heavy tails, like LLM weights.
-    chi = torch.randn((4, *shape), generator=gen).pow_(2).mean(0)
-    return torch.randn(shape, generator=gen).div_(chi.sqrt_()).mul_(0.02).to(dtype)
+    chi = torch.randn((4, *shape), generator=gen, device=device).pow_(2).mean(0)
+    x = torch.randn(shape, generator=gen, device=device).div_(chi.sqrt_()).mul_(0.02)
+    return x.to(dtype).cpu()
 
 
-def write_checkpoint(directory: Path, config: dict, dtype: torch.dtype) -> dict:
-    """Write config.json and shards one tensor at a time; return the layout facts."""
+def write_checkpoint(
+    directory: Path, config: dict, dtype: torch.dtype, device: str = "cpu"
+) -> dict:
+    """Write config.json and shards one tensor at a time (drawn on ``device``); return the
+    layout facts."""
     from transformers import LlamaConfig
 
     directory.mkdir(parents=True)
@@ -110,9 +118,9 @@ def write_checkpoint(directory: Path, config: dict, dtype: torch.dtype) -> dict:
     weight_map = {}
     for i, shard in enumerate(shards, start=1):
         file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        writer = ShardWriter(directory / file)
+        writer = ShardWriter(directory / file, header_reserve(SHARD_BYTES))
         for name, shape in shard:
-            writer.add(name, synthetic_tensor(shape, dtype, seed=len(weight_map)))
+            writer.add(name, synthetic_tensor(shape, dtype, len(weight_map), device))
             weight_map[name] = file
         writer.close()
     total = sum(torch.Size(s).numel() * dtype.itemsize for _, s in shapes)

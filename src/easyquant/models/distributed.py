@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +29,7 @@ from torch import nn
 
 from easyquant.config import QuantConfig
 from easyquant.models.errors import ModelInputError, one_line
-from easyquant.models.pipeline import QuantizeResult, prepare, quantize_tensors
+from easyquant.models.pipeline import QuantizeResult, prepare, quantize_tensors, start_cuda
 from easyquant.models.select import Selection
 from easyquant.models.sources import Source, SourceTensor
 from easyquant.models.writer import LOCK_FILE, OutputWriter, publish, rank_bookkeeping
@@ -231,7 +232,9 @@ def quantize_distributed(
     own: Exception | None = None
     status = Status()
     try:
+        start_cuda(device)
         job = prepare(model_or_path, config, out_dir, selection, tokenizer, shard_size, overwrite)
+        opened = time.perf_counter() - job.started
         ranks = assign(job.source.tensors, job.targets, world.size)
         mine = [t for t, r in zip(job.source.tensors, ranks, strict=True) if r == world.rank]
         fingerprint = {**job.fingerprint, "world_size": world.size}
@@ -241,8 +244,11 @@ def quantize_distributed(
         times = quantize_tensors(
             job, mine, writer, device, backend, progress and world.is_main, overlap
         )
+        start = time.perf_counter()
         writer.close()
-        status = Status(writer.shards, writer.reports, times=times.to_dict())
+        closed = time.perf_counter() - start
+        times_dict = {**times.to_dict(), "open_seconds": opened, "close_seconds": closed}
+        status = Status(writer.shards, writer.reports, times=times_dict)
     except Exception as exc:
         own, status = exc, Status(error=describe(exc))
     except BaseException:  # interrupted: torchrun stops the other ranks too

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import sys
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -151,6 +152,21 @@ class Job:
             },
             "tensors": rows,
         }
+
+
+def start_cuda(device: torch.device) -> None:
+    """Create ``device``'s CUDA context in a thread, while the input is opened (which imports
+    transformers: seconds that the context creation can hide in). Errors are left to the
+    pass, which meets them again on its first CUDA call."""
+
+    def touch() -> None:
+        try:
+            torch.empty(1, device=device)
+        except Exception:
+            pass
+
+    if device.type == "cuda":
+        threading.Thread(target=touch, name="easyquant-cuda-init", daemon=True).start()
 
 
 def prepare(
@@ -386,13 +402,24 @@ def quantize_model(
             log=log,
             overlap=overlap,
         )
+    start_cuda(device)
     job = prepare(model_or_path, config, out_dir, selection, tokenizer, shard_size, overwrite)
+    opened = time.perf_counter() - job.started
     writer = OutputWriter(out_dir, job.fingerprint, shard_size, overwrite, resume, log)
     try:
         times = quantize_tensors(
             job, job.source.tensors, writer, device, backend, progress, overlap
         )
-        report = functools.partial(job.report, **times.to_dict(), overlap=overlap)
+        start = time.perf_counter()
+        writer.close()  # the last shard: written and synced
+        closed = time.perf_counter() - start
+        report = functools.partial(
+            job.report,
+            **times.to_dict(),
+            open_seconds=opened,
+            close_seconds=closed,
+            overlap=overlap,
+        )
         path = writer.finish(job.hf_config(), report, job.source.write_extras)
     except BaseException:
         writer.abort()
