@@ -192,10 +192,10 @@ def test_a_read_error_in_the_reading_thread_fails_the_run_and_resume_finishes_it
 
     load = SafetensorsDirSource.load
 
-    def failing_load(self, name):
+    def failing_load(self, name, pin_memory=False):
         if name == "model.layers.1.mlp.down_proj.weight":
             raise OSError("disk went away")
-        return load(self, name)
+        return load(self, name, pin_memory)
 
     out = tmp_path / "q"
     monkeypatch.setattr(SafetensorsDirSource, "load", failing_load)
