@@ -127,6 +127,9 @@ def main() -> None:
     )
     parser.add_argument("--workdir", help="where the checkpoint is written (default: a temp dir)")
     parser.add_argument("--out-dir", type=Path, default=RESULTS, help="where the JSON goes")
+    parser.add_argument(
+        "--name", default="distributed", help="the JSON's name: <device>-<date>-NAME"
+    )
     args = parser.parse_args()
     gpu = args.device.startswith("cuda")
     nproc = args.nproc or (torch.cuda.device_count() if gpu else 2)
@@ -204,7 +207,7 @@ def main() -> None:
         "rows": rows,
         "totals": {run: t for run, _, t in timed},
     }
-    path = write_result("distributed", args.device, payload, out_dir=args.out_dir)
+    path = write_result(args.name, args.device, payload, out_dir=args.out_dir)
     print(f"wrote {path}")
     if not identical:
         raise SystemExit("the outputs differ")

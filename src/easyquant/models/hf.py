@@ -5,6 +5,8 @@ transformers is imported here lazily, so ``import easyquant`` stays light.
 
 from __future__ import annotations
 
+import re
+from collections.abc import Iterable
 from typing import Any
 
 from torch import nn
@@ -73,3 +75,50 @@ def linear_modules(model: nn.Module) -> dict[str, tuple[int, int]]:
         for name, module in model.named_modules()
         if isinstance(module, nn.Linear)
     }
+
+
+# Decoder architectures whose nn.Linear modules are exactly the 2-D weights named
+# ``model.layers.<i>.<part>.<proj>.weight`` below, plus ``lm_head``. For them the layout is read
+# from the checkpoint's names, as llm-compressor's model-free path does: importing transformers
+# and building the skeleton costs seconds per process, most of a 7B run's fixed cost on a GPU.
+# tests/models/test_hf.py checks each against the skeleton of the installed transformers.
+LLAMA_LIKE_PROJECTIONS = (
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+)
+LAYOUT_BY_NAME: dict[str, tuple[str, ...]] = dict.fromkeys(
+    ("llama", "mistral", "qwen2", "qwen3"), LLAMA_LIKE_PROJECTIONS
+)
+_LAYER_MODULE = re.compile(r"model\.layers\.(\d+)\.(.+)")
+
+
+def linears_from_names(
+    model_type: str | None, weights: Iterable[tuple[str, tuple[int, ...]]]
+) -> dict[str, tuple[int, int]] | None:
+    """The Linear modules among ``weights`` (name, shape) in the skeleton's order, for the
+    architectures of :data:`LAYOUT_BY_NAME`; None for any other, or for a checkpoint with a 2-D
+    weight that the table does not account for (then the skeleton decides)."""
+    projections = LAYOUT_BY_NAME.get(model_type or "")
+    if projections is None:
+        return None
+    position = {p: i for i, p in enumerate(projections)}
+    found: dict[tuple[int, int], tuple[str, tuple[int, int]]] = {}
+    head: dict[str, tuple[int, int]] = {}
+    for name, shape in weights:
+        if len(shape) != 2 or not name.endswith(".weight"):
+            continue
+        module = name.removesuffix(".weight")
+        match = _LAYER_MODULE.fullmatch(module)
+        if match is not None and match.group(2) in position:
+            key = (int(match.group(1)), position[match.group(2)])
+            found[key] = (module, (shape[0], shape[1]))
+        elif module == "lm_head":
+            head[module] = (shape[0], shape[1])
+        elif module != "model.embed_tokens":
+            return None  # a 2-D weight this table does not know: ask the skeleton
+    return {**dict(found[k] for k in sorted(found)), **head}

@@ -22,7 +22,12 @@ import torch
 from torch import nn
 
 from easyquant.models.errors import ModelInputError, one_line
-from easyquant.models.hf import build_skeleton, hf_config_from_dict, linear_modules
+from easyquant.models.hf import (
+    build_skeleton,
+    hf_config_from_dict,
+    linear_modules,
+    linears_from_names,
+)
 from easyquant.models.safetensors_io import TensorEntry, read_header, read_tensor
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -81,7 +86,11 @@ def read_config(directory: Path) -> dict[str, Any]:
 
 
 class SafetensorsDirSource(Source):
-    def __init__(self, directory: Path) -> None:
+    """A Hugging Face style model directory. ``layout_from_names``: for the architectures of
+    :data:`~easyquant.models.hf.LAYOUT_BY_NAME`, find the Linear weights by name instead of
+    building the model with transformers (same result, seconds faster)."""
+
+    def __init__(self, directory: Path, layout_from_names: bool = True) -> None:
         self.directory = directory
         self.description = str(directory)
         self.config = read_config(directory)
@@ -105,7 +114,17 @@ class SafetensorsDirSource(Source):
         self.tensors = [
             SourceTensor(e.name, e.shape, e.dtype, e.nbytes) for e in self.entries.values()
         ]
-        self.linears = linear_modules(build_skeleton(hf_config_from_dict(self.config)))
+        model_type = self.config.get("model_type")
+        by_name = (
+            linears_from_names(model_type, ((t.name, t.shape) for t in self.tensors))
+            if layout_from_names
+            else None
+        )
+        self.linears = (
+            by_name
+            if by_name is not None
+            else linear_modules(build_skeleton(hf_config_from_dict(self.config)))
+        )
 
     def _weight_files(self) -> list[Path]:
         index = self.directory / INDEX_FILE
