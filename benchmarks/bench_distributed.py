@@ -9,7 +9,7 @@ Writes the synthetic Llama-7B-shaped checkpoint of bench_memory.py (``--layers``
 and under ``torchrun --standalone --nproc-per-node N`` (GPU: one GPU per process, cuda:LOCAL_RANK;
 CPU: the cores split between the processes), each from the command line to the finished
 directory, and checks that every output holds the same tensors bit for bit. ``--runs`` picks
-the runs (default ``1 N``), e.g. ``1 1:no-overlap N N:gloo N:no-overlap``; speedups are
+the runs (default ``1 N``), e.g. ``1 1:no-overlap N N:nccl N:no-overlap``; speedups are
 against the first. The checkpoint is read from the page cache in every run (just written).
 ``in-run s`` is rank 0's ``wall_seconds`` (quant_report.json: from opening the input, which
 imports transformers, to writing the report; no interpreter start-up), ``open s`` and ``pass s``
@@ -113,7 +113,7 @@ def main() -> None:
         nargs="+",
         default=["1", "N"],
         help="runs to time, the first is the reference: processes (N: --nproc) and options after "
-        "':', e.g. 1 1:no-overlap N N:gloo N:no-overlap",
+        "':', e.g. 1 1:no-overlap N N:nccl N:no-overlap",
     )
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--steps", type=int, default=500)

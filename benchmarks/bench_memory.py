@@ -140,10 +140,14 @@ def write_checkpoint(
     }
 
 
-def quantize_peak(src: Path, out: Path, steps: int, device: str) -> tuple[dict[str, int], float]:
+def quantize_peak(
+    src: Path, out: Path, steps: int, device: str, overlap: bool = True
+) -> tuple[dict[str, int], float]:
     """Peaks (``rss`` bytes; ``cuda`` bytes when quantized on a GPU) and seconds of
     `easyquant quantize src --out out` in a child process."""
     args = [str(src), "--out", str(out), "--steps", str(steps), "--quiet"]
+    if not overlap:
+        args.append("--no-overlap")
     env = dict(os.environ)
     if device == "cuda" and torch.cuda.is_available():
         args += ["--device", "cuda"]
@@ -181,7 +185,13 @@ def main() -> None:
     parser.add_argument("--intermediate", type=int, default=LLAMA_7B["intermediate_size"])
     parser.add_argument("--vocab", type=int, default=LLAMA_7B["vocab_size"])
     parser.add_argument("--workdir", help="where the checkpoint is written (default: a temp dir)")
+    parser.add_argument(
+        "--no-overlap",
+        action="store_true",
+        help="quantize with --no-overlap (one tensor at a time; JSON name ...-memory-no-overlap)",
+    )
     args = parser.parse_args()
+    overlap = not args.no_overlap
     dtype = getattr(torch, args.dtype)
     gpu = args.device == "cuda" and torch.cuda.is_available()
     if args.device == "cuda" and not gpu:
@@ -197,7 +207,7 @@ def main() -> None:
         }
         print(f"writing a {args.layers}-layer Llama-shaped {args.dtype} checkpoint in {work} ...")
         start = time.perf_counter()
-        layout = write_checkpoint(work / "src", config, dtype)
+        layout = write_checkpoint(work / "src", config, dtype, "cuda" if gpu else "cpu")
         print(f"  {layout['checkpoint_bytes'] / 1e9:.2f} GB in {time.perf_counter() - start:.0f} s")
         tiny = {
             **config,
@@ -209,8 +219,10 @@ def main() -> None:
             "num_hidden_layers": 1,
         }
         write_checkpoint(work / "tiny", tiny, dtype)
-        baseline, _ = quantize_peak(work / "tiny", work / "tiny-q", args.steps, args.device)
-        peaks, seconds = quantize_peak(work / "src", work / "q", args.steps, args.device)
+        baseline, _ = quantize_peak(
+            work / "tiny", work / "tiny-q", args.steps, args.device, overlap
+        )
+        peaks, seconds = quantize_peak(work / "src", work / "q", args.steps, args.device, overlap)
         out_bytes = dir_bytes(work / "q")
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -265,6 +277,7 @@ def main() -> None:
         "layers": args.layers,
         "steps": args.steps,
         "dtype": args.dtype,
+        "overlap": overlap,
         "quantize_device": args.device if gpu or args.device == "cpu" else "cpu (interpreted)",
         **layout,
         "peak_rss_bytes": peaks["rss"],
@@ -278,6 +291,7 @@ def main() -> None:
     }
     # The interpreted structure check is no measurement of either device: a file of its own.
     kind = "memory" if gpu or args.device == "cpu" else "memory-interpreted"
+    kind += "" if overlap else "-no-overlap"
     path = write_result(kind, "cuda" if gpu else "cpu", payload)
     print(f"wrote {path}")
 

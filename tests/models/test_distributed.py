@@ -22,6 +22,7 @@ from easyquant.models.distributed import (
     assign,
     check_visible,
     quantize_work,
+    init_world,
     raise_failure,
     world_from_env,
 )
@@ -181,6 +182,16 @@ def test_world_from_env():
     assert world_from_env({}) is None
     assert world_from_env({"WORLD_SIZE": "1", "RANK": "0"}) is None
     assert world_from_env({"WORLD_SIZE": "4", "RANK": "3", "LOCAL_RANK": "1"}) == World(3, 4, 1)
+
+
+def test_process_group_backend_is_checked_before_joining(monkeypatch):
+    assert init_world("cpu", "gloo") is None  # alone: nothing to join
+    with pytest.raises(ValueError, match="use gloo or nccl"):
+        init_world("cpu", "mpi")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    with pytest.raises(ValueError, match="nccl needs a CUDA --device"):
+        init_world("cpu", "nccl")
 
 
 def test_assignment_is_deterministic_and_balanced():

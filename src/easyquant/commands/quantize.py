@@ -239,10 +239,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--dist-backend",
-        choices=("auto", "gloo", "nccl"),
-        default="auto",
-        help="under torchrun: the process group's backend (auto: nccl with --device cuda, else "
-        "gloo; the ranks only exchange small messages, so gloo serves GPUs too)",
+        choices=("gloo", "nccl"),
+        default="gloo",
+        help="under torchrun: the process group's backend (default gloo, for GPUs too: the "
+        "ranks only exchange small messages; nccl needs --device cuda)",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bar, no messages")
     p.set_defaults(func=run)
