@@ -171,6 +171,16 @@ def test_overlapped_and_one_at_a_time_passes_write_the_same_files(tiny_llama_dir
         )
 
 
+def test_overlapped_pass_with_largest_tensors_side_by_side_matches_one_at_a_time(tmp_path):
+    # untied, large vocabulary: lm_head and the embedding are the largest tensors and neighbours
+    # in storage order, so the read arena (one largest tensor) makes reads wait for writes
+    save_tiny_llama(tmp_path / "src", seed=3, vocab_size=2048, tie_word_embeddings=False)
+    for overlap in (True, False):
+        quantize_model(tmp_path / "src", CONFIG, tmp_path / str(overlap), overlap=overlap, log=None)
+    assert model_files(tmp_path / "True") == model_files(tmp_path / "False")
+    assert "lm_head.weight" in read_all(tmp_path / "True")
+
+
 @pytest.mark.parametrize("overlap", [True, False])
 def test_failure_mid_run_leaves_no_complete_looking_output(tmp_path, overlap):
     model = tiny_llama(seed=2)
@@ -193,10 +203,10 @@ def test_a_read_error_in_the_reading_thread_fails_the_run_and_resume_finishes_it
 
     load = SafetensorsDirSource.load
 
-    def failing_load(self, name, pin_memory=False):
+    def failing_load(self, name, out=None):
         if name == "model.layers.1.mlp.down_proj.weight":
             raise OSError("disk went away")
-        return load(self, name, pin_memory)
+        return load(self, name, out)
 
     out = tmp_path / "q"
     monkeypatch.setattr(SafetensorsDirSource, "load", failing_load)

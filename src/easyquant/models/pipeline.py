@@ -25,6 +25,7 @@ from torch import nn
 from easyquant.config import QuantConfig
 from easyquant.format.qweight import FLOAT_DTYPES, FORMAT_VERSION
 from easyquant.models.errors import ModelInputError
+from easyquant.models.read_arena import ReadArena, Span
 from easyquant.models.select import Selection, TensorReport, quantize_with_report
 from easyquant.models.sources import Source, SourceTensor, open_source
 from easyquant.models.writer import OutputWriter, check_output
@@ -245,7 +246,8 @@ def quantize_tensors(
 
     ``overlap``: read the next tensor and write the previous one's outputs in two threads while
     this one quantizes (file I/O releases the GIL), so a run on a fast GPU is not the sum of
-    read, quantize and write. It holds up to three tensors in host memory instead of one.
+    read, quantize and write. Tensors read from files go into one :class:`ReadArena` as large as
+    the largest of them, so host memory still holds about one largest tensor.
     """
     times = StageSeconds()
     started = time.perf_counter()
@@ -265,47 +267,76 @@ def quantize_tensors(
             times.waited += time.perf_counter() - start
 
     todo = list(enumerate(tensors))[writer.done :]
+    arena = None
+    if overlap and job.source.reads_files and todo:
+        arena = ReadArena(max(info.nbytes for _, info in todo))
+
+    def load(info: SourceTensor) -> tuple[torch.Tensor, Span | None]:
+        if arena is None:
+            return job.source.load(info.name), None
+        span = arena.take(info.nbytes)  # waits for room: older tensors done with
+        try:
+            return job.source.load(info.name, span.buffer), span
+        except BaseException:
+            arena.give_back(span)
+            raise
+
+    def give_back(span: Span | None) -> None:
+        if arena is not None and span is not None:
+            arena.give_back(span)
+
+    def write(index: int, outputs: dict[str, torch.Tensor], row: Any, span: Span | None) -> None:
+        try:
+            writer.add(index, outputs, row)
+        finally:
+            give_back(span)  # a copied tensor lives in the arena until it is written
+
     bar = None
     if progress:
         from tqdm import tqdm
 
         bar = tqdm(total=len(tensors), initial=writer.done, unit="tensor", file=sys.stderr)
-    pin = overlap and device.type == "cuda"  # read into page-locked memory, copy asynchronously
-
-    def load(name: str) -> torch.Tensor:
-        return job.source.load(name, pin)
-
     reader = ThreadPoolExecutor(1, "easyquant-read") if overlap else _Inline()
     writing = ThreadPoolExecutor(1, "easyquant-write") if overlap else _Inline()
     try:
-        read = reader.submit(timed, "read", load, todo[0][1].name) if todo else None
+        read = reader.submit(timed, "read", load, todo[0][1]) if todo else None
         written: Future[Any] | None = None
         for position, (index, info) in enumerate(todo):
             assert read is not None
-            tensor = wait(read)
+            tensor, span = wait(read)
             if position + 1 < len(todo):
-                read = reader.submit(timed, "read", load, todo[position + 1][1].name)
+                read = reader.submit(timed, "read", load, todo[position + 1][1])
             module = info.name.removesuffix(".weight")
             cfg = job.targets.get(module) if info.name.endswith(".weight") else None
             if cfg is None:
-                outputs, row = {info.name: tensor}, None
+                outputs, row, held = {info.name: tensor}, None, span
             else:
-                qweight, report = quantize_with_report(
-                    info.name, tensor.to(device, non_blocking=pin), cfg, backend=backend
-                )
+                try:
+                    on_device = tensor.to(device)  # a GPU copy is done when this returns
+                    if on_device is not tensor:
+                        give_back(span)
+                        span = None
+                    qweight, report = quantize_with_report(
+                        info.name, on_device, cfg, backend=backend
+                    )
+                    del on_device
+                finally:
+                    give_back(span)
                 outputs = {f"{module}.{k}": v.cpu() for k, v in qweight.state_dict().items()}
-                row = report.to_dict()
+                row, held = report.to_dict(), None
                 del qweight  # its device copy must not live on while the next tensor is quantized
             del tensor
             if written is not None:
                 wait(written)  # at most one tensor's outputs waiting to be written
-            written = writing.submit(timed, "write", writer.add, index, outputs, row)
+            written = writing.submit(timed, "write", write, index, outputs, row, held)
             del outputs
             if bar is not None:
                 bar.update(1)
         if written is not None:
             wait(written)
     finally:
+        if arena is not None:
+            arena.close()  # a read waiting for room gives up if the pass failed
         # On an error: let the read and write in flight finish (the caller aborts the writer).
         reader.shutdown(wait=True)
         writing.shutdown(wait=True)

@@ -54,9 +54,11 @@ class Source:
     tensors: list[SourceTensor]  # in the order they are written
     linears: dict[str, tuple[int, int]]  # nn.Linear module name -> (out, in)
 
-    def load(self, name: str, pin_memory: bool = False) -> torch.Tensor:
-        """One tensor; ``pin_memory``: in page-locked memory where it is read from a file (a
-        faster, asynchronous copy to the GPU)."""
+    reads_files: bool = False  # load() reads each tensor from disk (and can fill a buffer)
+
+    def load(self, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
+        """One tensor. ``out``: a uint8 buffer of exactly its bytes to read it into, used by a
+        source that reads files (:attr:`reads_files`); the others return their own tensor."""
         raise NotImplementedError
 
     def fingerprint(self) -> dict[str, Any]:
@@ -164,8 +166,10 @@ class SafetensorsDirSource(Source):
                     f"{index} is inconsistent: it puts {name!r} in {file}, which does not hold it"
                 )
 
-    def load(self, name: str, pin_memory: bool = False) -> torch.Tensor:
-        return read_tensor(self.entries[name], pin_memory)
+    reads_files = True
+
+    def load(self, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
+        return read_tensor(self.entries[name], out)
 
     def fingerprint(self) -> dict[str, Any]:
         return {"source": str(self.directory.resolve()), "files": self.headers}
@@ -219,8 +223,8 @@ class ModuleSource(Source):
         ]
         self.linears = linear_modules(model)
 
-    def load(self, name: str, pin_memory: bool = False) -> torch.Tensor:
-        return self.state[name].detach()  # already in memory: pinning would only add a copy
+    def load(self, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
+        return self.state[name].detach()  # already in memory
 
     def fingerprint(self) -> dict[str, Any]:
         layout = [(t.name, list(t.shape), str(t.dtype)) for t in self.tensors]
