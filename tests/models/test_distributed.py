@@ -21,8 +21,8 @@ from easyquant.models.distributed import (
     World,
     assign,
     check_visible,
-    quantize_work,
     init_world,
+    quantize_work,
     raise_failure,
     world_from_env,
 )

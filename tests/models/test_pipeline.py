@@ -181,6 +181,16 @@ def test_overlapped_pass_with_largest_tensors_side_by_side_matches_one_at_a_time
     assert "lm_head.weight" in read_all(tmp_path / "True")
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_overlapped_pass_on_a_gpu_matches_one_at_a_time(tmp_path):
+    # the GPU pass reads into a page-locked arena and copies from it
+    save_tiny_llama(tmp_path / "src", seed=4, vocab_size=2048, tie_word_embeddings=False)
+    for overlap in (True, False):
+        out = tmp_path / str(overlap)
+        quantize_model(tmp_path / "src", CONFIG, out, device="cuda", overlap=overlap, log=None)
+    assert model_files(tmp_path / "True") == model_files(tmp_path / "False")
+
+
 @pytest.mark.parametrize("overlap", [True, False])
 def test_failure_mid_run_leaves_no_complete_looking_output(tmp_path, overlap):
     model = tiny_llama(seed=2)

@@ -269,7 +269,7 @@ def quantize_tensors(
     todo = list(enumerate(tensors))[writer.done :]
     arena = None
     if overlap and job.source.reads_files and todo:
-        arena = ReadArena(max(info.nbytes for _, info in todo))
+        arena = ReadArena(max(info.nbytes for _, info in todo), pin=device.type == "cuda")
 
     def load(info: SourceTensor) -> tuple[torch.Tensor, Span | None]:
         if arena is None:
@@ -340,6 +340,8 @@ def quantize_tensors(
         # On an error: let the read and write in flight finish (the caller aborts the writer).
         reader.shutdown(wait=True)
         writing.shutdown(wait=True)
+        if arena is not None:
+            arena.release()
         if bar is not None:
             bar.close()
     times.wall = time.perf_counter() - started

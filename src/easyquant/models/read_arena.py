@@ -40,12 +40,29 @@ class Span:
 
 
 class ReadArena:
-    def __init__(self, largest: int) -> None:
+    """``largest``: bytes of the largest tensor to be read. ``pin``: page-lock the arena for
+    CUDA (copies to the GPU from it run at full speed; registered in place, so it costs no more
+    memory, unlike pinned allocations, which round up to a power of two). Call
+    :meth:`release` once nothing reads or copies from it any more."""
+
+    def __init__(self, largest: int, pin: bool = False) -> None:
         self.capacity = _round_up(max(largest, 1))
         self.memory = torch.empty(self.capacity, dtype=torch.uint8)
         self.spans: deque[Span] = deque()  # lent out (or returned but behind an older one)
         self.changed = threading.Condition()
         self.closed = False
+        self.pinned = False
+        if pin:  # best effort: an unpinned arena works, its copies are only slower
+            cudart = torch.cuda.cudart()
+            self.pinned = (
+                int(cudart.cudaHostRegister(self.memory.data_ptr(), self.capacity, 0)) == 0
+            )
+
+    def release(self) -> None:
+        """Undo the page-locking (the arena stays usable as plain memory)."""
+        if self.pinned:
+            torch.cuda.cudart().cudaHostUnregister(self.memory.data_ptr())
+            self.pinned = False
 
     def _place(self, size: int) -> int | None:
         """Offset for ``size`` bytes after the newest span, or None if there is no room yet."""
