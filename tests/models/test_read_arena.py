@@ -58,3 +58,14 @@ def test_closing_fails_a_waiting_take_and_oversized_spans_are_refused():
     assert len(errors) == 1
     with pytest.raises(ValueError, match="do not fit"):
         ReadArena(100).take(200)
+
+
+def test_pinning_is_best_effort():
+    # without CUDA (or when page-locking fails) the arena is plain memory and works the same
+    arena = ReadArena(256, pin=True)
+    assert arena.pinned == torch.cuda.is_available()
+    span = arena.take(100)
+    span.buffer.fill_(3)
+    arena.give_back(span)
+    arena.release()
+    assert not arena.pinned

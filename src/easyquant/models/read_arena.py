@@ -53,10 +53,12 @@ class ReadArena:
         self.closed = False
         self.pinned = False
         if pin:  # best effort: an unpinned arena works, its copies are only slower
-            cudart = torch.cuda.cudart()
-            self.pinned = (
-                int(cudart.cudaHostRegister(self.memory.data_ptr(), self.capacity, 0)) == 0
-            )
+            try:
+                cudart = torch.cuda.cudart()
+                status = cudart.cudaHostRegister(self.memory.data_ptr(), self.capacity, 0)
+                self.pinned = int(status) == 0
+            except (RuntimeError, AssertionError, AttributeError):
+                self.pinned = False
 
     def release(self) -> None:
         """Undo the page-locking (the arena stays usable as plain memory)."""
