@@ -13,6 +13,7 @@ import functools
 import sys
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -198,22 +199,30 @@ def prepare(
     return Job(source, config, selection, targets, fingerprint, started)
 
 
+# The overlapped pass: reads in flight ahead of the quantizing thread (each waits for room in the
+# read arena, which holds one largest tensor) and tensors whose outputs may wait to be written.
+READ_AHEAD = 2
+WRITE_BEHIND = 2
+
+
 @dataclass
 class StageSeconds:
     """Where a pass over the tensors spent its time: ``read`` and ``write`` are the time spent
-    reading inputs and writing outputs (in their own threads when overlapped), ``waited`` the
-    time the quantizing thread stood idle for them; ``wall`` the whole pass."""
+    reading inputs and writing outputs (in their own threads when overlapped), ``read_wait`` and
+    ``write_wait`` the time the quantizing thread stood idle for them; ``wall`` the whole pass."""
 
     read: float = 0.0
     write: float = 0.0
-    waited: float = 0.0
+    read_wait: float = 0.0
+    write_wait: float = 0.0
     wall: float = 0.0
 
     def to_dict(self) -> dict[str, float]:
         return {
             "read_seconds": self.read,
             "write_seconds": self.write,
-            "io_wait_seconds": self.waited,
+            "read_wait_seconds": self.read_wait,
+            "write_wait_seconds": self.write_wait,
             "pass_seconds": self.wall,
         }
 
@@ -259,12 +268,12 @@ def quantize_tensors(
         finally:
             setattr(times, stage, getattr(times, stage) + time.perf_counter() - start)
 
-    def wait(future: Future[Any]) -> Any:
+    def wait(future: Future[Any], stage: str) -> Any:
         start = time.perf_counter()
         try:
             return future.result()
         finally:
-            times.waited += time.perf_counter() - start
+            setattr(times, stage, getattr(times, stage) + time.perf_counter() - start)
 
     todo = list(enumerate(tensors))[writer.done :]
     arena = None
@@ -298,14 +307,18 @@ def quantize_tensors(
         bar = tqdm(total=len(tensors), initial=writer.done, unit="tensor", file=sys.stderr)
     reader = ThreadPoolExecutor(1, "easyquant-read") if overlap else _Inline()
     writing = ThreadPoolExecutor(1, "easyquant-write") if overlap else _Inline()
+    read_ahead, write_behind = (READ_AHEAD, WRITE_BEHIND) if overlap else (1, 1)
+    reads: deque[Future[Any]] = deque()  # in flight, in order
+    writes: deque[Future[Any]] = deque()
+    submitted = 0  # reads submitted so far
     try:
-        read = reader.submit(timed, "read", load, todo[0][1]) if todo else None
-        written: Future[Any] | None = None
-        for position, (index, info) in enumerate(todo):
-            assert read is not None
-            tensor, span = wait(read)
-            if position + 1 < len(todo):
-                read = reader.submit(timed, "read", load, todo[position + 1][1])
+        for index, info in todo:
+            # Up to READ_AHEAD tensors ahead (the arena bounds their memory): a slow read then
+            # does not stall the quantizing thread at once.
+            while submitted < len(todo) and len(reads) < read_ahead:
+                reads.append(reader.submit(timed, "read", load, todo[submitted][1]))
+                submitted += 1
+            tensor, span = wait(reads.popleft(), "read_wait")
             module = info.name.removesuffix(".weight")
             cfg = job.targets.get(module) if info.name.endswith(".weight") else None
             if cfg is None:
@@ -326,14 +339,14 @@ def quantize_tensors(
                 row, held = report.to_dict(), None
                 del qweight  # its device copy must not live on while the next tensor is quantized
             del tensor
-            if written is not None:
-                wait(written)  # at most one tensor's outputs waiting to be written
-            written = writing.submit(timed, "write", write, index, outputs, row, held)
+            while len(writes) >= write_behind:  # bounded: outputs waiting to be written
+                wait(writes.popleft(), "write_wait")
+            writes.append(writing.submit(timed, "write", write, index, outputs, row, held))
             del outputs
             if bar is not None:
                 bar.update(1)
-        if written is not None:
-            wait(written)
+        while writes:
+            wait(writes.popleft(), "write_wait")
     finally:
         if arena is not None:
             arena.close()  # a read waiting for room gives up if the pass failed
