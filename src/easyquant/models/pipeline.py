@@ -2,9 +2,11 @@
 
 The pass is one loop over the input's tensors in storage order: a selected Linear weight becomes
 its packed tensors (``<module>.qweight``, ``.scales``, ``.outlier_*``, ``.meta``: QuantLinear's
-state_dict names); every other tensor is copied under its own name. One tensor is in memory at a
-time, so quantizing a safetensors directory needs about the largest tensor and its quantization
-temporaries, whatever the model size.
+state_dict names); every other tensor is copied under its own name. Reading, quantizing and
+writing overlap in three threads (:func:`quantize_tensors`), with the tensors read ahead held in
+one :class:`~easyquant.models.read_arena.ReadArena` the size of the largest tensor, so quantizing
+a safetensors directory needs about the largest tensor and its quantization temporaries,
+whatever the model size.
 """
 
 from __future__ import annotations
