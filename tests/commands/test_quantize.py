@@ -68,6 +68,21 @@ def test_quantize_writes_a_directory_and_reports(tiny_llama_dir, tmp_path):
     assert all(r["outlier_fraction"] == 0 for r in rows.values())  # --sigma none
 
 
+def test_no_overlap_writes_the_same_bytes(tiny_llama_dir, tmp_path):
+    runs = {
+        flag: start(str(tiny_llama_dir), "--out", str(tmp_path / flag), "--steps", "10", flag)
+        for flag in ("--quiet", "--no-overlap")
+    }
+    for process in runs.values():
+        code, _, stderr = finish(process)
+        assert code == 0, stderr
+    overlapped, alone = files_of(tmp_path / "--quiet"), files_of(tmp_path / "--no-overlap")
+    reports = [json.loads(files.pop("quant_report.json")) for files in (overlapped, alone)]
+    assert overlapped == alone
+    assert [r["totals"]["overlap"] for r in reports] == [True, False]
+    assert without_times(reports[0])["tensors"] == without_times(reports[1])["tensors"]
+
+
 # ---- bad input: one line on stderr, exit code 2, nothing written ---------------------------------
 def make_cases(root: Path, source: Path) -> dict[str, tuple[list[str], str]]:
     """case -> (arguments, expected fragment of the one-line error)."""
