@@ -9,7 +9,8 @@ as the library does), writes the dequantized weights back and measures WikiText-
 ``--windows`` 2048-token windows from window ``--first`` (default: the dev windows 100-107 of
 benchmarks/quality_sweep.py). It appends one JSON line per setting to ``--out``. Keys:
 
-- ``bits``, ``sigma`` (n-sigma per tensor), ``steps`` (50), ``lr`` (3e-3, relative), ``group``;
+- ``bits``, ``sigma`` (n-sigma per tensor), ``steps`` (50), ``lr`` (3e-3, relative), ``group``
+  (ranges per group of that many columns; a short last group per row, as the library has);
 - ``grid``: ``int`` (the library's signed integers), ``half`` (16 symmetric levels at
   +-0.5..7.5, no zero), ``nf0`` (normal quantiles with an exact zero, NF4-like), ``powP``
   (integers companded as sign(u)|u|^P); ``asym``: a per-range offset as well as the scale;
@@ -225,7 +226,8 @@ def fake_quant(weight: torch.Tensor, col_weight: torch.Tensor | None, st: dict):
         return quantized @ r.T, stored, outliers
     mask = outlier_mask(weight, col_weight, st)
     size = group or in_f
-    rows = weight.masked_fill(mask, 0.0).reshape(-1, size)
+    pad = -in_f % size  # a short last group per row: zero-padded (exact on grids with a zero)
+    rows = torch.nn.functional.pad(weight.masked_fill(mask, 0.0), (0, pad)).reshape(-1, size)
     weighting = None
     if col_weight is not None and st.get("wloss") and not group:
         weighting = (col_weight / col_weight.mean()) ** st["wloss"]
@@ -238,10 +240,10 @@ def fake_quant(weight: torch.Tensor, col_weight: torch.Tensor | None, st: dict):
         st.get("steps", 50),
         st.get("lr", 3e-3),
         st.get("asym", False),
-    ).reshape(out_f, in_f)
+    ).reshape(out_f, in_f + pad)[:, :in_f]
     quantized = torch.where(mask, weight.half().float(), quantized)
     outliers = int(mask.sum())
-    scale_bits = 16 * (2 if st.get("asym") else 1) * out_f * (in_f // size)
+    scale_bits = 16 * (2 if st.get("asym") else 1) * out_f * -(-in_f // size)
     stored = bits * weight.numel() + scale_bits + 32 * outliers + 32 * (out_f + 1)
     return quantized, stored, outliers
 
