@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import datetime
 import os
-import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +28,7 @@ from torch import nn
 
 from easyquant.config import QuantConfig
 from easyquant.models.errors import ModelInputError, one_line
-from easyquant.models.pipeline import QuantizeResult, prepare, quantize_tensors, start_cuda
+from easyquant.models.pipeline import QuantizeResult, prepare, quantize_share, start_cuda
 from easyquant.models.select import Selection
 from easyquant.models.sources import Source, SourceTensor
 from easyquant.models.writer import LOCK_FILE, OutputWriter, publish, rank_bookkeeping
@@ -62,7 +61,7 @@ class Status:
     shards: list[dict[str, Any]] = field(default_factory=list)
     rows: list[dict[str, Any]] = field(default_factory=list)
     error: str | None = None
-    times: dict[str, float] = field(default_factory=dict)  # StageSeconds.to_dict()
+    times: dict[str, float] = field(default_factory=dict)  # quantize_share's stage times
 
 
 def world_from_env(environ: Mapping[str, str] = os.environ) -> World | None:
@@ -234,21 +233,16 @@ def quantize_distributed(
     try:
         start_cuda(device)
         job = prepare(model_or_path, config, out_dir, selection, tokenizer, shard_size, overwrite)
-        opened = time.perf_counter() - job.started
         ranks = assign(job.source.tensors, job.targets, world.size)
         mine = [t for t, r in zip(job.source.tensors, ranks, strict=True) if r == world.rank]
         fingerprint = {**job.fingerprint, "world_size": world.size}
         writer = OutputWriter(
             out_dir, fingerprint, shard_size, overwrite, resume, rank_log, world.rank, world.size
         )
-        times = quantize_tensors(
+        times = quantize_share(
             job, mine, writer, device, backend, progress and world.is_main, overlap
         )
-        start = time.perf_counter()
-        writer.close()
-        closed = time.perf_counter() - start
-        times_dict = {**times.to_dict(), "open_seconds": opened, "close_seconds": closed}
-        status = Status(writer.shards, writer.reports, times=times_dict)
+        status = Status(writer.shards, writer.reports, times=times)
     except Exception as exc:
         own, status = exc, Status(error=describe(exc))
     except BaseException:  # interrupted: torchrun stops the other ranks too

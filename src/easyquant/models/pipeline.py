@@ -132,6 +132,7 @@ class Job:
     targets: dict[str, QuantConfig]  # module -> config, from :func:`plan`
     fingerprint: dict[str, Any]  # what --resume must find unchanged
     started: float
+    open_seconds: float  # opening and planning, part of the report's stage times
 
     def hf_config(self) -> dict[str, Any]:
         """config.json of the output."""
@@ -198,7 +199,9 @@ def prepare(
         "selection": selection.to_dict(),
         "shard_size": shard_size,
     }
-    return Job(source, config, selection, targets, fingerprint, started)
+    return Job(
+        source, config, selection, targets, fingerprint, started, time.perf_counter() - started
+    )
 
 
 # The overlapped pass: reads in flight ahead of the quantizing thread (each waits for room in the
@@ -270,13 +273,6 @@ def quantize_tensors(
         finally:
             setattr(times, stage, getattr(times, stage) + time.perf_counter() - start)
 
-    def wait(future: Future[Any], stage: str) -> Any:
-        start = time.perf_counter()
-        try:
-            return future.result()
-        finally:
-            setattr(times, stage, getattr(times, stage) + time.perf_counter() - start)
-
     todo = list(enumerate(tensors))[writer.done :]
     arena = None
     if overlap and job.source.reads_files and todo:
@@ -320,7 +316,7 @@ def quantize_tensors(
             while submitted < len(todo) and len(reads) < read_ahead:
                 reads.append(reader.submit(timed, "read", load, todo[submitted][1]))
                 submitted += 1
-            tensor, span = wait(reads.popleft(), "read_wait")
+            tensor, span = timed("read_wait", reads.popleft().result)
             module = info.name.removesuffix(".weight")
             cfg = job.targets.get(module) if info.name.endswith(".weight") else None
             if cfg is None:
@@ -342,13 +338,13 @@ def quantize_tensors(
                 del qweight  # its device copy must not live on while the next tensor is quantized
             del tensor
             while len(writes) >= write_behind:  # bounded: outputs waiting to be written
-                wait(writes.popleft(), "write_wait")
+                timed("write_wait", writes.popleft().result)
             writes.append(writing.submit(timed, "write", write, index, outputs, row, held))
             del outputs
             if bar is not None:
                 bar.update(1)
         while writes:
-            wait(writes.popleft(), "write_wait")
+            timed("write_wait", writes.popleft().result)
     finally:
         if arena is not None:
             arena.close()  # a read waiting for room gives up if the pass failed
@@ -361,6 +357,24 @@ def quantize_tensors(
             bar.close()
     times.wall = time.perf_counter() - started
     return times
+
+
+def quantize_share(
+    job: Job,
+    tensors: list[SourceTensor],
+    writer: OutputWriter,
+    device: torch.device,
+    backend: str,
+    progress: bool,
+    overlap: bool,
+) -> dict[str, float]:
+    """:func:`quantize_tensors`, then the last shard written and synced; the report's stage
+    times (``*_seconds``)."""
+    times = quantize_tensors(job, tensors, writer, device, backend, progress, overlap)
+    start = time.perf_counter()
+    writer.close()
+    closed = time.perf_counter() - start
+    return {**times.to_dict(), "open_seconds": job.open_seconds, "close_seconds": closed}
 
 
 def quantize_model(
@@ -452,22 +466,10 @@ def quantize_model(
         )
     start_cuda(device)
     job = prepare(model_or_path, config, out_dir, selection, tokenizer, shard_size, overwrite)
-    opened = time.perf_counter() - job.started
     writer = OutputWriter(out_dir, job.fingerprint, shard_size, overwrite, resume, log)
     try:
-        times = quantize_tensors(
-            job, job.source.tensors, writer, device, backend, progress, overlap
-        )
-        start = time.perf_counter()
-        writer.close()  # the last shard: written and synced
-        closed = time.perf_counter() - start
-        report = functools.partial(
-            job.report,
-            **times.to_dict(),
-            open_seconds=opened,
-            close_seconds=closed,
-            overlap=overlap,
-        )
+        times = quantize_share(job, job.source.tensors, writer, device, backend, progress, overlap)
+        report = functools.partial(job.report, **times, overlap=overlap)
         path = writer.finish(job.hf_config(), report, job.source.write_extras)
     except BaseException:
         writer.abort()

@@ -181,28 +181,26 @@ class ShardWriter:
         """Write the header, fsync and move the file to ``path``; return the tensor names."""
         header = json.dumps({"__metadata__": METADATA, **self.header}, separators=(",", ":"))
         raw = header.encode()
-        if 8 + len(raw) <= self.reserve:
+        in_place = 8 + len(raw) <= self.reserve
+        if in_place:  # the header fills its room, padded with spaces
+            out = self.file
+            out.seek(0)
             raw = raw.ljust(self.reserve - 8, b" ")
-            self.file.seek(0)
-            self.file.write(struct.pack("<Q", len(raw)))
-            self.file.write(raw)
-            self.file.flush()
-            os.fsync(self.file.fileno())
+        else:  # one rewrite behind an exact header, 8-byte aligned as the reference writer does
             self.file.close()
-            os.replace(self.part_path, self.path)
-            return list(self.header)
-        self.file.close()
-        raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned, as the reference writer does
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        with open(tmp, "wb") as out, open(self.part_path, "rb") as part:
+            out = open(self.path.with_name(self.path.name + ".tmp"), "wb")
+            raw += b" " * (-len(raw) % 8)
+        with out:
             out.write(struct.pack("<Q", len(raw)))
             out.write(raw)
-            part.seek(self.reserve)
-            shutil.copyfileobj(part, out, 16 << 20)
+            if not in_place:
+                with open(self.part_path, "rb") as part:
+                    part.seek(self.reserve)
+                    shutil.copyfileobj(part, out, 16 << 20)
             out.flush()
             os.fsync(out.fileno())
-        os.replace(tmp, self.path)
-        self.part_path.unlink()
+        os.replace(out.name, self.path)
+        self.part_path.unlink(missing_ok=True)  # the rewrite's source
         return list(self.header)
 
     def abort(self) -> None:

@@ -116,12 +116,9 @@ class SafetensorsDirSource(Source):
         self.tensors = [
             SourceTensor(e.name, e.shape, e.dtype, e.nbytes) for e in self.entries.values()
         ]
-        model_type = self.config.get("model_type")
-        by_name = (
-            linears_from_names(model_type, ((t.name, t.shape) for t in self.tensors))
-            if layout_from_names
-            else None
-        )
+        weights = [(t.name, t.shape) for t in self.tensors]
+        model_type = self.config.get("model_type") if layout_from_names else None
+        by_name = linears_from_names(model_type, weights)  # None: not a known layout
         self.linears = (
             by_name
             if by_name is not None
