@@ -28,7 +28,7 @@ from torch import nn
 
 from easyquant.config import QuantConfig
 from easyquant.models.errors import ModelInputError, one_line
-from easyquant.models.pipeline import QuantizeResult, prepare, quantize_share, start_cuda
+from easyquant.models.pipeline import QuantizeResult, prepare, quantize_tensors, start_cuda
 from easyquant.models.select import Selection
 from easyquant.models.sources import Source, SourceTensor
 from easyquant.models.writer import LOCK_FILE, OutputWriter, publish, rank_bookkeeping
@@ -61,7 +61,7 @@ class Status:
     shards: list[dict[str, Any]] = field(default_factory=list)
     rows: list[dict[str, Any]] = field(default_factory=list)
     error: str | None = None
-    times: dict[str, float] = field(default_factory=dict)  # quantize_share's stage times
+    times: dict[str, float] = field(default_factory=dict)  # StageSeconds.to_dict()
 
 
 def world_from_env(environ: Mapping[str, str] = os.environ) -> World | None:
@@ -239,10 +239,10 @@ def quantize_distributed(
         writer = OutputWriter(
             out_dir, fingerprint, shard_size, overwrite, resume, rank_log, world.rank, world.size
         )
-        times = quantize_share(
+        times = quantize_tensors(
             job, mine, writer, device, backend, progress and world.is_main, overlap
         )
-        status = Status(writer.shards, writer.reports, times=times)
+        status = Status(writer.shards, writer.reports, times=times.to_dict())
     except Exception as exc:
         own, status = exc, Status(error=describe(exc))
     except BaseException:  # interrupted: torchrun stops the other ranks too

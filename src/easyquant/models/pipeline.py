@@ -212,23 +212,28 @@ WRITE_BEHIND = 2
 
 @dataclass
 class StageSeconds:
-    """Where a pass over the tensors spent its time: ``read`` and ``write`` are the time spent
-    reading inputs and writing outputs (in their own threads when overlapped), ``read_wait`` and
-    ``write_wait`` the time the quantizing thread stood idle for them; ``wall`` the whole pass."""
+    """Where a run spent its time: ``open`` opening and planning (:func:`prepare`); ``read`` and
+    ``write`` the time spent reading inputs and writing outputs (in their own threads when
+    overlapped), ``read_wait`` and ``write_wait`` the time the quantizing thread stood idle for
+    them; ``wall`` the whole pass; ``close`` writing and syncing the last shard after it."""
 
+    open: float = 0.0
     read: float = 0.0
     write: float = 0.0
     read_wait: float = 0.0
     write_wait: float = 0.0
     wall: float = 0.0
+    close: float = 0.0
 
     def to_dict(self) -> dict[str, float]:
         return {
+            "open_seconds": self.open,
             "read_seconds": self.read,
             "write_seconds": self.write,
             "read_wait_seconds": self.read_wait,
             "write_wait_seconds": self.write_wait,
             "pass_seconds": self.wall,
+            "close_seconds": self.close,
         }
 
 
@@ -256,14 +261,15 @@ def quantize_tensors(
     progress: bool,
     overlap: bool = True,
 ) -> StageSeconds:
-    """Quantize or copy ``tensors`` (in this order) into ``writer``, from ``writer.done`` on.
+    """Quantize or copy ``tensors`` (in this order) into ``writer``, from ``writer.done`` on,
+    and close its last shard.
 
     ``overlap``: read the next tensor and write the previous one's outputs in two threads while
     this one quantizes (file I/O releases the GIL), so a run on a fast GPU is not the sum of
     read, quantize and write. Tensors read from files go into one :class:`ReadArena` as large as
     the largest of them, so host memory still holds about one largest tensor.
     """
-    times = StageSeconds()
+    times = StageSeconds(open=job.open_seconds)
     started = time.perf_counter()
 
     def timed(stage: str, fn: Callable[..., Any], *args: Any) -> Any:
@@ -356,25 +362,8 @@ def quantize_tensors(
         if bar is not None:
             bar.close()
     times.wall = time.perf_counter() - started
+    timed("close", writer.close)  # the last shard, written and synced
     return times
-
-
-def quantize_share(
-    job: Job,
-    tensors: list[SourceTensor],
-    writer: OutputWriter,
-    device: torch.device,
-    backend: str,
-    progress: bool,
-    overlap: bool,
-) -> dict[str, float]:
-    """:func:`quantize_tensors`, then the last shard written and synced; the report's stage
-    times (``*_seconds``)."""
-    times = quantize_tensors(job, tensors, writer, device, backend, progress, overlap)
-    start = time.perf_counter()
-    writer.close()
-    closed = time.perf_counter() - start
-    return {**times.to_dict(), "open_seconds": job.open_seconds, "close_seconds": closed}
 
 
 def quantize_model(
@@ -468,8 +457,10 @@ def quantize_model(
     job = prepare(model_or_path, config, out_dir, selection, tokenizer, shard_size, overwrite)
     writer = OutputWriter(out_dir, job.fingerprint, shard_size, overwrite, resume, log)
     try:
-        times = quantize_share(job, job.source.tensors, writer, device, backend, progress, overlap)
-        report = functools.partial(job.report, **times, overlap=overlap)
+        times = quantize_tensors(
+            job, job.source.tensors, writer, device, backend, progress, overlap
+        )
+        report = functools.partial(job.report, **times.to_dict(), overlap=overlap)
         path = writer.finish(job.hf_config(), report, job.source.write_extras)
     except BaseException:
         writer.abort()
