@@ -59,7 +59,18 @@ def gemv_candidates() -> list[tm.GemvConfig]:
         (8, 512, 4, 1),
         (4, 256, 1, 2),
     ]
-    return [G(bn, bw, w, s) for bn, bw, w, s in specs]
+    fp32_decode = [G(bn, bw, w, s) for bn, bw, w, s in specs]
+    # the f16x2 word dot (stop 12): fewer instructions per weight, so also more rows per program
+    packed = specs + [
+        (16, 256, 4, 2),
+        (32, 64, 2, 3),
+        (4, 128, 1, 3),
+        (8, 64, 1, 4),
+        (16, 128, 4, 3),
+        (32, 128, 8, 3),
+        (64, 64, 4, 3),
+    ]
+    return fp32_decode + [G(bn, bw, w, s, packed=True) for bn, bw, w, s in packed]
 
 
 def small_candidates() -> list[tm.DotConfig]:

@@ -172,6 +172,27 @@ def test_gemv_matches_reference(bits, group, n, k, device):
             assert_close(out[None], reference(weight, x, bias), dtype)
 
 
+@pytest.mark.parametrize(("group", "n", "k"), [(None, 45, 256), (32, 37, 96), (64, 20, 512)])
+def test_packed_gemv_matches_reference(group, n, k, device):
+    """The f16x2 word dot (4 bits, fp16 / bf16 x), with and without overflow and split K; on the
+    CPU its interpreter stand-in, on a GPU the PTX."""
+    configs = [
+        (None, tm.GemvConfig(block_n=16, block_w=4, packed=True)),
+        (2, tm.GemvConfig(block_n=8, block_w=2, order=2, split_k=2, packed=True)),
+    ]
+    for slots, config in configs:
+        weight = random_weight(n, k, 4, group, seed=n, device=device, slots=slots)
+        for dtype in (torch.float16, torch.bfloat16):
+            assert tm.packed_gemv(weight, dtype, config)
+            x = fresh_x(1, k, dtype, device, seed=n + 1)
+            bias = fresh_x(1, n, dtype, device, seed=4)[0]
+            out = tm.gemv(weight, x[0], bias, config)
+            assert_close(out[None], reference(weight, x, bias), dtype)
+    other = random_weight(n, k, 3, group, seed=n, device=device)
+    assert not tm.packed_gemv(other, torch.float16, configs[0][1])
+    assert not tm.packed_gemv(weight, torch.float32, configs[0][1])
+
+
 def test_bfloat16_activations(device):
     weight = random_weight(40, 64, 4, None, seed=3, device=device, slots=4)
     for m in (1, 3):

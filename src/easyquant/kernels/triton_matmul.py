@@ -153,6 +153,82 @@ def _gemv_plane(w0, w1, w2, k: tl.constexpr, BITS: tl.constexpr):
     return ((u << (23 - BITS)) | 0x3F800000).to(tl.float32, bitcast=True)
 
 
+# ---- batch 1, 4-bit codes with fp16 / bf16 activations: paired (f16x2) math --------------------
+# One int32 word holds the 4-bit codes of columns 8w .. 8w+7 (nibble j = column 8w + j). Masking
+# nibbles j and j + 4 into the mantissas of two fp16 1024.0s gives the pair (1024 + u_j,
+# 1024 + u_{j+4}) in one instruction (lop3: (w & mask) | magic); one fp16x2 FMA turns it into
+# ((u - 8) / 8) exactly, and four more multiply it by the matching pairs of x and sum. That is ~17
+# instructions per 8 weights where the fp32 decode takes ~8 per weight (benchmarks/notes-matmul-
+# kernels.md, stop 12). The codes are scaled by 1/8 so that a pair's partial sums stay within
+# 4 |x| (fp16 overflows only for |x| > 16k); each word's sum goes to fp32 before it is accumulated.
+_F16X2_WORD_DOT = """
+{
+.reg .b32 t, h0, h1, h2, h3, p, m0, c0, m1, c1;
+.reg .f16 lo, hi;
+.reg .f32 flo, fhi, s;
+mov.b32 m0, 0x30003000;
+mov.b32 c0, 0xD808D808;
+mov.b32 m1, 0x20002000;
+mov.b32 c1, 0xC880C880;
+lop3.b32 h0, $1, 0x000F000F, 0x64006400, 0xEA;
+lop3.b32 h1, $1, 0x00F000F0, 0x64006400, 0xEA;
+shr.u32 t, $1, 8;
+lop3.b32 h2, t, 0x000F000F, 0x64006400, 0xEA;
+lop3.b32 h3, t, 0x00F000F0, 0x64006400, 0xEA;
+fma.rn.f16x2 h0, h0, m0, c0;
+fma.rn.f16x2 h1, h1, m1, c1;
+fma.rn.f16x2 h2, h2, m0, c0;
+fma.rn.f16x2 h3, h3, m1, c1;
+mul.rn.f16x2 p, h0, $2;
+fma.rn.f16x2 p, h1, $3, p;
+fma.rn.f16x2 p, h2, $4, p;
+fma.rn.f16x2 p, h3, $5, p;
+mov.b32 {lo, hi}, p;
+cvt.f32.f16 flo, lo;
+cvt.f32.f16 fhi, hi;
+add.f32 s, flo, fhi;
+mov.b32 $0, s;
+}
+"""
+# (lop3's 0xEA is (a & b) | c; 0x3000 = 1/8, 0xD808 = -129, 0x2000 = 1/128, 0xC880 = -9 in fp16:
+# (1024 + u) / 8 - 129 = (1024 + 16 u) / 128 - 9 = (u - 8) / 8.)
+
+
+@triton.jit
+def _x_pairs(x_ptr, cols, ok, j: tl.constexpr):
+    """``x[8w + j]`` (low half) and ``x[8w + j + 4]`` (high half) in fp16, one int32 per word."""
+    lo = tl.load(x_ptr + cols + j, mask=ok, other=0.0).to(tl.float16)
+    hi = tl.load(x_ptr + cols + (j + 4), mask=ok, other=0.0).to(tl.float16)
+    lo_bits = lo.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+    return lo_bits | (hi.to(tl.int16, bitcast=True).to(tl.int32) << 16)
+
+
+@triton.jit
+def _pair_term(word, pair, j: tl.constexpr):
+    """The interpreter's stand-in for one pair of ``_F16X2_WORD_DOT`` (same values, fp32 math)."""
+    u_lo = (word >> (4 * j)) & 15
+    u_hi = (word >> (4 * j + 16)) & 15
+    x_lo = (pair & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    x_hi = ((pair >> 16) & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    return ((u_lo - 8).to(tl.float32) * x_lo + (u_hi - 8).to(tl.float32) * x_hi) * 0.125
+
+
+@triton.jit
+def _word_dot_f16x2(word, p0, p1, p2, p3, INTERPRET: tl.constexpr):
+    """``sum_j ((u_j - 8) / 8) * x_j`` over the eight codes of each int32 word, as fp32."""
+    if INTERPRET:  # the CPU interpreter cannot run PTX
+        return (
+            _pair_term(word, p0, 0) + _pair_term(word, p1, 1)
+            + _pair_term(word, p2, 2) + _pair_term(word, p3, 3)
+        )  # fmt: skip
+    else:
+        bits = tl.inline_asm_elementwise(
+            _F16X2_WORD_DOT, "=r,r,r,r,r,r", [word, p0, p1, p2, p3], dtype=tl.int32,
+            is_pure=True, pack=1,
+        )  # fmt: skip
+        return bits.to(tl.float32, bitcast=True)
+
+
 # ---- outliers from the kernel-side table ---------------------------------------------------------
 @triton.jit
 def _slot_load(ecol_ptr, eval_ptr, rows, ok, SLOTS: tl.constexpr, SLOTS_P2: tl.constexpr):
@@ -263,6 +339,8 @@ def _gemv_kernel(
     BLOCK_W: tl.constexpr,  # words (3 bits: word triples) per row per step
     SPLIT_K: tl.constexpr,
     OUT_CHUNK: tl.constexpr,
+    PACKED: tl.constexpr,  # 4 bits, fp16/bf16 x: the f16x2 word dot (_F16X2_WORD_DOT)
+    INTERPRET: tl.constexpr,
 ):
     # codes per word group and int32 words per group
     PER: tl.constexpr = 32 if BITS == 3 else 32 // BITS
@@ -309,17 +387,32 @@ def _gemv_kernel(
             s = s.to(tl.float32)
             s_mul = s * (1 << BITS)
             s_add = -s * ((1 << BITS) + (1 << (BITS - 1)))
-        for k in tl.static_range(PER):
-            col = k0 + PER * tl.arange(0, BLOCK_W) + k
-            xk = tl.load(x_ptr + col, mask=col < K, other=0.0).to(tl.float32)
-            f = _gemv_plane(w0, w1, w2, k, BITS)
+        if PACKED:
+            xc = k0 + 8 * tl.arange(0, BLOCK_W)
+            x_ok = xc < K
+            p0 = _x_pairs(x_ptr, xc, x_ok, 0)[None, :]
+            p1 = _x_pairs(x_ptr, xc, x_ok, 1)[None, :]
+            p2 = _x_pairs(x_ptr, xc, x_ok, 2)[None, :]
+            p3 = _x_pairs(x_ptr, xc, x_ok, 3)[None, :]
+            part = _word_dot_f16x2(w0, p0, p1, p2, p3, INTERPRET)
             if GROUP > 0:
-                acc += (f * s_mul[:, None] + s_add[:, None]) * xk[None, :]
+                acc += part * (8.0 * s)[:, None]
             else:
-                acc += f * xk[None, :]
-                xsum += xk
+                acc += part
+        else:
+            for k in tl.static_range(PER):
+                col = k0 + PER * tl.arange(0, BLOCK_W) + k
+                xk = tl.load(x_ptr + col, mask=col < K, other=0.0).to(tl.float32)
+                f = _gemv_plane(w0, w1, w2, k, BITS)
+                if GROUP > 0:
+                    acc += (f * s_mul[:, None] + s_add[:, None]) * xk[None, :]
+                else:
+                    acc += f * xk[None, :]
+                    xsum += xk
     total = tl.sum(acc, axis=1)
-    if GROUP == 0:
+    if GROUP == 0 and PACKED:
+        total *= 8.0 * tl.load(s_ptr + rows * stride_s, mask=row_ok, other=0.0).to(tl.float32)
+    elif GROUP == 0:
         # sum((1 + u/2^B) x) = sum(x) + sum(u x)/2^B and q = u - 2^(B-1)
         x_total = tl.sum(xsum, axis=0)
         s_row = tl.load(s_ptr + rows * stride_s, mask=row_ok, other=0.0).to(tl.float32)
@@ -764,6 +857,7 @@ class GemvConfig:
     num_stages: int = 2
     split_k: int = 1  # > 1: K split over programs, fp32 atomics into a zeroed output
     order: int = 1  # outlier slots: 0 loaded after the codes, 1 loaded first, 2 summed first
+    packed: bool = False  # 4 bits with fp16/bf16 x: f16x2 math (else, and always: fp32 decode)
 
 
 @dataclass(frozen=True)
@@ -825,10 +919,18 @@ def gemv(
         BLOCK_W=block_w,
         SPLIT_K=split_k,
         OUT_CHUNK=8,
+        PACKED=packed_gemv(weight, x.dtype, config),
+        INTERPRET=interpreting(),
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )
     return out.to(x.dtype) if split_k > 1 else out
+
+
+def packed_gemv(weight: Weight, dtype: torch.dtype, config: GemvConfig) -> bool:
+    """Does ``config`` run the f16x2 word dot here? (4-bit codes and fp16 / bf16 x only; bf16 x
+    is rounded to fp16 for it, which keeps more mantissa bits than bf16 has.)"""
+    return config.packed and weight.bits == 4 and dtype in (torch.float16, torch.bfloat16)
 
 
 def dot_matmul(
