@@ -61,7 +61,8 @@ def gemv_candidates() -> list[tm.GemvConfig]:
     ]
     fp32_decode = [G(bn, bw, w, s) for bn, bw, w, s in specs]
     # the f16x2 word dot (stop 12): fewer instructions per weight, so also more rows per program
-    packed = specs + [
+    packed = [
+        *specs,
         (16, 256, 4, 2),
         (32, 64, 2, 3),
         (4, 128, 1, 3),
