@@ -161,7 +161,8 @@ def _gemv_plane(w0, w1, w2, k: tl.constexpr, BITS: tl.constexpr):
 # instructions per 8 weights where the fp32 decode takes ~8 per weight (benchmarks/notes-matmul-
 # kernels.md, stop 12). The codes are scaled by 1/8 so that a pair's partial sums stay within
 # 4 |x| (fp16 overflows only for |x| > 16k); each word's sum goes to fp32 before it is accumulated.
-_F16X2_WORD_DOT = """
+_F16X2_WORD_DOT = tl.constexpr(
+    """
 {
 .reg .b32 t, h0, h1, h2, h3, p, m0, c0, m1, c1;
 .reg .f16 lo, hi;
@@ -190,6 +191,7 @@ add.f32 s, flo, fhi;
 mov.b32 $0, s;
 }
 """
+)
 # (lop3's 0xEA is (a & b) | c; 0x3000 = 1/8, 0xD808 = -129, 0x2000 = 1/128, 0xC880 = -9 in fp16:
 # (1024 + u) / 8 - 129 = (1024 + 16 u) / 128 - 9 = (u - 8) / 8.)
 
