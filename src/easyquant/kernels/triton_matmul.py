@@ -206,6 +206,18 @@ def _x_pairs(x_ptr, cols, ok, j: tl.constexpr):
 
 
 @triton.jit
+def _x_step_pairs(x_ptr, k0, K: tl.constexpr, BLOCK_W: tl.constexpr):
+    """The four x pairs ``[1, BLOCK_W]`` of the words of one GEMV step (columns ``k0 ..``)."""
+    cols = k0 + 8 * tl.arange(0, BLOCK_W)
+    ok = cols < K
+    p0 = _x_pairs(x_ptr, cols, ok, 0)[None, :]
+    p1 = _x_pairs(x_ptr, cols, ok, 1)[None, :]
+    p2 = _x_pairs(x_ptr, cols, ok, 2)[None, :]
+    p3 = _x_pairs(x_ptr, cols, ok, 3)[None, :]
+    return p0, p1, p2, p3
+
+
+@triton.jit
 def _pair_term(word, pair, j: tl.constexpr):
     """The interpreter's stand-in for one pair of ``_F16X2_WORD_DOT`` (same values, fp32 math)."""
     u_lo = (word >> (4 * j)) & 15
@@ -243,12 +255,29 @@ def _slot_load(ecol_ptr, eval_ptr, rows, ok, SLOTS: tl.constexpr, SLOTS_P2: tl.c
 
 
 @triton.jit
+def _overflow_first(ocol_ptr, oval_ptr, o_start, o_count, OUT_CHUNK: tl.constexpr):
+    """Each row's first OUT_CHUNK overflow entries (loaded before the GEMV's code loop, so that
+    their latency hides behind it)."""
+    j = tl.arange(0, OUT_CHUNK)
+    ok = j[None, :] < o_count[:, None]
+    p = o_start[:, None] + j[None, :]
+    col = tl.load(ocol_ptr + p, mask=ok, other=0).to(tl.int32)
+    val = tl.load(oval_ptr + p, mask=ok, other=0.0)
+    return col, val, ok
+
+
+@triton.jit
 def _overflow_1d(x_ptr, ocol_ptr, oval_ptr, o_start, o_count, BLOCK_N: tl.constexpr,
-                 OUT_CHUNK: tl.constexpr):  # fmt: skip
-    """``sum v * x[col]`` over each row's overflow entries (CSR), OUT_CHUNK at a time."""
+                 OUT_CHUNK: tl.constexpr, FIRST: tl.constexpr, f_col, f_val, f_ok):  # fmt: skip
+    """``sum v * x[col]`` over each row's overflow entries (CSR), OUT_CHUNK at a time; with FIRST
+    the first chunk is ``f_col, f_val, f_ok`` (from ``_overflow_first``)."""
     acc = tl.zeros([BLOCK_N], dtype=tl.float32)
     most = tl.max(o_count, axis=0)
     j0 = 0
+    if FIRST:
+        xv = tl.load(x_ptr + f_col, mask=f_ok, other=0.0).to(tl.float32)
+        acc += tl.sum(f_val.to(tl.float32) * xv, axis=1)
+        j0 = OUT_CHUNK
     while j0 < most:
         j = j0 + tl.arange(0, OUT_CHUNK)
         ok = j[None, :] < o_count[:, None]
@@ -314,6 +343,23 @@ def _table_2d(
 
 # ---- batch 1: CUDA-core GEMV ---------------------------------------------------------------------
 @triton.jit
+def _load_words(qrow, row_ok, step, valid, GROUPS: tl.constexpr, WPG: tl.constexpr,
+                BITS: tl.constexpr, BLOCK_W: tl.constexpr):  # fmt: skip
+    """The int32 words ``[rows, BLOCK_W]`` of one GEMV step (3 bits: the three words of each
+    triple), zeros where ``valid`` is false."""
+    g = step * BLOCK_W + tl.arange(0, BLOCK_W)  # word group index
+    ok = row_ok[:, None] & (g < GROUPS)[None, :] & valid
+    w0 = tl.load(qrow + WPG * g[None, :], mask=ok, other=0)
+    if BITS == 3:
+        w1 = tl.load(qrow + 3 * g[None, :] + 1, mask=ok, other=0)
+        w2 = tl.load(qrow + 3 * g[None, :] + 2, mask=ok, other=0)
+    else:
+        w1 = w0
+        w2 = w0
+    return w0, w1, w2
+
+
+@triton.jit
 def _gemv_kernel(
     x_ptr,
     q_ptr,  # int32 view of qweight [N, row_words]
@@ -342,6 +388,7 @@ def _gemv_kernel(
     SPLIT_K: tl.constexpr,
     OUT_CHUNK: tl.constexpr,
     PACKED: tl.constexpr,  # 4 bits, fp16/bf16 x: the f16x2 word dot (_F16X2_WORD_DOT)
+    PREFETCH: tl.constexpr,  # load step i + 1's words (and x pairs) before step i's math
     INTERPRET: tl.constexpr,
 ):
     # codes per word group and int32 words per group
@@ -370,32 +417,37 @@ def _gemv_kernel(
         o_start = tl.load(oind_ptr + rows, mask=row_ok, other=0)
         o_count = tl.load(oind_ptr + rows + 1, mask=row_ok, other=0) - o_start
         o_count = tl.where(pid_k == 0, o_count, 0)
+        if ORDER >= 1:
+            f_col, f_val, f_ok = _overflow_first(ocol_ptr, oval_ptr, o_start, o_count, OUT_CHUNK)
     acc = tl.zeros([BLOCK_N, BLOCK_W], dtype=tl.float32)
     xsum = tl.zeros([BLOCK_W], dtype=tl.float32)
+    # Triton does not software-pipeline these loads (no dot consumes them), so without PREFETCH
+    # every step waits a full memory round trip
+    if PREFETCH:
+        n0, n1, n2 = _load_words(qrow, row_ok, pid_k * PER_SPLIT, PER_SPLIT > 0, GROUPS, WPG,
+                                 BITS, BLOCK_W)  # fmt: skip
+        if PACKED:
+            np0, np1, np2, np3 = _x_step_pairs(x_ptr, pid_k * PER_SPLIT * BLOCK_K, K, BLOCK_W)
     for i in range(PER_SPLIT):
         step = pid_k * PER_SPLIT + i
         k0 = step * BLOCK_K
-        g = step * BLOCK_W + tl.arange(0, BLOCK_W)  # word group index
-        ok = row_ok[:, None] & (g < GROUPS)[None, :]
-        w0 = tl.load(qrow + WPG * g[None, :], mask=ok, other=0)
-        if BITS == 3:
-            w1 = tl.load(qrow + 3 * g[None, :] + 1, mask=ok, other=0)
-            w2 = tl.load(qrow + 3 * g[None, :] + 2, mask=ok, other=0)
+        if PREFETCH:
+            w0, w1, w2 = n0, n1, n2
+            n0, n1, n2 = _load_words(qrow, row_ok, step + 1, i + 1 < PER_SPLIT, GROUPS, WPG,
+                                     BITS, BLOCK_W)  # fmt: skip
+            if PACKED:
+                p0, p1, p2, p3 = np0, np1, np2, np3
+                np0, np1, np2, np3 = _x_step_pairs(x_ptr, k0 + BLOCK_K, K, BLOCK_W)
         else:
-            w1 = w0
-            w2 = w0
+            w0, w1, w2 = _load_words(qrow, row_ok, step, True, GROUPS, WPG, BITS, BLOCK_W)
+            if PACKED:
+                p0, p1, p2, p3 = _x_step_pairs(x_ptr, k0, K, BLOCK_W)
         if GROUP > 0:
             s = tl.load(s_ptr + rows * stride_s + k0 // GROUP, mask=row_ok & (k0 < K), other=0.0)
             s = s.to(tl.float32)
             s_mul = s * (1 << BITS)
             s_add = -s * ((1 << BITS) + (1 << (BITS - 1)))
         if PACKED:
-            xc = k0 + 8 * tl.arange(0, BLOCK_W)
-            x_ok = xc < K
-            p0 = _x_pairs(x_ptr, xc, x_ok, 0)[None, :]
-            p1 = _x_pairs(x_ptr, xc, x_ok, 1)[None, :]
-            p2 = _x_pairs(x_ptr, xc, x_ok, 2)[None, :]
-            p3 = _x_pairs(x_ptr, xc, x_ok, 3)[None, :]
             part = _word_dot_f16x2(w0, p0, p1, p2, p3, INTERPRET)
             if GROUP > 0:
                 acc += part * (8.0 * s)[:, None]
@@ -428,7 +480,12 @@ def _gemv_kernel(
             slot_sum = tl.sum(e_val.to(tl.float32) * e_x, axis=1)
         total += slot_sum
     if HAS_OVERFLOW:
-        total += _overflow_1d(x_ptr, ocol_ptr, oval_ptr, o_start, o_count, BLOCK_N, OUT_CHUNK)
+        if ORDER >= 1:
+            total += _overflow_1d(x_ptr, ocol_ptr, oval_ptr, o_start, o_count, BLOCK_N,
+                                  OUT_CHUNK, True, f_col, f_val, f_ok)  # fmt: skip
+        else:
+            total += _overflow_1d(x_ptr, ocol_ptr, oval_ptr, o_start, o_count, BLOCK_N,
+                                  OUT_CHUNK, False, o_start, o_start, o_start)  # fmt: skip
     if HAS_BIAS:
         bias = tl.load(bias_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
         total += tl.where(pid_k == 0, bias, 0.0)
@@ -860,6 +917,7 @@ class GemvConfig:
     split_k: int = 1  # > 1: K split over programs, fp32 atomics into a zeroed output
     order: int = 1  # outlier slots: 0 loaded after the codes, 1 loaded first, 2 summed first
     packed: bool = False  # 4 bits with fp16/bf16 x: f16x2 math (else, and always: fp32 decode)
+    prefetch: bool = False  # load the next step's words while the current step computes
 
 
 @dataclass(frozen=True)
@@ -922,6 +980,7 @@ def gemv(
         SPLIT_K=split_k,
         OUT_CHUNK=8,
         PACKED=packed_gemv(weight, x.dtype, config),
+        PREFETCH=config.prefetch,
         INTERPRET=interpreting(),
         num_warps=config.num_warps,
         num_stages=config.num_stages,
