@@ -114,6 +114,12 @@ def warm_up(device: str, seconds: float = 2.0) -> None:
 
 
 _FLUSH: dict[str, torch.Tensor] = {}
+# How the L2 is cleared before each timed call: "write" zeroes a 256 MiB buffer, as
+# triton.testing.do_bench does, which leaves the L2 full of dirty lines that the timed kernel then
+# writes back as it reads; "read" sums the buffer, which leaves clean lines, as the weights that
+# the previous layer's matmul streamed through the L2 are when decoding.
+FLUSH_MODES = ("write", "read")
+FLUSH_MODE = "write"
 # Cycles the GPU spins before each timed call (~100 us at 1.98 GHz): longer than the host takes to
 # launch any kernel here, so the timed region never waits for the host.
 SLEEP_CYCLES = 200_000
@@ -121,14 +127,17 @@ SLEEP_CYCLES = 200_000
 
 def gpu_time_us(fn: Callable[[], object], rep_ms: float = 100.0) -> float:
     """Median GPU time of ``fn`` in microseconds. Before each timed call the L2 cache is flushed
-    (a 256 MiB memset, as ``triton.testing.do_bench`` does) and then the GPU spins for
+    (FLUSH_MODE: a 256 MiB memset, as ``triton.testing.do_bench`` does, or a 256 MiB read) and
+    then the GPU spins for
     SLEEP_CYCLES, so that the host's launch work (Python, Triton's launcher, ~20-100 us) overlaps
     the spin instead of leaving the GPU idle inside the timed region; decoding runs from CUDA
     graphs, where launches cost no host time either."""
     device = torch.cuda.current_device()
     flush = _FLUSH.get(str(device))
     if flush is None:
-        flush = _FLUSH[str(device)] = torch.empty(256 << 20, dtype=torch.int8, device="cuda")
+        flush = _FLUSH[str(device)] = torch.zeros(256 << 20, dtype=torch.int8, device="cuda")
+    flush_words = flush.view(torch.int32)
+    flush_sum = torch.empty((), dtype=torch.int64, device=flush.device)
     fn()
     torch.cuda.synchronize()
     probe = [torch.cuda.Event(enable_timing=True) for _ in range(2)]
@@ -142,7 +151,10 @@ def gpu_time_us(fn: Callable[[], object], rep_ms: float = 100.0) -> float:
     starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
     ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
     for i in range(reps):
-        flush.zero_()
+        if FLUSH_MODE == "read":
+            torch.sum(flush_words, dtype=torch.int64, out=flush_sum)
+        else:
+            flush.zero_()
         torch.cuda._sleep(SLEEP_CYCLES)
         starts[i].record()
         fn()

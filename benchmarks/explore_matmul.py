@@ -33,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+import bench_kernels
 from easyquant.kernels import triton_matmul as tm
 
 # the issue's shapes, Llama-2-7B's down projection, and its q/k/v and gate/up fused
@@ -55,22 +56,8 @@ def gemv_candidates() -> list[tm.GemvConfig]:
     # before the current step's math (num_stages does nothing here: Triton does not pipeline
     # loads that no dot consumes)
     packed = [(8, 128, 2, 3), (16, 128, 4, 3), (4, 128, 1, 3), (8, 256, 4, 2), (16, 128, 2, 3)]
-    prefetch = [
-        (8, 128, 2, 1),
-        (16, 128, 4, 1),
-        (4, 128, 1, 1),
-        (8, 256, 4, 1),
-        (16, 128, 2, 1),
-        (4, 64, 1, 1),
-        (8, 64, 1, 1),
-        (8, 64, 2, 1),
-        (16, 64, 2, 1),
-        (16, 64, 4, 1),
-        (4, 256, 1, 1),
-        (32, 128, 4, 1),
-        (32, 64, 4, 1),
-        (16, 256, 4, 1),
-    ]
+    # prefetch measured no faster (stop 12, run 3: results/…-explore-prefetch.json); two kept
+    prefetch = [(16, 64, 2, 1), (8, 64, 2, 1)]
     return (
         [G(bn, bw, w, s) for bn, bw, w, s in fp32_decode]
         + [G(bn, bw, w, s, packed=True) for bn, bw, w, s in packed]
@@ -178,8 +165,15 @@ def main() -> None:
         default=tm.SLOT_QUANTILE,
         help="quantile of the rows' outlier counts the fixed slots cover (the rest overflow)",
     )
+    parser.add_argument(
+        "--flush",
+        choices=bench_kernels.FLUSH_MODES,
+        default=bench_kernels.FLUSH_MODE,
+        help="how the L2 is cleared before each timed call (bench_kernels.FLUSH_MODE)",
+    )
     args = parser.parse_args()
     tm.SLOT_QUANTILE = args.slot_quantile
+    bench_kernels.FLUSH_MODE = args.flush
     from bench_kernels import copy_bandwidth, random_parts, random_weight, warm_up
 
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes]

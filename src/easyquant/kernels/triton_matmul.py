@@ -417,8 +417,6 @@ def _gemv_kernel(
         o_start = tl.load(oind_ptr + rows, mask=row_ok, other=0)
         o_count = tl.load(oind_ptr + rows + 1, mask=row_ok, other=0) - o_start
         o_count = tl.where(pid_k == 0, o_count, 0)
-        if ORDER >= 1:
-            f_col, f_val, f_ok = _overflow_first(ocol_ptr, oval_ptr, o_start, o_count, OUT_CHUNK)
     acc = tl.zeros([BLOCK_N, BLOCK_W], dtype=tl.float32)
     xsum = tl.zeros([BLOCK_W], dtype=tl.float32)
     # Triton does not software-pipeline these loads (no dot consumes them), so without PREFETCH
@@ -428,6 +426,10 @@ def _gemv_kernel(
                                  BITS, BLOCK_W)  # fmt: skip
         if PACKED:
             np0, np1, np2, np3 = _x_step_pairs(x_ptr, pid_k * PER_SPLIT * BLOCK_K, K, BLOCK_W)
+        if HAS_OVERFLOW:
+            # after the first loads: a warp issues in order, so this load, which waits for
+            # o_start, would otherwise hold back the code loads by a round trip
+            f_col, f_val, f_ok = _overflow_first(ocol_ptr, oval_ptr, o_start, o_count, OUT_CHUNK)
     for i in range(PER_SPLIT):
         step = pid_k * PER_SPLIT + i
         k0 = step * BLOCK_K
@@ -480,7 +482,7 @@ def _gemv_kernel(
             slot_sum = tl.sum(e_val.to(tl.float32) * e_x, axis=1)
         total += slot_sum
     if HAS_OVERFLOW:
-        if ORDER >= 1:
+        if PREFETCH:
             total += _overflow_1d(x_ptr, ocol_ptr, oval_ptr, o_start, o_count, BLOCK_N,
                                   OUT_CHUNK, True, f_col, f_val, f_ok)  # fmt: skip
         else:
