@@ -152,7 +152,7 @@ def gpu_time_us(fn: Callable[[], object], rep_ms: float = 100.0) -> float:
     ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
     for i in range(reps):
         if FLUSH_MODE == "read":
-            torch.sum(flush_words, dtype=torch.int64, out=flush_sum)
+            torch.sum(flush_words, 0, dtype=torch.int64, out=flush_sum)
         else:
             flush.zero_()
         torch.cuda._sleep(SLEEP_CYCLES)

@@ -55,9 +55,18 @@ def gemv_candidates() -> list[tm.GemvConfig]:
     # the f16x2 word dot (stop 12) as first measured, and with the next step's loads issued
     # before the current step's math (num_stages does nothing here: Triton does not pipeline
     # loads that no dot consumes)
-    packed = [(8, 128, 2, 3), (16, 128, 4, 3), (4, 128, 1, 3), (8, 256, 4, 2), (16, 128, 2, 3)]
-    # prefetch measured no faster (stop 12, run 3: results/…-explore-prefetch.json); two kept
-    prefetch = [(16, 64, 2, 1), (8, 64, 2, 1)]
+    packed = [(8, 128, 2, 3), (4, 128, 1, 3), (8, 256, 4, 2), (16, 128, 2, 3)]
+    # prefetch of words and x pairs with a 2-D accumulator measured no faster (stop 12, run 3:
+    # results/…-explore-prefetch.json: 128 registers); now words only, rows summed every step
+    prefetch = [
+        (4, 128, 1, 1),
+        (8, 128, 2, 1),
+        (4, 256, 1, 1),
+        (8, 256, 4, 1),
+        (4, 64, 1, 1),
+        (16, 128, 4, 1),
+        (2, 128, 1, 1),
+    ]
     return (
         [G(bn, bw, w, s) for bn, bw, w, s in fp32_decode]
         + [G(bn, bw, w, s, packed=True) for bn, bw, w, s in packed]

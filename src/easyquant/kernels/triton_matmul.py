@@ -418,14 +418,13 @@ def _gemv_kernel(
         o_count = tl.load(oind_ptr + rows + 1, mask=row_ok, other=0) - o_start
         o_count = tl.where(pid_k == 0, o_count, 0)
     acc = tl.zeros([BLOCK_N, BLOCK_W], dtype=tl.float32)
+    row_acc = tl.zeros([BLOCK_N], dtype=tl.float32)
     xsum = tl.zeros([BLOCK_W], dtype=tl.float32)
     # Triton does not software-pipeline these loads (no dot consumes them), so without PREFETCH
     # every step waits a full memory round trip
     if PREFETCH:
         n0, n1, n2 = _load_words(qrow, row_ok, pid_k * PER_SPLIT, PER_SPLIT > 0, GROUPS, WPG,
                                  BITS, BLOCK_W)  # fmt: skip
-        if PACKED:
-            np0, np1, np2, np3 = _x_step_pairs(x_ptr, pid_k * PER_SPLIT * BLOCK_K, K, BLOCK_W)
         if HAS_OVERFLOW:
             # after the first loads: a warp issues in order, so this load, which waits for
             # o_start, would otherwise hold back the code loads by a round trip
@@ -437,13 +436,10 @@ def _gemv_kernel(
             w0, w1, w2 = n0, n1, n2
             n0, n1, n2 = _load_words(qrow, row_ok, step + 1, i + 1 < PER_SPLIT, GROUPS, WPG,
                                      BITS, BLOCK_W)  # fmt: skip
-            if PACKED:
-                p0, p1, p2, p3 = np0, np1, np2, np3
-                np0, np1, np2, np3 = _x_step_pairs(x_ptr, k0 + BLOCK_K, K, BLOCK_W)
         else:
             w0, w1, w2 = _load_words(qrow, row_ok, step, True, GROUPS, WPG, BITS, BLOCK_W)
-            if PACKED:
-                p0, p1, p2, p3 = _x_step_pairs(x_ptr, k0, K, BLOCK_W)
+        if PACKED:  # x is small and cached: its loads are not prefetched
+            p0, p1, p2, p3 = _x_step_pairs(x_ptr, k0, K, BLOCK_W)
         if GROUP > 0:
             s = tl.load(s_ptr + rows * stride_s + k0 // GROUP, mask=row_ok & (k0 < K), other=0.0)
             s = s.to(tl.float32)
@@ -452,7 +448,9 @@ def _gemv_kernel(
         if PACKED:
             part = _word_dot_f16x2(w0, p0, p1, p2, p3, INTERPRET)
             if GROUP > 0:
-                acc += part * (8.0 * s)[:, None]
+                part = part * (8.0 * s)[:, None]
+            if PREFETCH:  # summed per row at once: the prefetched words need the registers
+                row_acc += tl.sum(part, axis=1)
             else:
                 acc += part
         else:
@@ -465,7 +463,7 @@ def _gemv_kernel(
                 else:
                     acc += f * xk[None, :]
                     xsum += xk
-    total = tl.sum(acc, axis=1)
+    total = tl.sum(acc, axis=1) + row_acc
     if GROUP == 0 and PACKED:
         total *= 8.0 * tl.load(s_ptr + rows * stride_s, mask=row_ok, other=0.0).to(tl.float32)
     elif GROUP == 0:
