@@ -51,26 +51,13 @@ G, D = tm.GemvConfig, tm.DotConfig
 
 def gemv_candidates() -> list[tm.GemvConfig]:
     # (block_n, block_w, warps, stages): the fp32 decode's winners of stop 10 (notes, v5)
-    fp32_decode = [(16, 128, 2, 3), (8, 256, 4, 2), (4, 256, 1, 2), (32, 128, 4, 3)]
-    # the f16x2 word dot (stop 12) as first measured, and with the next step's loads issued
-    # before the current step's math (num_stages does nothing here: Triton does not pipeline
-    # loads that no dot consumes)
-    packed = [(8, 128, 2, 3), (4, 128, 1, 3), (8, 256, 4, 2), (16, 128, 2, 3)]
-    # prefetch of words and x pairs with a 2-D accumulator measured no faster (stop 12, run 3:
-    # results/…-explore-prefetch.json: 128 registers); now words only, rows summed every step
-    prefetch = [
-        (4, 128, 1, 1),
-        (8, 128, 2, 1),
-        (4, 256, 1, 1),
-        (8, 256, 4, 1),
-        (4, 64, 1, 1),
-        (16, 128, 4, 1),
-        (2, 128, 1, 1),
-    ]
+    fp32_decode = [(16, 128, 2, 3), (4, 256, 1, 2)]
+    # the f16x2 word dot (stop 12), x loaded per code position or as one vector per word
+    packed = [(8, 128, 2, 3), (4, 128, 1, 3), (8, 256, 4, 2), (16, 128, 2, 3), (4, 256, 1, 2)]
     return (
         [G(bn, bw, w, s) for bn, bw, w, s in fp32_decode]
         + [G(bn, bw, w, s, packed=True) for bn, bw, w, s in packed]
-        + [G(bn, bw, w, s, packed=True, prefetch=True) for bn, bw, w, s in prefetch]
+        + [G(bn, bw, w, s, packed=True, xvec=True) for bn, bw, w, s in packed]
     )
 
 

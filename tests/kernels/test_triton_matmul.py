@@ -161,8 +161,6 @@ def test_gemv_matches_reference(bits, group, n, k, device):
         (None, tm.GemvConfig(block_n=8, block_w=2, order=2)),
         (2, tm.GemvConfig(block_n=16, block_w=4, order=0, split_k=3)),
         (2, tm.GemvConfig(block_n=8, block_w=2, order=2, split_k=2)),
-        (2, tm.GemvConfig(block_n=16, block_w=2, prefetch=True)),
-        (2, tm.GemvConfig(block_n=8, block_w=4, order=0, split_k=3, prefetch=True)),
     ]
     for slots, config in configs:
         weight = random_weight(n, k, bits, group, seed=bits + n, device=device, slots=slots)
@@ -181,8 +179,8 @@ def test_packed_gemv_matches_reference(group, n, k, device):
     configs = [
         (None, tm.GemvConfig(block_n=16, block_w=4, packed=True)),
         (2, tm.GemvConfig(block_n=8, block_w=2, order=2, split_k=2, packed=True)),
-        (2, tm.GemvConfig(block_n=16, block_w=2, split_k=2, packed=True, prefetch=True)),
-        (None, tm.GemvConfig(block_n=4, block_w=4, order=0, packed=True, prefetch=True)),
+        (2, tm.GemvConfig(block_n=16, block_w=2, split_k=2, packed=True, xvec=True)),
+        (None, tm.GemvConfig(block_n=4, block_w=4, order=0, packed=True, xvec=True)),
     ]
     for slots, config in configs:
         weight = random_weight(n, k, 4, group, seed=n, device=device, slots=slots)

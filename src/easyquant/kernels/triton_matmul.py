@@ -206,15 +206,25 @@ def _x_pairs(x_ptr, cols, ok, j: tl.constexpr):
 
 
 @triton.jit
-def _x_step_pairs(x_ptr, k0, K: tl.constexpr, BLOCK_W: tl.constexpr):
+def _x_step_pairs(x_ptr, k0, K: tl.constexpr, BLOCK_W: tl.constexpr, XVEC: tl.constexpr):
     """The four x pairs ``[1, BLOCK_W]`` of the words of one GEMV step (columns ``k0 ..``)."""
     cols = k0 + 8 * tl.arange(0, BLOCK_W)
     ok = cols < K
-    p0 = _x_pairs(x_ptr, cols, ok, 0)[None, :]
-    p1 = _x_pairs(x_ptr, cols, ok, 1)[None, :]
-    p2 = _x_pairs(x_ptr, cols, ok, 2)[None, :]
-    p3 = _x_pairs(x_ptr, cols, ok, 3)[None, :]
-    return p0, p1, p2, p3
+    if XVEC:  # each word's 8 values in one 16-byte load, paired in registers
+        xt = tl.load(x_ptr + cols[:, None] + tl.arange(0, 8)[None, :], mask=ok[:, None], other=0.0)
+        bits = xt.to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+        lo, hi = tl.split(tl.permute(tl.reshape(bits, [BLOCK_W, 2, 4]), [0, 2, 1]))
+        pairs = tl.reshape(lo | (hi << 16), [BLOCK_W, 2, 2])  # [w, j // 2, j % 2]
+        even, odd = tl.split(pairs)  # j = 0, 2 and j = 1, 3
+        p0, p2 = tl.split(even)
+        p1, p3 = tl.split(odd)
+        return p0[None, :], p1[None, :], p2[None, :], p3[None, :]
+    else:
+        p0 = _x_pairs(x_ptr, cols, ok, 0)[None, :]
+        p1 = _x_pairs(x_ptr, cols, ok, 1)[None, :]
+        p2 = _x_pairs(x_ptr, cols, ok, 2)[None, :]
+        p3 = _x_pairs(x_ptr, cols, ok, 3)[None, :]
+        return p0, p1, p2, p3
 
 
 @triton.jit
@@ -255,29 +265,12 @@ def _slot_load(ecol_ptr, eval_ptr, rows, ok, SLOTS: tl.constexpr, SLOTS_P2: tl.c
 
 
 @triton.jit
-def _overflow_first(ocol_ptr, oval_ptr, o_start, o_count, OUT_CHUNK: tl.constexpr):
-    """Each row's first OUT_CHUNK overflow entries (loaded before the GEMV's code loop, so that
-    their latency hides behind it)."""
-    j = tl.arange(0, OUT_CHUNK)
-    ok = j[None, :] < o_count[:, None]
-    p = o_start[:, None] + j[None, :]
-    col = tl.load(ocol_ptr + p, mask=ok, other=0).to(tl.int32)
-    val = tl.load(oval_ptr + p, mask=ok, other=0.0)
-    return col, val, ok
-
-
-@triton.jit
 def _overflow_1d(x_ptr, ocol_ptr, oval_ptr, o_start, o_count, BLOCK_N: tl.constexpr,
-                 OUT_CHUNK: tl.constexpr, FIRST: tl.constexpr, f_col, f_val, f_ok):  # fmt: skip
-    """``sum v * x[col]`` over each row's overflow entries (CSR), OUT_CHUNK at a time; with FIRST
-    the first chunk is ``f_col, f_val, f_ok`` (from ``_overflow_first``)."""
+                 OUT_CHUNK: tl.constexpr):  # fmt: skip
+    """``sum v * x[col]`` over each row's overflow entries (CSR), OUT_CHUNK at a time."""
     acc = tl.zeros([BLOCK_N], dtype=tl.float32)
     most = tl.max(o_count, axis=0)
     j0 = 0
-    if FIRST:
-        xv = tl.load(x_ptr + f_col, mask=f_ok, other=0.0).to(tl.float32)
-        acc += tl.sum(f_val.to(tl.float32) * xv, axis=1)
-        j0 = OUT_CHUNK
     while j0 < most:
         j = j0 + tl.arange(0, OUT_CHUNK)
         ok = j[None, :] < o_count[:, None]
@@ -343,12 +336,13 @@ def _table_2d(
 
 # ---- batch 1: CUDA-core GEMV ---------------------------------------------------------------------
 @triton.jit
-def _load_words(qrow, row_ok, step, valid, GROUPS: tl.constexpr, WPG: tl.constexpr,
+def _load_words(qrow, row_ok, step, GROUPS: tl.constexpr, WPG: tl.constexpr,
                 BITS: tl.constexpr, BLOCK_W: tl.constexpr):  # fmt: skip
     """The int32 words ``[rows, BLOCK_W]`` of one GEMV step (3 bits: the three words of each
-    triple), zeros where ``valid`` is false."""
+    triple). Triton does not software-pipeline these loads (no dot consumes them); issuing the
+    next step's before this step's math measured slower (stop 12: registers)."""
     g = step * BLOCK_W + tl.arange(0, BLOCK_W)  # word group index
-    ok = row_ok[:, None] & (g < GROUPS)[None, :] & valid
+    ok = row_ok[:, None] & (g < GROUPS)[None, :]
     w0 = tl.load(qrow + WPG * g[None, :], mask=ok, other=0)
     if BITS == 3:
         w1 = tl.load(qrow + 3 * g[None, :] + 1, mask=ok, other=0)
@@ -388,7 +382,7 @@ def _gemv_kernel(
     SPLIT_K: tl.constexpr,
     OUT_CHUNK: tl.constexpr,
     PACKED: tl.constexpr,  # 4 bits, fp16/bf16 x: the f16x2 word dot (_F16X2_WORD_DOT)
-    PREFETCH: tl.constexpr,  # load step i + 1's words (and x pairs) before step i's math
+    XVEC: tl.constexpr,  # packed: x read as one 16-byte vector per word
     INTERPRET: tl.constexpr,
 ):
     # codes per word group and int32 words per group
@@ -418,28 +412,13 @@ def _gemv_kernel(
         o_count = tl.load(oind_ptr + rows + 1, mask=row_ok, other=0) - o_start
         o_count = tl.where(pid_k == 0, o_count, 0)
     acc = tl.zeros([BLOCK_N, BLOCK_W], dtype=tl.float32)
-    row_acc = tl.zeros([BLOCK_N], dtype=tl.float32)
     xsum = tl.zeros([BLOCK_W], dtype=tl.float32)
-    # Triton does not software-pipeline these loads (no dot consumes them), so without PREFETCH
-    # every step waits a full memory round trip
-    if PREFETCH:
-        n0, n1, n2 = _load_words(qrow, row_ok, pid_k * PER_SPLIT, PER_SPLIT > 0, GROUPS, WPG,
-                                 BITS, BLOCK_W)  # fmt: skip
-        if HAS_OVERFLOW:
-            # after the first loads: a warp issues in order, so this load, which waits for
-            # o_start, would otherwise hold back the code loads by a round trip
-            f_col, f_val, f_ok = _overflow_first(ocol_ptr, oval_ptr, o_start, o_count, OUT_CHUNK)
     for i in range(PER_SPLIT):
         step = pid_k * PER_SPLIT + i
         k0 = step * BLOCK_K
-        if PREFETCH:
-            w0, w1, w2 = n0, n1, n2
-            n0, n1, n2 = _load_words(qrow, row_ok, step + 1, i + 1 < PER_SPLIT, GROUPS, WPG,
-                                     BITS, BLOCK_W)  # fmt: skip
-        else:
-            w0, w1, w2 = _load_words(qrow, row_ok, step, True, GROUPS, WPG, BITS, BLOCK_W)
-        if PACKED:  # x is small and cached: its loads are not prefetched
-            p0, p1, p2, p3 = _x_step_pairs(x_ptr, k0, K, BLOCK_W)
+        w0, w1, w2 = _load_words(qrow, row_ok, step, GROUPS, WPG, BITS, BLOCK_W)
+        if PACKED:
+            p0, p1, p2, p3 = _x_step_pairs(x_ptr, k0, K, BLOCK_W, XVEC)
         if GROUP > 0:
             s = tl.load(s_ptr + rows * stride_s + k0 // GROUP, mask=row_ok & (k0 < K), other=0.0)
             s = s.to(tl.float32)
@@ -449,10 +428,7 @@ def _gemv_kernel(
             part = _word_dot_f16x2(w0, p0, p1, p2, p3, INTERPRET)
             if GROUP > 0:
                 part = part * (8.0 * s)[:, None]
-            if PREFETCH:  # summed per row at once: the prefetched words need the registers
-                row_acc += tl.sum(part, axis=1)
-            else:
-                acc += part
+            acc += part
         else:
             for k in tl.static_range(PER):
                 col = k0 + PER * tl.arange(0, BLOCK_W) + k
@@ -463,7 +439,7 @@ def _gemv_kernel(
                 else:
                     acc += f * xk[None, :]
                     xsum += xk
-    total = tl.sum(acc, axis=1) + row_acc
+    total = tl.sum(acc, axis=1)
     if GROUP == 0 and PACKED:
         total *= 8.0 * tl.load(s_ptr + rows * stride_s, mask=row_ok, other=0.0).to(tl.float32)
     elif GROUP == 0:
@@ -480,12 +456,7 @@ def _gemv_kernel(
             slot_sum = tl.sum(e_val.to(tl.float32) * e_x, axis=1)
         total += slot_sum
     if HAS_OVERFLOW:
-        if PREFETCH:
-            total += _overflow_1d(x_ptr, ocol_ptr, oval_ptr, o_start, o_count, BLOCK_N,
-                                  OUT_CHUNK, True, f_col, f_val, f_ok)  # fmt: skip
-        else:
-            total += _overflow_1d(x_ptr, ocol_ptr, oval_ptr, o_start, o_count, BLOCK_N,
-                                  OUT_CHUNK, False, o_start, o_start, o_start)  # fmt: skip
+        total += _overflow_1d(x_ptr, ocol_ptr, oval_ptr, o_start, o_count, BLOCK_N, OUT_CHUNK)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
         total += tl.where(pid_k == 0, bias, 0.0)
@@ -917,7 +888,7 @@ class GemvConfig:
     split_k: int = 1  # > 1: K split over programs, fp32 atomics into a zeroed output
     order: int = 1  # outlier slots: 0 loaded after the codes, 1 loaded first, 2 summed first
     packed: bool = False  # 4 bits with fp16/bf16 x: f16x2 math (else, and always: fp32 decode)
-    prefetch: bool = False  # load the next step's words while the current step computes
+    xvec: bool = False  # packed: x as one 16-byte load per word, paired in registers
 
 
 @dataclass(frozen=True)
@@ -980,7 +951,7 @@ def gemv(
         SPLIT_K=split_k,
         OUT_CHUNK=8,
         PACKED=packed_gemv(weight, x.dtype, config),
-        PREFETCH=config.prefetch,
+        XVEC=config.xvec,
         INTERPRET=interpreting(),
         num_warps=config.num_warps,
         num_stages=config.num_stages,
@@ -1123,6 +1094,12 @@ DEQUANT_LARGE = True
 # Fallbacks where the measured table (below) has no entry; picked from the same H100 sweeps
 # (benchmarks/notes-matmul-kernels.md, v5).
 def gemv_config(n: int, k: int, bits: int) -> GemvConfig:
+    if bits == 4:  # the f16x2 word dot's winners (stop 12, results/…-explore-xvec.json)
+        if n <= 8192:
+            return GemvConfig(block_n=8, block_w=256, num_warps=4, num_stages=2, packed=True)
+        if k > 8192:
+            return GemvConfig(block_n=16, block_w=128, num_warps=2, num_stages=3, packed=True)
+        return GemvConfig(block_n=8, block_w=128, num_warps=2, num_stages=3, packed=True)
     if k > 8192:
         if n <= 8192:
             return GemvConfig(block_n=8, block_w=256, num_warps=4, num_stages=2)
@@ -1211,14 +1188,16 @@ def candidates(weight: Weight, m: int) -> list[GemvConfig | DotConfig | None]:
     that won somewhere in the H100 sweeps (benchmarks/explore_matmul.py)."""
     if m == 1:
         found: list[GemvConfig | DotConfig | None] = [
-            GemvConfig(bn, bw, warps, stages)
-            for bn, bw, warps, stages in (
-                (4, 256, 1, 2),
-                (8, 256, 4, 2),
-                (8, 128, 2, 3),
-                (16, 128, 2, 3),
-                (16, 64, 1, 3),
-                (32, 128, 4, 3),
+            GemvConfig(bn, bw, warps, stages, packed=packed)
+            for bn, bw, warps, stages, packed in (
+                (4, 256, 1, 2, False),
+                (8, 256, 4, 2, False),
+                (16, 128, 2, 3, False),
+                (32, 128, 4, 3, False),
+                (8, 128, 2, 3, True),
+                (4, 128, 1, 3, True),
+                (8, 256, 4, 2, True),
+                (16, 128, 2, 3, True),
             )
         ]
     elif m <= SMALL_BATCH:
