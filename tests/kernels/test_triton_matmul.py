@@ -190,6 +190,11 @@ def test_packed_gemv_matches_reference(group, n, k, device):
             bias = fresh_x(1, n, dtype, device, seed=4)[0]
             out = tm.gemv(weight, x[0], bias, config)
             assert_close(out[None], reference(weight, x, bias), dtype)
+    # fp16 activations up to 30000 (the half sums of four products stay below 2 max|x|)
+    weight = random_weight(n, k, 4, group, seed=n + 2, device=device)
+    x = (fresh_x(1, k, torch.float32, device, seed=n + 3) * 10000).clamp(-30000, 30000).half()
+    out = tm.gemv(weight, x[0], None, configs[0][1])
+    assert_close(out[None], reference(weight, x, None), torch.float16)
     other = random_weight(n, k, 3, group, seed=n, device=device)
     assert not tm.packed_gemv(other, torch.float16, configs[0][1])
     assert not tm.packed_gemv(weight, torch.float32, configs[0][1])

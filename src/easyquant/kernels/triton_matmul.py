@@ -157,20 +157,21 @@ def _gemv_plane(w0, w1, w2, k: tl.constexpr, BITS: tl.constexpr):
 # One int32 word holds the 4-bit codes of columns 8w .. 8w+7 (nibble j = column 8w + j). Masking
 # nibbles j and j + 4 into the mantissas of two fp16 1024.0s gives the pair (1024 + u_j,
 # 1024 + u_{j+4}) in one instruction (lop3: (w & mask) | magic); one fp16x2 FMA turns it into
-# ((u - 8) / 8) exactly, and four more multiply it by the matching pairs of x and sum. That is ~17
+# ((u - 8) / 16) exactly, and four more multiply it by the matching pairs of x and sum. That is ~17
 # instructions per 8 weights where the fp32 decode takes ~8 per weight (benchmarks/notes-matmul-
-# kernels.md, stop 12). The codes are scaled by 1/8 so that a pair's partial sums stay within
-# 4 |x| (fp16 overflows only for |x| > 16k); each word's sum goes to fp32 before it is accumulated.
+# kernels.md, stop 12). The codes are scaled by 1/16 so that each half's sum of four products
+# stays within 2 max|x| (fp16 can overflow only where some |x| > 32752); each word's sum goes to
+# fp32 before it is accumulated, and the fp32 total is multiplied by 16.
 _F16X2_WORD_DOT = tl.constexpr(
     """
 {
 .reg .b32 t, h0, h1, h2, h3, p, m0, c0, m1, c1;
 .reg .f16 lo, hi;
 .reg .f32 flo, fhi, s;
-mov.b32 m0, 0x30003000;
-mov.b32 c0, 0xD808D808;
-mov.b32 m1, 0x20002000;
-mov.b32 c1, 0xC880C880;
+mov.b32 m0, 0x2C002C00;
+mov.b32 c0, 0xD408D408;
+mov.b32 m1, 0x1C001C00;
+mov.b32 c1, 0xC480C480;
 lop3.b32 h0, $1, 0x000F000F, 0x64006400, 0xEA;
 lop3.b32 h1, $1, 0x00F000F0, 0x64006400, 0xEA;
 shr.u32 t, $1, 8;
@@ -192,8 +193,8 @@ mov.b32 $0, s;
 }
 """
 )
-# (lop3's 0xEA is (a & b) | c; 0x3000 = 1/8, 0xD808 = -129, 0x2000 = 1/128, 0xC880 = -9 in fp16:
-# (1024 + u) / 8 - 129 = (1024 + 16 u) / 128 - 9 = (u - 8) / 8.)
+# (lop3's 0xEA is (a & b) | c; 0x2C00 = 1/16, 0xD408 = -64.5, 0x1C00 = 1/256, 0xC480 = -4.5 in
+# fp16: (1024 + u) / 16 - 64.5 = (1024 + 16 u) / 256 - 4.5 = (u - 8) / 16.)
 
 
 @triton.jit
@@ -234,12 +235,12 @@ def _pair_term(word, pair, j: tl.constexpr):
     u_hi = (word >> (4 * j + 16)) & 15
     x_lo = (pair & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
     x_hi = ((pair >> 16) & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-    return ((u_lo - 8).to(tl.float32) * x_lo + (u_hi - 8).to(tl.float32) * x_hi) * 0.125
+    return ((u_lo - 8).to(tl.float32) * x_lo + (u_hi - 8).to(tl.float32) * x_hi) * 0.0625
 
 
 @triton.jit
 def _word_dot_f16x2(word, p0, p1, p2, p3, INTERPRET: tl.constexpr):
-    """``sum_j ((u_j - 8) / 8) * x_j`` over the eight codes of each int32 word, as fp32."""
+    """``sum_j ((u_j - 8) / 16) * x_j`` over the eight codes of each int32 word, as fp32."""
     if INTERPRET:  # the CPU interpreter cannot run PTX
         return (
             _pair_term(word, p0, 0) + _pair_term(word, p1, 1)
@@ -427,7 +428,7 @@ def _gemv_kernel(
         if PACKED:
             part = _word_dot_f16x2(w0, p0, p1, p2, p3, INTERPRET)
             if GROUP > 0:
-                part = part * (8.0 * s)[:, None]
+                part = part * (16.0 * s)[:, None]
             acc += part
         else:
             for k in tl.static_range(PER):
@@ -441,7 +442,7 @@ def _gemv_kernel(
                     xsum += xk
     total = tl.sum(acc, axis=1)
     if GROUP == 0 and PACKED:
-        total *= 8.0 * tl.load(s_ptr + rows * stride_s, mask=row_ok, other=0.0).to(tl.float32)
+        total *= 16.0 * tl.load(s_ptr + rows * stride_s, mask=row_ok, other=0.0).to(tl.float32)
     elif GROUP == 0:
         # sum((1 + u/2^B) x) = sum(x) + sum(u x)/2^B and q = u - 2^(B-1)
         x_total = tl.sum(xsum, axis=0)
