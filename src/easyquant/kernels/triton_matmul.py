@@ -11,7 +11,9 @@ rows holding more than ``S`` (the overflow).
 - ``_gemv_kernel`` (batch 1): streams the codes as int32 words, turns each code ``u`` into the
   float ``1 + u / 2^bits`` with two integer ops (no int->float conversion instruction), and
   accumulates ``w * x`` in fp32 on the CUDA cores; ``sum((u - offset) * x)`` is recovered at the
-  end from ``sum(x)``. Optional split-K (fp32 atomics) for layers with few rows.
+  end from ``sum(x)``. With 4-bit codes and fp16 / bf16 activations (``GemvConfig.packed``) it
+  runs the f16x2 word dot instead: pairs of codes decoded and multiplied two at a time in fp16x2
+  (PTX), each word's sum accumulated in fp32. Optional split-K (fp32 atomics).
 - ``_dot_kernel`` (any batch): computes ``out^T = W @ x^T`` so that the weight tile, decoded in
   registers to the activation dtype, is the left operand of ``tl.dot`` (tensor cores) and the batch
   is the narrow side (16 wide at small batch). ``_dot_planes_kernel`` is the same product over int32
@@ -423,14 +425,15 @@ def _gemv_kernel(
         if GROUP > 0:
             s = tl.load(s_ptr + rows * stride_s + k0 // GROUP, mask=row_ok & (k0 < K), other=0.0)
             s = s.to(tl.float32)
-            s_mul = s * (1 << BITS)
-            s_add = -s * ((1 << BITS) + (1 << (BITS - 1)))
         if PACKED:
             part = _word_dot_f16x2(w0, p0, p1, p2, p3, INTERPRET)
             if GROUP > 0:
                 part = part * (16.0 * s)[:, None]
             acc += part
         else:
+            if GROUP > 0:
+                s_mul = s * (1 << BITS)
+                s_add = -s * ((1 << BITS) + (1 << (BITS - 1)))
             for k in tl.static_range(PER):
                 col = k0 + PER * tl.arange(0, BLOCK_W) + k
                 xk = tl.load(x_ptr + col, mask=col < K, other=0.0).to(tl.float32)
