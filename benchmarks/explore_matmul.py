@@ -49,7 +49,13 @@ SHAPES = [
 G, D = tm.GemvConfig, tm.DotConfig
 
 
-def gemv_candidates() -> list[tm.GemvConfig]:
+def gemv_candidates(bits: int = 4) -> list[tm.GemvConfig]:
+    if bits == 3:  # the fp32 decode's fallbacks, then the f16x2 triple dot (few registers first)
+        fp32 = [(4, 256, 1, 2), (16, 128, 2, 3)]
+        triple = [(4, 128, 4, 1), (2, 128, 4, 1), (4, 64, 2, 1), (2, 64, 2, 1), (8, 128, 8, 1)]
+        return [G(bn, bw, w, s) for bn, bw, w, s in fp32] + [
+            G(bn, bw, w, s, packed=True) for bn, bw, w, s in triple
+        ]
     # (block_n, block_w, warps, stages): the fp32 decode's winners of stop 10 (notes, v5)
     fp32_decode = [(16, 128, 2, 3), (4, 256, 1, 2)]
     # the f16x2 word dot (stop 12), x loaded per code position or as one vector per word
@@ -77,9 +83,11 @@ DEQUANT = [(8, 1024, 8, 2), (4, 1024, 4, 2)]  # (block_n, block_k, warps, stages
 
 
 # ---- stand-in weights with the same specialization, for the compile workers --------------------
-def standin(n: int, k: int, slots: int, overflow: bool, device: str = "cuda") -> tm.Weight:
+def standin(
+    n: int, k: int, slots: int, overflow: bool, bits: int, device: str = "cuda"
+) -> tm.Weight:
     small = 256 if n % 16 == 0 else 258
-    qweight = torch.randint(0, 255, (small, k // 2), device=device, dtype=torch.uint8)
+    qweight = torch.randint(0, 255, (small, k * bits // 8), device=device, dtype=torch.uint8)
     scales = torch.rand(small, 1, device=device).half() * 0.01
     cols = torch.randint(0, k, (small, slots), device=device).to(torch.int16)
     vals = torch.randn(small, slots, device=device).half()
@@ -90,7 +98,7 @@ def standin(n: int, k: int, slots: int, overflow: bool, device: str = "cuda") ->
     ov_cols = torch.zeros(ov, device=device, dtype=torch.int16)
     ov_vals = torch.ones(ov, device=device, dtype=torch.float16)
     table = tm.OutlierTable(cols, vals, count, ov_indptr, ov_cols, ov_vals)
-    return tm.Weight(qweight, scales, table, 4, 0, k)
+    return tm.Weight(qweight, scales, table, bits, 0, k)
 
 
 def run_job(weight: tm.Weight, x: torch.Tensor, kind: str, config) -> torch.Tensor:
@@ -106,9 +114,9 @@ def run_job(weight: tm.Weight, x: torch.Tensor, kind: str, config) -> torch.Tens
 
 def compile_jobs(jobs: list[tuple]) -> list[str]:
     errors = []
-    for n, k, slots, overflow, m, kind, config in jobs:
+    for n, k, slots, overflow, m, kind, config, bits in jobs:
         try:
-            weight = standin(n, k, slots, overflow)
+            weight = standin(n, k, slots, overflow, bits)
             x = torch.randn(m, k, device="cuda", dtype=torch.float16)
             run_job(weight, x, kind, config)
             torch.cuda.synchronize()
@@ -167,7 +175,12 @@ def main() -> None:
         default=bench_kernels.FLUSH_MODE,
         help="how the L2 is cleared before each timed call (bench_kernels.FLUSH_MODE)",
     )
+    parser.add_argument(
+        "--bits", type=int, choices=(3, 4), default=4, help="code width of the timed weights"
+    )
     args = parser.parse_args()
+    if args.bits != 4 and (args.write_table or args.kinds != ["gemv"]):
+        parser.error("--bits 3 times the GEMV only (--kinds gemv) and writes no table")
     tm.SLOT_QUANTILE = args.slot_quantile
     bench_kernels.FLUSH_MODE = args.flush
     from bench_kernels import copy_bandwidth, random_parts, random_weight, warm_up
@@ -180,31 +193,33 @@ def main() -> None:
     # weights: 0.5% outliers (table at the default quantile, and for every row), and none
     weights: dict[tuple, tm.Weight] = {}
     for n, k in shapes:
-        qw = random_parts(n, k, 4, None, 0.005, seed=n + 4, device=device)
+        qw = random_parts(n, k, args.bits, None, 0.005, seed=n + 4, device=device)
         csr = (qw.outlier_indptr, qw.outlier_indices, qw.outlier_values)
         for tag, q in (("default", tm.SLOT_QUANTILE), ("max", 1.0)):
             weights[(n, k, tag)] = tm.Weight.from_csr(
-                qw.qweight, qw.scales, *csr, 4, 0, k, quantile=q
+                qw.qweight, qw.scales, *csr, args.bits, 0, k, quantile=q
             )
             t = weights[(n, k, tag)].outliers
             print(f"{n}x{k} {tag}: slots {t.slots}, overflow {t.overflow}", flush=True)
-        weights[(n, k, "none")] = random_weight(n, k, 4, None, 0.0, seed=n + 4, device=device)
+        weights[(n, k, "none")] = random_weight(
+            n, k, args.bits, None, 0.0, seed=n + 4, device=device
+        )
         del qw
 
     def jobs_for(n, k, tag, m, kind, configs):
         t = weights[(n, k, tag)].outliers
-        return [(n, k, t.slots, t.overflow > 0, m, kind, c) for c in configs]
+        return [(n, k, t.slots, t.overflow > 0, m, kind, c, args.bits) for c in configs]
 
     jobs = []
     kinds = set(args.kinds)
     for n, k in shapes:
         for tag in ("default", "none"):
             if "gemv" in kinds:
-                jobs += jobs_for(n, k, tag, 1, "gemv", gemv_candidates())
+                jobs += jobs_for(n, k, tag, 1, "gemv", gemv_candidates(args.bits))
             if "dot" in kinds:
                 jobs += jobs_for(n, k, tag, 16, "dot", small_candidates())
         if "gemv" in kinds:
-            jobs += jobs_for(n, k, "max", 1, "gemv", gemv_candidates()[:1])
+            jobs += jobs_for(n, k, "max", 1, "gemv", gemv_candidates(args.bits)[:1])
         if "dequant" in kinds:
             jobs += jobs_for(n, k, "default", 1024, "dequant", DEQUANT)
     precompile(jobs, args.workers)
@@ -227,7 +242,7 @@ def main() -> None:
 
     for n, k in shapes:
         warm_up(device, 0.5)
-        time_shape(n, k, weights, record, device, kinds)
+        time_shape(n, k, weights, record, device, kinds, args.bits)
         torch.cuda.empty_cache()
 
     args.out.mkdir(parents=True, exist_ok=True)
@@ -296,14 +311,16 @@ def best_rows(rows: list[dict]) -> dict:
     return out
 
 
-def time_shape(n: int, k: int, weights: dict, record, device: str, kinds: set[str]) -> None:
+def time_shape(
+    n: int, k: int, weights: dict, record, device: str, kinds: set[str], bits: int
+) -> None:
     from triton.testing import do_bench
 
     dense = torch.randn(n, k, device=device, dtype=torch.float16) * 0.02
     xs = {m: torch.randn(m, k, device=device, dtype=torch.float16) for m in (1, 16, 1024)}
     fp16 = {m: bench(lambda x=x: x @ dense.T) for m, x in xs.items()}
     if "gemv" in kinds:
-        time_gemv(n, k, weights, record, xs, fp16, do_bench)
+        time_gemv(n, k, weights, record, xs, fp16, do_bench, bits)
     if "dot" in kinds:
         for tag, config in [(t, c) for c in small_candidates() for t in ("default", "none")]:
             w = weights[(n, k, tag)]
@@ -318,13 +335,13 @@ def time_shape(n: int, k: int, weights: dict, record, device: str, kinds: set[st
         record(n, k, 1024, "default", "dequant+cublas", None, us, fp16[1024])
 
 
-def time_gemv(n: int, k: int, weights: dict, record, xs, fp16, do_bench) -> None:
-    for tag_config in [(t, c) for c in gemv_candidates() for t in ("default", "none")]:
+def time_gemv(n: int, k: int, weights: dict, record, xs, fp16, do_bench, bits: int) -> None:
+    for tag_config in [(t, c) for c in gemv_candidates(bits) for t in ("default", "none")]:
         tag, config = tag_config
         w = weights[(n, k, tag)]
         us = bench(lambda c=config, w=w: tm.gemv(w, xs[1][0], None, c))
         record(n, k, 1, tag, "gemv", config, us, fp16[1])
-    first = gemv_candidates()[0]
+    first = gemv_candidates(bits)[0]
     w = weights[(n, k, "max")]
     us = bench(lambda: tm.gemv(w, xs[1][0], None, first))
     record(n, k, 1, "max", "gemv-table-for-every-row", first, us, fp16[1])

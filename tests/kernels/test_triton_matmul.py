@@ -172,10 +172,12 @@ def test_gemv_matches_reference(bits, group, n, k, device):
             assert_close(out[None], reference(weight, x, bias), dtype)
 
 
-@pytest.mark.parametrize(("group", "n", "k"), [(None, 45, 256), (32, 37, 96), (64, 20, 512)])
-def test_packed_gemv_matches_reference(group, n, k, device):
-    """The f16x2 word dot (4 bits, fp16 / bf16 x), with and without overflow and split K; on the
-    CPU its interpreter stand-in, on a GPU the PTX."""
+@pytest.mark.parametrize(("bits", "group", "n", "k"), [
+    (4, None, 45, 256), (4, 32, 37, 96), (4, 64, 20, 512), (3, None, 33, 256), (3, 64, 21, 192),
+])  # fmt: skip
+def test_packed_gemv_matches_reference(bits, group, n, k, device):
+    """The f16x2 word (4 bits) and triple (3 bits) dots with fp16 / bf16 x, with and without
+    overflow and split K; on the CPU their interpreter stand-ins, on a GPU the PTX."""
     configs = [
         (None, tm.GemvConfig(block_n=16, block_w=4, packed=True)),
         (2, tm.GemvConfig(block_n=8, block_w=2, order=2, split_k=2, packed=True)),
@@ -183,21 +185,45 @@ def test_packed_gemv_matches_reference(group, n, k, device):
         (None, tm.GemvConfig(block_n=4, block_w=4, order=0, packed=True, xvec=True)),
     ]
     for slots, config in configs:
-        weight = random_weight(n, k, 4, group, seed=n, device=device, slots=slots)
+        weight = random_weight(n, k, bits, group, seed=n, device=device, slots=slots)
         for dtype in (torch.float16, torch.bfloat16):
             assert tm.packed_gemv(weight, dtype, config)
             x = fresh_x(1, k, dtype, device, seed=n + 1)
             bias = fresh_x(1, n, dtype, device, seed=4)[0]
             out = tm.gemv(weight, x[0], bias, config)
             assert_close(out[None], reference(weight, x, bias), dtype)
-    # fp16 activations up to 30000 (the half sums of four products stay below 2 max|x|)
-    weight = random_weight(n, k, 4, group, seed=n + 2, device=device)
+    # fp16 activations up to 30000 (a half's partial sums stay below 2 max|x|)
+    weight = random_weight(n, k, bits, group, seed=n + 2, device=device)
     x = (fresh_x(1, k, torch.float32, device, seed=n + 3) * 10000).clamp(-30000, 30000).half()
     out = tm.gemv(weight, x[0], None, configs[0][1])
     assert_close(out[None], reference(weight, x, None), torch.float16)
-    other = random_weight(n, k, 3, group, seed=n, device=device)
+    other = random_weight(n, k, 2, group, seed=n, device=device)
     assert not tm.packed_gemv(other, torch.float16, configs[0][1])
     assert not tm.packed_gemv(weight, torch.float32, configs[0][1])
+
+
+def test_triple_pairs_decode_every_3bit_code_exactly():
+    """The 3-bit f16x2 plan, simulated bit for bit: each pair's 32-bit window of the word triple,
+    lop3 mask into two fp16 1024.0s, and fp16x2 FMA give (u - 4) / 16 for both codes; every code
+    is in one pair."""
+    import numpy as np
+
+    def half(bits: int) -> float:
+        return float(np.array(bits & 0xFFFF, dtype=np.uint16).view(np.float16))
+
+    gen = torch.Generator().manual_seed(0)
+    plan = tm.triple_pair_constants()
+    assert sorted(c for _, lo, hi, *_ in plan for c in (lo, hi)) == list(range(32))
+    for _ in range(50):
+        codes = torch.randint(0, 8, (32,), generator=gen).tolist()
+        triple = sum(u << (3 * k) for k, u in enumerate(codes))
+        for b, lo, hi, mask, mul, add in plan:
+            window = (triple << -b if b < 0 else triple >> b) & 0xFFFFFFFF
+            h = (window & mask) | 0x64006400
+            for part, code in ((0, lo), (16, hi)):
+                value = half(h >> part) * half(mul >> part) + half(add >> part)  # exact in fp64
+                assert value == (codes[code] - 4) / 16
+                assert np.float16(value) == value
 
 
 def test_bfloat16_activations(device):

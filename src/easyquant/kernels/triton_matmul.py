@@ -256,6 +256,125 @@ def _word_dot_f16x2(word, p0, p1, p2, p3, INTERPRET: tl.constexpr):
         return bits.to(tl.float32, bitcast=True)
 
 
+# ---- batch 1, 3-bit codes with fp16 / bf16 activations: the same paired math ------------------
+# A triple of int32 words holds 32 codes, code k at bit 3k of the 96-bit little-endian integer
+# (codes 10 and 21 straddle words). A 32-bit window of it starting at bit b (one funnel shift)
+# puts code lo at bit s_lo = 3 lo - b and code hi at bit 16 + s_hi, s_hi = 3 hi - b - 16; where both
+# offsets are 0..7 one lop3 drops the pair into two fp16 mantissas (1024 + u 2^s) and one fp16x2
+# FMA with per-half constants makes ((u - 4) / 16) of each, exactly. Seven windows (b = 64 is word
+# 2 itself) cover all 32 codes in 16 pairs (found by search: a pair needs hi - lo in 3..7):
+_TRIPLE_PAIRS = (  # (window start b, lo, hi)
+    (-1, 0, 5), (-1, 1, 6), (-1, 2, 7), (5, 3, 8), (5, 4, 9),
+    (29, 10, 15), (29, 11, 16), (29, 12, 17), (35, 13, 18), (35, 14, 19),
+    (60, 20, 26), (60, 21, 27), (64, 22, 28), (64, 23, 29), (70, 24, 30), (70, 25, 31),
+)  # fmt: skip
+
+
+def _half_bits(value: float) -> int:
+    return int(torch.tensor(value, dtype=torch.float16).view(torch.int16)) & 0xFFFF
+
+
+def triple_pair_constants() -> list[tuple[int, int, int, int, int, int]]:
+    """Per pair of _TRIPLE_PAIRS: (window start b, lo, hi, lop3 mask, fp16x2 multiplier, fp16x2
+    addend), the multiplier and addend turning ``1024 + u 2^s`` into ``(u - 4) / 16`` per half."""
+    found = []
+    for b, lo, hi in _TRIPLE_PAIRS:
+        s_lo, s_hi = 3 * lo - b, 3 * hi - b - 16
+        mask = (7 << s_lo) | (7 << (16 + s_hi))
+        mul = (_half_bits(2.0**-s_hi / 16) << 16) | _half_bits(2.0**-s_lo / 16)
+        add = (_half_bits(-(64 * 2.0**-s_hi + 0.25)) << 16) | _half_bits(-(64 * 2.0**-s_lo + 0.25))
+        found.append((b, lo, hi, mask, mul, add))
+    return found
+
+
+def _triple_asm() -> str:
+    """PTX for ``sum_k ((u_k - 4) / 16) x_k`` over one word triple: $1-$3 the words, $4-$19 the
+    x pairs of _TRIPLE_PAIRS, $0 the fp32 sum (two fp16x2 chains of eight pairs each, so that a
+    half's partial sum stays within 2 max|x|)."""
+    words = ("$1", "$2", "$3")
+    lines = [".reg .b32 r, h, m, c, pa, pb;", ".reg .f16 lo, hi;", ".reg .f32 f0, f1, f2, f3;"]
+    window = None
+    for i, (b, _, _, mask, mul, add) in enumerate(triple_pair_constants()):
+        if b != window:
+            window = b
+            if b < 0:
+                lines.append(f"shl.b32 r, $1, {-b};")
+            elif b % 32 == 0:
+                lines.append(f"mov.b32 r, {words[b // 32]};")
+            elif b > 64:
+                lines.append(f"shr.u32 r, $3, {b - 64};")
+            else:
+                low, high = words[b // 32], words[b // 32 + 1]
+                lines.append(f"shf.r.clamp.b32 r, {low}, {high}, {b % 32};")
+        chain = "pa" if i < 8 else "pb"
+        lines += [
+            f"lop3.b32 h, r, {mask:#010x}, 0x64006400, 0xEA;",
+            f"mov.b32 m, {mul:#010x};",
+            f"mov.b32 c, {add:#010x};",
+            "fma.rn.f16x2 h, h, m, c;",
+            f"mul.rn.f16x2 {chain}, h, ${4 + i};" if i in (0, 8) else
+            f"fma.rn.f16x2 {chain}, h, ${4 + i}, {chain};",
+        ]  # fmt: skip
+    lines += [
+        "mov.b32 {lo, hi}, pa;", "cvt.f32.f16 f0, lo;", "cvt.f32.f16 f1, hi;",
+        "mov.b32 {lo, hi}, pb;", "cvt.f32.f16 f2, lo;", "cvt.f32.f16 f3, hi;",
+        "add.f32 f0, f0, f1;", "add.f32 f2, f2, f3;", "add.f32 f0, f0, f2;", "mov.b32 $0, f0;",
+    ]  # fmt: skip
+    return "{\n" + "\n".join(lines) + "\n}\n"
+
+
+_F16X2_TRIPLE_DOT = tl.constexpr(_triple_asm())
+_TRIPLE_CONSTRAINTS = tl.constexpr("=r" + ",r" * 19)
+_TRIPLE_LO = tl.constexpr(tuple(lo for _, lo, _ in _TRIPLE_PAIRS))
+_TRIPLE_HI = tl.constexpr(tuple(hi for _, _, hi in _TRIPLE_PAIRS))
+
+
+@triton.jit
+def _x_pair_at(x_ptr, cols, ok, lo: tl.constexpr, hi: tl.constexpr):
+    """``x[cols + lo]`` (low half) and ``x[cols + hi]`` (high half) in fp16, as one int32."""
+    a = tl.load(x_ptr + cols + lo, mask=ok, other=0.0).to(tl.float16)
+    b = tl.load(x_ptr + cols + hi, mask=ok, other=0.0).to(tl.float16)
+    a_bits = a.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+    return (a_bits | (b.to(tl.int16, bitcast=True).to(tl.int32) << 16))[None, :]
+
+
+@triton.jit
+def _x_triple_pairs(x_ptr, k0, K: tl.constexpr, BLOCK_W: tl.constexpr):
+    """The 16 x pairs ``[1, BLOCK_W]`` of _TRIPLE_PAIRS for the word triples of one GEMV step."""
+    cols = k0 + 32 * tl.arange(0, BLOCK_W)
+    ok = cols < K
+    pairs = ()
+    for i in tl.static_range(16):
+        # Triton's frontend takes no starred unpacking
+        pairs = pairs + (_x_pair_at(x_ptr, cols, ok, _TRIPLE_LO[i], _TRIPLE_HI[i]),)  # noqa: RUF005
+    return pairs
+
+
+@triton.jit
+def _triple_dot_f16x2(w0, w1, w2, pairs, INTERPRET: tl.constexpr):
+    """``sum_k ((u_k - 4) / 16) * x_k`` over the 32 codes of each word triple, as fp32."""
+    if INTERPRET:  # the CPU interpreter cannot run PTX: the same values in fp32
+        total = tl.zeros(w0.shape, dtype=tl.float32)
+        for i in tl.static_range(16):
+            u_lo = _plane_code(w0, w1, w2, _TRIPLE_LO[i], 3)
+            u_hi = _plane_code(w0, w1, w2, _TRIPLE_HI[i], 3)
+            pair = pairs[i]
+            x_lo = (pair & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+            x_hi = ((pair >> 16) & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True)
+            total += (u_lo - 4).to(tl.float32) * x_lo + (u_hi - 4).to(tl.float32) * x_hi.to(
+                tl.float32
+            )
+        return total * 0.0625
+    else:
+        args = [w0, w1, w2, pairs[0], pairs[1], pairs[2], pairs[3], pairs[4], pairs[5],
+                pairs[6], pairs[7], pairs[8], pairs[9], pairs[10], pairs[11], pairs[12],
+                pairs[13], pairs[14], pairs[15]]  # fmt: skip
+        bits = tl.inline_asm_elementwise(
+            _F16X2_TRIPLE_DOT, _TRIPLE_CONSTRAINTS, args, dtype=tl.int32, is_pure=True, pack=1
+        )
+        return bits.to(tl.float32, bitcast=True)
+
+
 # ---- outliers from the kernel-side table ---------------------------------------------------------
 @triton.jit
 def _slot_load(ecol_ptr, eval_ptr, rows, ok, SLOTS: tl.constexpr, SLOTS_P2: tl.constexpr):
@@ -384,8 +503,8 @@ def _gemv_kernel(
     BLOCK_W: tl.constexpr,  # words (3 bits: word triples) per row per step
     SPLIT_K: tl.constexpr,
     OUT_CHUNK: tl.constexpr,
-    PACKED: tl.constexpr,  # 4 bits, fp16/bf16 x: the f16x2 word dot (_F16X2_WORD_DOT)
-    XVEC: tl.constexpr,  # packed: x read as one 16-byte vector per word
+    PACKED: tl.constexpr,  # 4 / 3 bits, fp16/bf16 x: the f16x2 word (triple) dot
+    XVEC: tl.constexpr,  # packed 4 bits: x read as one 16-byte vector per word
     INTERPRET: tl.constexpr,
 ):
     # codes per word group and int32 words per group
@@ -420,13 +539,18 @@ def _gemv_kernel(
         step = pid_k * PER_SPLIT + i
         k0 = step * BLOCK_K
         w0, w1, w2 = _load_words(qrow, row_ok, step, GROUPS, WPG, BITS, BLOCK_W)
-        if PACKED:
+        if PACKED and BITS == 3:
+            pairs = _x_triple_pairs(x_ptr, k0, K, BLOCK_W)
+        elif PACKED:
             p0, p1, p2, p3 = _x_step_pairs(x_ptr, k0, K, BLOCK_W, XVEC)
         if GROUP > 0:
             s = tl.load(s_ptr + rows * stride_s + k0 // GROUP, mask=row_ok & (k0 < K), other=0.0)
             s = s.to(tl.float32)
         if PACKED:
-            part = _word_dot_f16x2(w0, p0, p1, p2, p3, INTERPRET)
+            if BITS == 3:
+                part = _triple_dot_f16x2(w0, w1, w2, pairs, INTERPRET)
+            else:
+                part = _word_dot_f16x2(w0, p0, p1, p2, p3, INTERPRET)
             if GROUP > 0:
                 part = part * (16.0 * s)[:, None]
             acc += part
@@ -964,9 +1088,9 @@ def gemv(
 
 
 def packed_gemv(weight: Weight, dtype: torch.dtype, config: GemvConfig) -> bool:
-    """Does ``config`` run the f16x2 word dot here? (4-bit codes and fp16 / bf16 x only; bf16 x
-    is rounded to fp16 for it, which keeps more mantissa bits than bf16 has.)"""
-    return config.packed and weight.bits == 4 and dtype in (torch.float16, torch.bfloat16)
+    """Does ``config`` run the f16x2 word (triple) dot here? (4- and 3-bit codes and fp16 / bf16
+    x only; bf16 x is rounded to fp16 for it, which keeps more mantissa bits than bf16 has.)"""
+    return config.packed and weight.bits in (3, 4) and dtype in (torch.float16, torch.bfloat16)
 
 
 def dot_matmul(
