@@ -1222,6 +1222,8 @@ DEQUANT_LARGE = True
 # Fallbacks where the measured table (below) has no entry; picked from the same H100 sweeps
 # (benchmarks/notes-matmul-kernels.md, v5).
 def gemv_config(n: int, k: int, bits: int) -> GemvConfig:
+    if bits == 3:  # the f16x2 triple dot won on all four shapes (…-explore-3bit.json)
+        return GemvConfig(block_n=8, block_w=128, num_warps=8, num_stages=1, packed=True)
     if bits == 4:  # the f16x2 word dot's winners (stop 12, results/…-explore-xvec.json)
         if n <= 8192:
             return GemvConfig(block_n=8, block_w=256, num_warps=4, num_stages=2, packed=True)
