@@ -460,9 +460,10 @@ def _table_2d(
 @triton.jit
 def _load_words(qrow, row_ok, step, GROUPS: tl.constexpr, WPG: tl.constexpr,
                 BITS: tl.constexpr, BLOCK_W: tl.constexpr):  # fmt: skip
-    """The int32 words ``[rows, BLOCK_W]`` of one GEMV step (3 bits: the three words of each
-    triple). Triton does not software-pipeline these loads (no dot consumes them); issuing the
-    next step's before this step's math measured slower (stop 12: registers)."""
+    """The int32 words ``[rows, BLOCK_W]`` of one step of the word-view kernels (3 bits: the three
+    words of each triple). In the GEMV Triton does not software-pipeline these loads (no dot
+    consumes them); issuing the next step's before this step's math measured slower (stop 12:
+    registers)."""
     g = step * BLOCK_W + tl.arange(0, BLOCK_W)  # word group index
     ok = row_ok[:, None] & (g < GROUPS)[None, :]
     w0 = tl.load(qrow + WPG * g[None, :], mask=ok, other=0)
@@ -737,15 +738,7 @@ def _dot_planes_kernel(
     for i in range(PER_SPLIT):
         step = pid_k * PER_SPLIT + i
         k0 = step * BLOCK_K
-        g = step * BLOCK_W + tl.arange(0, BLOCK_W)
-        ok = row_ok[:, None] & (g < GROUPS)[None, :]
-        w0 = tl.load(qrow + WPG * g[None, :], mask=ok, other=0)
-        if BITS == 3:
-            w1 = tl.load(qrow + 3 * g[None, :] + 1, mask=ok, other=0)
-            w2 = tl.load(qrow + 3 * g[None, :] + 2, mask=ok, other=0)
-        else:
-            w1 = w0
-            w2 = w0
+        w0, w1, w2 = _load_words(qrow, row_ok, step, GROUPS, WPG, BITS, BLOCK_W)
         part = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
         for k in tl.static_range(PER):
             col = k0 + PER * tl.arange(0, BLOCK_W) + k
