@@ -11,7 +11,7 @@ import sys
 
 import torch
 
-from bench_kernels import random_parts, reference
+from bench_kernels import kernel_weight, random_parts, reference
 from easyquant.kernels import triton_matmul as tm
 
 SHAPES = [(4096, 4096), (11008, 4096), (14336, 4096), (53746, 14336)]
@@ -22,10 +22,7 @@ def main() -> int:
     for n, k in SHAPES:
         for bits in (4, 3):
             qw = random_parts(n, k, bits, None, 0.005, seed=n + bits, device="cuda")
-            weight = tm.Weight.from_csr(
-                qw.qweight, qw.scales, qw.outlier_indptr, qw.outlier_indices, qw.outlier_values,
-                bits, 0, k,
-            )  # fmt: skip
+            weight = kernel_weight(qw)
             for dtype in (torch.float16, torch.bfloat16):
                 for m in (1, 16):
                     x = torch.randn(m, k, device="cuda").to(dtype)

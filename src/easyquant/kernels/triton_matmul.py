@@ -200,12 +200,13 @@ mov.b32 $0, s;
 
 
 @triton.jit
-def _x_pairs(x_ptr, cols, ok, j: tl.constexpr):
-    """``x[8w + j]`` (low half) and ``x[8w + j + 4]`` (high half) in fp16, one int32 per word."""
-    lo = tl.load(x_ptr + cols + j, mask=ok, other=0.0).to(tl.float16)
-    hi = tl.load(x_ptr + cols + (j + 4), mask=ok, other=0.0).to(tl.float16)
-    lo_bits = lo.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
-    return lo_bits | (hi.to(tl.int16, bitcast=True).to(tl.int32) << 16)
+def _x_pair_at(x_ptr, cols, ok, lo: tl.constexpr, hi: tl.constexpr):
+    """``x[cols + lo]`` (low half) and ``x[cols + hi]`` (high half) in fp16, as one int32
+    ``[1, len(cols)]``."""
+    a = tl.load(x_ptr + cols + lo, mask=ok, other=0.0).to(tl.float16)
+    b = tl.load(x_ptr + cols + hi, mask=ok, other=0.0).to(tl.float16)
+    a_bits = a.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+    return (a_bits | (b.to(tl.int16, bitcast=True).to(tl.int32) << 16))[None, :]
 
 
 @triton.jit
@@ -223,31 +224,31 @@ def _x_step_pairs(x_ptr, k0, K: tl.constexpr, BLOCK_W: tl.constexpr, XVEC: tl.co
         p1, p3 = tl.split(odd)
         return p0[None, :], p1[None, :], p2[None, :], p3[None, :]
     else:
-        p0 = _x_pairs(x_ptr, cols, ok, 0)[None, :]
-        p1 = _x_pairs(x_ptr, cols, ok, 1)[None, :]
-        p2 = _x_pairs(x_ptr, cols, ok, 2)[None, :]
-        p3 = _x_pairs(x_ptr, cols, ok, 3)[None, :]
+        p0 = _x_pair_at(x_ptr, cols, ok, 0, 4)
+        p1 = _x_pair_at(x_ptr, cols, ok, 1, 5)
+        p2 = _x_pair_at(x_ptr, cols, ok, 2, 6)
+        p3 = _x_pair_at(x_ptr, cols, ok, 3, 7)
         return p0, p1, p2, p3
 
 
 @triton.jit
-def _pair_term(word, pair, j: tl.constexpr):
-    """The interpreter's stand-in for one pair of ``_F16X2_WORD_DOT`` (same values, fp32 math)."""
-    u_lo = (word >> (4 * j)) & 15
-    u_hi = (word >> (4 * j + 16)) & 15
+def _pair_term(u_lo, u_hi, pair, OFFSET: tl.constexpr):
+    """The interpreter's stand-in for one pair of the f16x2 dots, in fp32:
+    ``(u_lo - OFFSET) x_lo + (u_hi - OFFSET) x_hi`` (the caller scales by 1/16)."""
     x_lo = (pair & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
     x_hi = ((pair >> 16) & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-    return ((u_lo - 8).to(tl.float32) * x_lo + (u_hi - 8).to(tl.float32) * x_hi) * 0.0625
+    return (u_lo - OFFSET).to(tl.float32) * x_lo + (u_hi - OFFSET).to(tl.float32) * x_hi
 
 
 @triton.jit
 def _word_dot_f16x2(word, p0, p1, p2, p3, INTERPRET: tl.constexpr):
     """``sum_j ((u_j - 8) / 16) * x_j`` over the eight codes of each int32 word, as fp32."""
     if INTERPRET:  # the CPU interpreter cannot run PTX
-        return (
-            _pair_term(word, p0, 0) + _pair_term(word, p1, 1)
-            + _pair_term(word, p2, 2) + _pair_term(word, p3, 3)
-        )  # fmt: skip
+        total = _pair_term(word & 15, (word >> 16) & 15, p0, 8)
+        total += _pair_term((word >> 4) & 15, (word >> 20) & 15, p1, 8)
+        total += _pair_term((word >> 8) & 15, (word >> 24) & 15, p2, 8)
+        total += _pair_term((word >> 12) & 15, (word >> 28) & 15, p3, 8)
+        return total * 0.0625
     else:
         bits = tl.inline_asm_elementwise(
             _F16X2_WORD_DOT, "=r,r,r,r,r,r", [word, p0, p1, p2, p3], dtype=tl.int32,
@@ -330,15 +331,6 @@ _TRIPLE_HI = tl.constexpr(tuple(hi for _, _, hi in _TRIPLE_PAIRS))
 
 
 @triton.jit
-def _x_pair_at(x_ptr, cols, ok, lo: tl.constexpr, hi: tl.constexpr):
-    """``x[cols + lo]`` (low half) and ``x[cols + hi]`` (high half) in fp16, as one int32."""
-    a = tl.load(x_ptr + cols + lo, mask=ok, other=0.0).to(tl.float16)
-    b = tl.load(x_ptr + cols + hi, mask=ok, other=0.0).to(tl.float16)
-    a_bits = a.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
-    return (a_bits | (b.to(tl.int16, bitcast=True).to(tl.int32) << 16))[None, :]
-
-
-@triton.jit
 def _x_triple_pairs(x_ptr, k0, K: tl.constexpr, BLOCK_W: tl.constexpr):
     """The 16 x pairs ``[1, BLOCK_W]`` of _TRIPLE_PAIRS for the word triples of one GEMV step."""
     cols = k0 + 32 * tl.arange(0, BLOCK_W)
@@ -358,12 +350,7 @@ def _triple_dot_f16x2(w0, w1, w2, pairs, INTERPRET: tl.constexpr):
         for i in tl.static_range(16):
             u_lo = _plane_code(w0, w1, w2, _TRIPLE_LO[i], 3)
             u_hi = _plane_code(w0, w1, w2, _TRIPLE_HI[i], 3)
-            pair = pairs[i]
-            x_lo = (pair & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-            x_hi = ((pair >> 16) & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True)
-            total += (u_lo - 4).to(tl.float32) * x_lo + (u_hi - 4).to(tl.float32) * x_hi.to(
-                tl.float32
-            )
+            total += _pair_term(u_lo, u_hi, pairs[i], 4)
         return total * 0.0625
     else:
         args = [w0, w1, w2, pairs[0], pairs[1], pairs[2], pairs[3], pairs[4], pairs[5],
