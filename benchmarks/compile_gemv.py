@@ -1,0 +1,85 @@
+"""Compile the batch-1 GEMV for an H100 (sm_90) without a GPU, and print what ptxas made of it.
+
+    python benchmarks/compile_gemv.py [--bits 4] [--packed] [--xvec] [--group 0] \
+        [--config 8,128,2,3 ...]
+
+Triton's wheel carries ptxas and cuobjdump, so a kernel that would fail to build on the GPU
+fails here too, and its registers per thread (which set the occupancy) and load widths can be
+read before any device time is spent. Each ``--config`` is block_n,block_w,num_warps,num_stages;
+K = 4096, 32 outlier slots with overflow, fp16 x, pointers and sizes specialised as divisible by
+16 (as the JIT does for these shapes). Prints registers and the count of vector, 16-bit and
+shared-memory loads in the PTX.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import tempfile
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from easyquant.kernels import triton_matmul as tm
+
+POINTERS = {
+    "x_ptr": "*fp16", "q_ptr": "*i32", "s_ptr": "*fp16", "ecol_ptr": "*i16", "eval_ptr": "*fp16",
+    "ecnt_ptr": "*i32", "oind_ptr": "*i32", "ocol_ptr": "*i16", "oval_ptr": "*fp16",
+    "bias_ptr": "*fp16", "out_ptr": "*fp16",
+}  # fmt: skip
+
+
+def compile_gemv(bits: int, packed: bool, xvec: bool, group: int, config: tuple[int, ...]):
+    block_n, block_w, warps, stages = config
+    fn = tm._gemv_kernel
+    signature = {**POINTERS, "N": "i32", "row_words": "i32", "stride_s": "i32"}
+    constants = dict(
+        K=4096, GROUP=group, BITS=bits, HAS_BIAS=False, SLOTS=32, SLOTS_P2=32, HAS_OVERFLOW=True,
+        ORDER=1, BLOCK_N=block_n, BLOCK_W=block_w, SPLIT_K=1, OUT_CHUNK=8, PACKED=packed,
+        XVEC=xvec, INTERPRET=False,
+    )  # fmt: skip
+    signature.update(dict.fromkeys(constants, "constexpr"))
+    divisible = [*POINTERS, "N", "row_words"]
+    source = ASTSource(
+        fn=fn,
+        signature=signature,
+        constexprs={(fn.arg_names.index(k),): v for k, v in constants.items()},
+        attrs={(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in divisible},
+    )
+    options = {"num_warps": warps, "num_stages": stages}
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
+
+
+def registers(kernel) -> str:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "kernel.cubin")
+        with open(path, "wb") as f:
+            f.write(kernel.asm["cubin"])
+        tool = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/cuobjdump")
+        out = subprocess.run([tool, "-res-usage", path], capture_output=True, text=True).stdout
+    found = re.search(r"REG:(\d+)", out)
+    return found.group(1) if found else "?"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--bits", type=int, default=4, choices=tm.SUPPORTED_BITS)
+    parser.add_argument("--packed", action="store_true")
+    parser.add_argument("--xvec", action="store_true")
+    parser.add_argument("--group", type=int, default=0)
+    parser.add_argument("--config", nargs="+", default=["8,128,2,3"])
+    args = parser.parse_args()
+    for text in args.config:
+        config = tuple(int(v) for v in text.split(","))
+        kernel = compile_gemv(args.bits, args.packed, args.xvec, args.group, config)
+        ptx = kernel.asm["ptx"]
+        counts = {p: len(re.findall(re.escape(p), ptx))
+                  for p in ("ld.global.v4", "ld.global.b16", "ld.shared", "bar.sync")}  # fmt: skip
+        print(f"{text}: {registers(kernel)} registers, {counts}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
