@@ -1,7 +1,7 @@
 """Compile the batch-1 GEMV for an H100 (sm_90) without a GPU, and print what ptxas made of it.
 
     python benchmarks/compile_gemv.py [--bits 4] [--packed] [--xvec] [--group 0] \
-        [--config 8,128,2,3 ...]
+        [--evict-first] [--config 8,128,2,3 ...]
 
 Triton's wheel carries ptxas and cuobjdump, so a kernel that would fail to build on the GPU
 fails here too, and its registers per thread (which set the occupancy) and load widths can be
@@ -32,14 +32,16 @@ POINTERS = {
 }  # fmt: skip
 
 
-def compile_gemv(bits: int, packed: bool, xvec: bool, group: int, config: tuple[int, ...]):
+def compile_gemv(
+    bits: int, packed: bool, xvec: bool, group: int, config: tuple[int, ...], evict: bool = False
+):
     block_n, block_w, warps, stages = config
     fn = tm._gemv_kernel
     signature = {**POINTERS, "N": "i32", "row_words": "i32", "stride_s": "i32"}
     constants = dict(
         K=4096, GROUP=group, BITS=bits, HAS_BIAS=False, SLOTS=32, SLOTS_P2=32, HAS_OVERFLOW=True,
         ORDER=1, BLOCK_N=block_n, BLOCK_W=block_w, SPLIT_K=1, OUT_CHUNK=8, PACKED=packed,
-        XVEC=xvec, INTERPRET=False,
+        XVEC=xvec, EVICT=tm.eviction(evict), INTERPRET=False,
     )  # fmt: skip
     signature.update(dict.fromkeys(constants, "constexpr"))
     divisible = [*POINTERS, "N", "row_words"]
@@ -70,11 +72,14 @@ def main() -> None:
     parser.add_argument("--packed", action="store_true")
     parser.add_argument("--xvec", action="store_true")
     parser.add_argument("--group", type=int, default=0)
+    parser.add_argument("--evict-first", action="store_true", help="codes' loads evict_first")
     parser.add_argument("--config", nargs="+", default=["8,128,2,3"])
     args = parser.parse_args()
     for text in args.config:
         config = tuple(int(v) for v in text.split(","))
-        kernel = compile_gemv(args.bits, args.packed, args.xvec, args.group, config)
+        kernel = compile_gemv(
+            args.bits, args.packed, args.xvec, args.group, config, args.evict_first
+        )
         ptx = kernel.asm["ptx"]
         counts = {p: len(re.findall(re.escape(p), ptx))
                   for p in ("ld.global.v4", "ld.global.b16", "ld.shared", "bar.sync")}  # fmt: skip

@@ -47,7 +47,7 @@ SHAPES = [
     (22016, 4096),
 ]
 G, D = tm.GemvConfig, tm.DotConfig
-WIDE_SET = False  # --gemv-set wide
+SWEEP = "stop12"  # --sweep
 
 
 # One step per row block (stop 13): a block covers up to 512 words of each of its rows at once,
@@ -55,10 +55,13 @@ WIDE_SET = False  # --gemv-set wide
 # instead of one wave of blocks each waiting four times (stop 12's Nsight Compute finding).
 WIDE = [(2, 512, 4, 1), (4, 512, 4, 1), (4, 512, 8, 1), (8, 512, 8, 1), (16, 512, 8, 1),
         (2, 512, 2, 1), (2, 256, 2, 1), (4, 256, 2, 1), (8, 256, 8, 1)]  # fmt: skip
+# The measured table's winners (stop 12) with the code words' loads marked evict_first (stop 13)
+EVICT = [(8, 128, 2, 3, False), (16, 128, 2, 3, True), (4, 256, 2, 1, True), (8, 256, 4, 2, True),
+         (4, 256, 1, 2, True)]  # fmt: skip
 
 
-def gemv_candidates(bits: int = 4, wide: bool = False) -> list[tm.GemvConfig]:
-    if wide:  # stop 12's two winners (same-run reference), then the one-step blocks
+def gemv_candidates(bits: int = 4, sweep: str = "stop12") -> list[tm.GemvConfig]:
+    if sweep == "wide":  # stop 12's two winners (same-run reference), then the one-step blocks
         return (
             [G(8, 128, 2, 3, packed=True), G(16, 128, 2, 3, packed=True, xvec=True)]
             + [
@@ -68,6 +71,12 @@ def gemv_candidates(bits: int = 4, wide: bool = False) -> list[tm.GemvConfig]:
             ]
             + [G(bn, bw, w, s, order=2, packed=True) for bn, bw, w, s in WIDE[1:4]]
         )
+    if sweep == "evict":
+        return [
+            G(bn, bw, w, s, packed=True, xvec=xv, evict_first=ev)
+            for bn, bw, w, s, xv in EVICT
+            for ev in (False, True)
+        ]
     if bits == 3:  # the fp32 decode's fallbacks, then the f16x2 triple dot (few registers first)
         fp32 = [(4, 256, 1, 2), (16, 128, 2, 3)]
         triple = [(4, 128, 4, 1), (2, 128, 4, 1), (4, 64, 2, 1), (2, 64, 2, 1), (8, 128, 8, 1)]
@@ -90,9 +99,15 @@ WIDE_PLANES = [(64, 256, 4, 3), (128, 256, 4, 3), (128, 256, 8, 3), (64, 512, 4,
                (64, 512, 8, 2), (32, 256, 2, 3), (64, 128, 4, 4), (128, 512, 8, 2)]  # fmt: skip
 
 
-def small_candidates(wide: bool = False) -> list[tm.DotConfig]:
-    if wide:
+def small_candidates(sweep: str = "stop12") -> list[tm.DotConfig]:
+    if sweep == "wide":
         return [D(bn, 16, bk, 1, w, s, xt=True, planes=True) for bn, bk, w, s in WIDE_PLANES]
+    if sweep == "evict":  # the table's winners, codes evict_first or not
+        return [
+            D(bn, 16, bk, 1, w, s, xt=True, planes=True, evict_first=ev)
+            for bn, bk, w, s in WIDE_PLANES[:3]
+            for ev in (False, True)
+        ]
     # (block_n, block_k, warps, stages, xt, planes)
     specs = [
         (16, 256, 1, 3, True, False),
@@ -204,17 +219,17 @@ def main() -> None:
         "--bits", type=int, choices=(3, 4), default=4, help="code width of the timed weights"
     )
     parser.add_argument(
-        "--gemv-set",
-        choices=("stop12", "wide"),
+        "--sweep",
+        choices=("stop12", "wide", "evict"),
         default="stop12",
-        help="candidates: stop 12's, or (stop 13) one-step GEMV row blocks (4-bit, f16x2 dot) "
-        "and larger word-plane blocks at batch 16",
+        help="candidates: stop 12's; (stop 13) wide: one-step GEMV row blocks and larger "
+        "word-plane blocks; evict: the winners with the codes' loads evict_first (4 bits)",
     )
     args = parser.parse_args()
-    if args.gemv_set == "wide" and args.bits != 4:
-        parser.error("--gemv-set wide is a 4-bit sweep")
-    global WIDE_SET
-    WIDE_SET = args.gemv_set == "wide"
+    if args.sweep != "stop12" and args.bits != 4:
+        parser.error(f"--sweep {args.sweep} is a 4-bit sweep")
+    global SWEEP
+    SWEEP = args.sweep
     if args.bits != 4 and (args.write_table or args.kinds != ["gemv"]):
         parser.error("--bits 3 times the GEMV only (--kinds gemv) and writes no table")
     tm.SLOT_QUANTILE = args.slot_quantile
@@ -251,11 +266,11 @@ def main() -> None:
     for n, k in shapes:
         for tag in ("default", "none"):
             if "gemv" in kinds:
-                jobs += jobs_for(n, k, tag, 1, "gemv", gemv_candidates(args.bits, WIDE_SET))
+                jobs += jobs_for(n, k, tag, 1, "gemv", gemv_candidates(args.bits, SWEEP))
             if "dot" in kinds:
-                jobs += jobs_for(n, k, tag, 16, "dot", small_candidates(WIDE_SET))
+                jobs += jobs_for(n, k, tag, 16, "dot", small_candidates(SWEEP))
         if "gemv" in kinds:
-            jobs += jobs_for(n, k, "max", 1, "gemv", gemv_candidates(args.bits, WIDE_SET)[:1])
+            jobs += jobs_for(n, k, "max", 1, "gemv", gemv_candidates(args.bits, SWEEP)[:1])
         if "dequant" in kinds:
             jobs += jobs_for(n, k, "default", 1024, "dequant", DEQUANT)
     precompile(jobs, args.workers)
@@ -358,9 +373,7 @@ def time_shape(
     if "gemv" in kinds:
         time_gemv(n, k, weights, record, xs, fp16, do_bench, bits)
     if "dot" in kinds:
-        for tag, config in [
-            (t, c) for c in small_candidates(WIDE_SET) for t in ("default", "none")
-        ]:
+        for tag, config in [(t, c) for c in small_candidates(SWEEP) for t in ("default", "none")]:
             w = weights[(n, k, tag)]
             us = bench(lambda c=config, w=w: tm.dot_matmul(w, xs[16], None, c))
             record(n, k, 16, tag, "dot", config, us, fp16[16])
@@ -374,14 +387,12 @@ def time_shape(
 
 
 def time_gemv(n: int, k: int, weights: dict, record, xs, fp16, do_bench, bits: int) -> None:
-    for tag_config in [
-        (t, c) for c in gemv_candidates(bits, WIDE_SET) for t in ("default", "none")
-    ]:
+    for tag_config in [(t, c) for c in gemv_candidates(bits, SWEEP) for t in ("default", "none")]:
         tag, config = tag_config
         w = weights[(n, k, tag)]
         us = bench(lambda c=config, w=w: tm.gemv(w, xs[1][0], None, c))
         record(n, k, 1, tag, "gemv", config, us, fp16[1])
-    first = gemv_candidates(bits, WIDE_SET)[0]
+    first = gemv_candidates(bits, SWEEP)[0]
     w = weights[(n, k, "max")]
     us = bench(lambda: tm.gemv(w, xs[1][0], None, first))
     record(n, k, 1, "max", "gemv-table-for-every-row", first, us, fp16[1])

@@ -446,17 +446,18 @@ def _table_2d(
 # ---- batch 1: CUDA-core GEMV ---------------------------------------------------------------------
 @triton.jit
 def _load_words(qrow, row_ok, step, GROUPS: tl.constexpr, WPG: tl.constexpr,
-                BITS: tl.constexpr, BLOCK_W: tl.constexpr):  # fmt: skip
+                BITS: tl.constexpr, BLOCK_W: tl.constexpr, EVICT: tl.constexpr):  # fmt: skip
     """The int32 words ``[rows, BLOCK_W]`` of one step of the word-view kernels (3 bits: the three
     words of each triple). In the GEMV Triton does not software-pipeline these loads (no dot
     consumes them); issuing the next step's before this step's math measured slower (stop 12:
-    registers)."""
+    registers). ``EVICT``: "evict_first" marks the codes' L2 lines as the first to go (each code
+    is read once per call), so they replace each other rather than the L2's other contents."""
     g = step * BLOCK_W + tl.arange(0, BLOCK_W)  # word group index
     ok = row_ok[:, None] & (g < GROUPS)[None, :]
-    w0 = tl.load(qrow + WPG * g[None, :], mask=ok, other=0)
+    w0 = tl.load(qrow + WPG * g[None, :], mask=ok, other=0, eviction_policy=EVICT)
     if BITS == 3:
-        w1 = tl.load(qrow + 3 * g[None, :] + 1, mask=ok, other=0)
-        w2 = tl.load(qrow + 3 * g[None, :] + 2, mask=ok, other=0)
+        w1 = tl.load(qrow + 3 * g[None, :] + 1, mask=ok, other=0, eviction_policy=EVICT)
+        w2 = tl.load(qrow + 3 * g[None, :] + 2, mask=ok, other=0, eviction_policy=EVICT)
     else:
         w1 = w0
         w2 = w0
@@ -493,6 +494,7 @@ def _gemv_kernel(
     OUT_CHUNK: tl.constexpr,
     PACKED: tl.constexpr,  # 4 / 3 bits, fp16/bf16 x: the f16x2 word (triple) dot
     XVEC: tl.constexpr,  # packed 4 bits: x read as one 16-byte vector per word
+    EVICT: tl.constexpr,  # the code words' L2 eviction policy ("" or "evict_first")
     INTERPRET: tl.constexpr,
 ):
     # codes per word group and int32 words per group
@@ -526,7 +528,7 @@ def _gemv_kernel(
     for i in range(PER_SPLIT):
         step = pid_k * PER_SPLIT + i
         k0 = step * BLOCK_K
-        w0, w1, w2 = _load_words(qrow, row_ok, step, GROUPS, WPG, BITS, BLOCK_W)
+        w0, w1, w2 = _load_words(qrow, row_ok, step, GROUPS, WPG, BITS, BLOCK_W, EVICT)
         if PACKED and BITS == 3:
             pairs = _x_triple_pairs(x_ptr, k0, K, BLOCK_W)
         elif PACKED:
@@ -701,6 +703,7 @@ def _dot_planes_kernel(
     SLOT_CHUNK: tl.constexpr,
     OUT_CHUNK: tl.constexpr,
     EMULATE_BF16: tl.constexpr,
+    EVICT: tl.constexpr,  # the code words' L2 eviction policy ("" or "evict_first")
 ):
     """The tensor-core product one code position at a time: plane ``k`` of a step is the tile of
     columns ``k0 + PER * w + k``, multiplied with the matching (strided) rows of ``x^T``."""
@@ -725,7 +728,7 @@ def _dot_planes_kernel(
     for i in range(PER_SPLIT):
         step = pid_k * PER_SPLIT + i
         k0 = step * BLOCK_K
-        w0, w1, w2 = _load_words(qrow, row_ok, step, GROUPS, WPG, BITS, BLOCK_W)
+        w0, w1, w2 = _load_words(qrow, row_ok, step, GROUPS, WPG, BITS, BLOCK_W, EVICT)
         part = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
         for k in tl.static_range(PER):
             col = k0 + PER * tl.arange(0, BLOCK_W) + k
@@ -997,6 +1000,7 @@ class GemvConfig:
     order: int = 1  # outlier slots: 0 loaded after the codes, 1 loaded first, 2 summed first
     packed: bool = False  # 4 bits with fp16/bf16 x: f16x2 math (else, and always: fp32 decode)
     xvec: bool = False  # packed: x as one 16-byte load per word, paired in registers
+    evict_first: bool = False  # the codes' L2 lines first to go (read once per call)
 
 
 @dataclass(frozen=True)
@@ -1011,6 +1015,7 @@ class DotConfig:
     planes: bool = False  # the word-plane kernel (int32 words, no interleave)
     slot_chunk: int = 8  # outlier slots per gather step (the gather is [n, chunk, m])
     out_chunk: int = 8  # overflow entries per step
+    evict_first: bool = False  # word-plane kernel: the codes' L2 lines first to go
 
 
 def _slots_p2(table: OutlierTable) -> int:
@@ -1060,11 +1065,17 @@ def gemv(
         OUT_CHUNK=8,
         PACKED=packed_gemv(weight, x.dtype, config),
         XVEC=config.xvec,
+        EVICT=eviction(config.evict_first),
         INTERPRET=interpreting(),
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )
     return out.to(x.dtype) if split_k > 1 else out
+
+
+def eviction(evict_first: bool) -> str:
+    """The word loads' ``eviction_policy``."""
+    return "evict_first" if evict_first else ""
 
 
 def packed_gemv(weight: Weight, dtype: torch.dtype, config: GemvConfig) -> bool:
@@ -1120,7 +1131,7 @@ def dot_matmul(
         _dot_planes_kernel[grid](
             x, words, weight.scales, *table.tensors(), bias_arg, out, m, n, k, words.stride(0),
             x.stride(0), x.stride(1), weight.scales.stride(0), out.stride(0),
-            BLOCK_W=block, **common,
+            BLOCK_W=block, EVICT=eviction(config.evict_first), **common,
         )  # fmt: skip
     else:
         q = weight.qweight
