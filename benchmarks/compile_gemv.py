@@ -2,6 +2,7 @@
 
     python benchmarks/compile_gemv.py [--bits 4] [--packed] [--xvec] [--group 0] \
         [--evict-first] [--config 8,128,2,3 ...]
+    python benchmarks/compile_gemv.py --planes [--packed] [--bf16] [--config 64,256,4,3 ...]
 
 Triton's wheel carries ptxas and cuobjdump, so a kernel that would fail to build on the GPU
 fails here too, and its registers per thread (which set the occupancy) and load widths can be
@@ -55,6 +56,43 @@ def compile_gemv(
     return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
 
 
+def compile_planes(packed: bool, act: int, config: tuple[int, ...]):
+    """The batch-16 word-plane kernel (4 bits, per-channel scales, xt), as the GEMV above;
+    ``config`` is block_n,block_k,num_warps,num_stages."""
+    block_n, block_k, warps, stages = config
+    fn = tm._dot_planes_kernel
+    dtype = "*fp16" if act == 1 else "*bf16"
+    pointers = {**POINTERS, "x_ptr": dtype, "out_ptr": dtype}
+    signature = {**pointers, **dict.fromkeys(("M", "N", "row_words", "stride_xm", "stride_xk",
+                                               "stride_s", "stride_om"), "i32")}  # fmt: skip
+    constants = dict(
+        K=4096, GROUP=0, BITS=4, ACT=act, HAS_BIAS=False, SLOTS=32, HAS_OVERFLOW=True,
+        BLOCK_N=block_n, BLOCK_M=16, BLOCK_W=block_k // 8, SPLIT_K=1, SLOT_CHUNK=8, OUT_CHUNK=8,
+        EMULATE_BF16=False, EVICT="", PACKED=packed,
+    )  # fmt: skip
+    signature.update(dict.fromkeys(constants, "constexpr"))
+    divisible = [*POINTERS, "N", "row_words", "stride_xk", "stride_om"]
+    source = ASTSource(
+        fn=fn,
+        signature=signature,
+        constexprs={(fn.arg_names.index(k),): v for k, v in constants.items()},
+        attrs={(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in divisible},
+    )
+    options = {"num_warps": warps, "num_stages": stages}
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
+
+
+def sass_lines(kernel) -> int:
+    """Instructions in the cubin's SASS (a rough count of the work per program)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "kernel.cubin")
+        with open(path, "wb") as f:
+            f.write(kernel.asm["cubin"])
+        tool = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/cuobjdump")
+        out = subprocess.run([tool, "-sass", path], capture_output=True, text=True).stdout
+    return len(re.findall(r"^\s+/\*[0-9a-f]{4}\*/", out, flags=re.M))
+
+
 def registers(kernel) -> str:
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "kernel.cubin")
@@ -74,7 +112,21 @@ def main() -> None:
     parser.add_argument("--group", type=int, default=0)
     parser.add_argument("--evict-first", action="store_true", help="codes' loads evict_first")
     parser.add_argument("--config", nargs="+", default=["8,128,2,3"])
+    parser.add_argument(
+        "--planes",
+        action="store_true",
+        help="compile the batch-16 word-plane kernel instead (4 bits; --config "
+        "block_n,block_k,warps,stages; --packed: planes in pairs; --bf16)",
+    )
+    parser.add_argument("--bf16", action="store_true", help="--planes: bf16 activations")
     args = parser.parse_args()
+    if args.planes:
+        for text in args.config:
+            config = tuple(int(v) for v in text.split(","))
+            kernel = compile_planes(args.packed, 2 if args.bf16 else 1, config)
+            print(f"{text}: {registers(kernel)} registers, {sass_lines(kernel)} SASS instructions",
+                  flush=True)  # fmt: skip
+        return
     for text in args.config:
         config = tuple(int(v) for v in text.split(","))
         kernel = compile_gemv(

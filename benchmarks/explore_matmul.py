@@ -32,6 +32,8 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
+import triton
+import triton.language as tl
 
 import bench_kernels
 from easyquant.kernels import triton_matmul as tm
@@ -71,7 +73,7 @@ def gemv_candidates(bits: int = 4, sweep: str = "stop12") -> list[tm.GemvConfig]
             ]
             + [G(bn, bw, w, s, order=2, packed=True) for bn, bw, w, s in WIDE[1:4]]
         )
-    if sweep == "evict":
+    if sweep in ("evict", "packed"):
         return [
             G(bn, bw, w, s, packed=True, xvec=xv, evict_first=ev)
             for bn, bw, w, s, xv in EVICT
@@ -107,6 +109,12 @@ def small_candidates(sweep: str = "stop12") -> list[tm.DotConfig]:
             D(bn, 16, bk, 1, w, s, xt=True, planes=True, evict_first=ev)
             for bn, bk, w, s in WIDE_PLANES[:3]
             for ev in (False, True)
+        ]
+    if sweep == "packed":  # the table's winners, planes decoded one at a time or in pairs
+        return [
+            D(bn, 16, bk, 1, w, s, xt=True, planes=True, packed=pk)
+            for bn, bk, w, s in WIDE_PLANES[:3]
+            for pk in (False, True)
         ]
     # (block_n, block_k, warps, stages, xt, planes)
     specs = [
@@ -199,7 +207,7 @@ def main() -> None:
     parser.add_argument(
         "--kinds",
         nargs="+",
-        choices=("gemv", "dot", "dequant"),
+        choices=("gemv", "dot", "dequant", "floor"),
         default=["gemv", "dot", "dequant"],
         help="time only these kernels (batch 1, 16, 1024); the table keeps the others' entries",
     )
@@ -220,10 +228,11 @@ def main() -> None:
     )
     parser.add_argument(
         "--sweep",
-        choices=("stop12", "wide", "evict"),
+        choices=("stop12", "wide", "evict", "packed"),
         default="stop12",
         help="candidates: stop 12's; (stop 13) wide: one-step GEMV row blocks and larger "
-        "word-plane blocks; evict: the winners with the codes' loads evict_first (4 bits)",
+        "word-plane blocks; evict: the winners with the codes' loads evict_first; packed: the "
+        "word-plane winners with planes decoded in pairs (4 bits)",
     )
     args = parser.parse_args()
     if args.sweep != "stop12" and args.bits != 4:
@@ -377,6 +386,17 @@ def time_shape(
             w = weights[(n, k, tag)]
             us = bench(lambda c=config, w=w: tm.dot_matmul(w, xs[16], None, c))
             record(n, k, 16, tag, "dot", config, us, fp16[16])
+    if "floor" in kinds:  # the same code bytes read by a kernel that does nothing else
+        words = weights[(n, k, "none")].qweight.view(torch.int32).reshape(-1)
+        out = torch.empty(triton.cdiv(words.numel(), 1024), device=device, dtype=torch.int32)
+        for block, warps in READ_CONFIGS:
+            grid = (triton.cdiv(words.numel(), block),)
+            us = bench(
+                lambda b=block, w=warps, g=grid: _read_kernel[g](
+                    words, out, words.numel(), BLOCK=b, num_warps=w
+                )
+            )
+            record(n, k, 1, "none", "read-codes-only", [block, warps], us, fp16[1])
     if "dequant" in kinds:
         base = weights[(n, k, "default")]
         for config in DEQUANT:
@@ -384,6 +404,19 @@ def time_shape(
             record(n, k, 0, "default", "dequant-only", config, us, float("nan"))
         us = bench(lambda: tm.dequant_matmul(base, xs[1024], None))
         record(n, k, 1024, "default", "dequant+cublas", None, us, fp16[1024])
+
+
+# (words per program, warps) of the read-only floor kernel
+READ_CONFIGS = [(1024, 4), (2048, 4), (4096, 8), (8192, 8)]
+
+
+@triton.jit
+def _read_kernel(q_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    """Reads ``BLOCK`` int32 words per program and keeps only their xor: the time any kernel
+    needs to bring these bytes in, with no math and one wave after another of programs."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    words = tl.load(q_ptr + offs, mask=offs < n, other=0)
+    tl.store(out_ptr + tl.program_id(0), tl.xor_sum(words, axis=0))
 
 
 def time_gemv(n: int, k: int, weights: dict, record, xs, fp16, do_bench, bits: int) -> None:

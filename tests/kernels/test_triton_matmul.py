@@ -150,6 +150,22 @@ def test_word_plane_kernel_matches_reference(bits, n, k, device):
             assert_close(out, reference(weight, x, None), dtype)
 
 
+@pytest.mark.parametrize(("group", "n", "k"), [(None, 45, 256), (128, 37, 384), (256, 20, 512)])
+def test_packed_word_plane_kernel_matches_reference(group, n, k, device):
+    """Planes decoded in pairs (4 bits, fp16 / bf16 x): on the CPU the one-plane decode, on a GPU
+    the PTX; with and without overflow and split K."""
+    for slots, config in ((None, tm.DotConfig(16, 16, 128, planes=True, packed=True)),
+                          (1, tm.DotConfig(32, 16, 128, split_k=2, xt=True, planes=True,
+                                           packed=True))):  # fmt: skip
+        weight = random_weight(n, k, 4, group, seed=n, device=device, slots=slots)
+        assert tm.fits(weight, config)
+        for dtype, m in ((torch.float16, 16), (torch.bfloat16, 5), (torch.float32, 3)):
+            x = fresh_x(m, k, dtype, device, seed=m)
+            bias = fresh_x(1, n, dtype, device, seed=6)[0]
+            out = tm.dot_matmul(weight, x, bias, config)
+            assert_close(out, reference(weight, x, bias), dtype)
+
+
 GEMV_CASES = [c for c in CASES if c[3] % 32 == 0]
 GEMV_CASES += [(4, None, 45, 256), (3, None, 33, 96), (2, None, 19, 128), (8, None, 9, 96)]
 

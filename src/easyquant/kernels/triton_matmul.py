@@ -148,6 +148,76 @@ def _plane_code(w0, w1, w2, k: tl.constexpr, BITS: tl.constexpr):
     return u
 
 
+# Batch 16, 4-bit codes, fp16 / bf16 activations (``DotConfig.packed``): planes j and j + 4 of a
+# word (nibbles j and j + 4) decoded together, as the GEMV's word dot does: one shift, one lop3
+# that drops both nibbles into the mantissas of two 1024.0s (bf16: 128.0s, 7 mantissa bits), one
+# f16x2 (bf16x2) FMA that subtracts 1024 + 8 (128 + 8), exactly; the two halves are the two planes.
+def _plane_pair_asm(shift: int, act: int) -> str:
+    magic, one, minus = (
+        ("0x6400", "0x3C00", "0xE408") if act == 1 else ("0x4300", "0x3F80", "0xC308")
+    )
+    fma = "fma.rn.f16x2" if act == 1 else "fma.rn.bf16x2"
+    return (  # (fma takes no immediates)
+        "{ .reg .b32 t, h, m, c; "
+        f"mov.b32 m, {one}{one[2:]}; "
+        f"mov.b32 c, {minus}{minus[2:]}; "
+        f"shr.u32 t, $2, {shift}; "
+        f"lop3.b32 h, t, 0x000F000F, {magic}{magic[2:]}, 0xEA; "
+        f"{fma} h, h, m, c; "
+        "mov.b32 {$0, $1}, h; }"
+    )
+
+
+_PAIR_F16_0 = tl.constexpr(_plane_pair_asm(0, 1))
+_PAIR_F16_1 = tl.constexpr(_plane_pair_asm(4, 1))
+_PAIR_F16_2 = tl.constexpr(_plane_pair_asm(8, 1))
+_PAIR_F16_3 = tl.constexpr(_plane_pair_asm(12, 1))
+_PAIR_BF16_0 = tl.constexpr(_plane_pair_asm(0, 2))
+_PAIR_BF16_1 = tl.constexpr(_plane_pair_asm(4, 2))
+_PAIR_BF16_2 = tl.constexpr(_plane_pair_asm(8, 2))
+_PAIR_BF16_3 = tl.constexpr(_plane_pair_asm(12, 2))
+
+
+@triton.jit
+def _plane_pair(word, j: tl.constexpr, ACT: tl.constexpr, INTERPRET: tl.constexpr):
+    """Planes ``j`` and ``j + 4`` (signed 4-bit codes ``u - 8``) of int32 ``word``, in the
+    activation dtype (fp16: ``ACT == 1``, bf16: 2)."""
+    if INTERPRET:  # the CPU interpreter cannot run PTX: the one-plane decode, same values
+        lo = _codes_to_float(_plane_code(word, word, word, j, 4), 4, ACT)
+        hi = _codes_to_float(_plane_code(word, word, word, j + 4, 4), 4, ACT)
+        return lo, hi
+    elif ACT == 1:
+        if j == 0:
+            return _pair_asm(word, _PAIR_F16_0, False)
+        elif j == 1:
+            return _pair_asm(word, _PAIR_F16_1, False)
+        elif j == 2:
+            return _pair_asm(word, _PAIR_F16_2, False)
+        else:
+            return _pair_asm(word, _PAIR_F16_3, False)
+    else:
+        if j == 0:
+            return _pair_asm(word, _PAIR_BF16_0, True)
+        elif j == 1:
+            return _pair_asm(word, _PAIR_BF16_1, True)
+        elif j == 2:
+            return _pair_asm(word, _PAIR_BF16_2, True)
+        else:
+            return _pair_asm(word, _PAIR_BF16_3, True)
+
+
+@triton.jit
+def _pair_asm(word, ASM: tl.constexpr, BF16: tl.constexpr):
+    if BF16:
+        return tl.inline_asm_elementwise(
+            ASM, "=h,=h,r", [word], dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=1
+        )
+    else:
+        return tl.inline_asm_elementwise(
+            ASM, "=h,=h,r", [word], dtype=(tl.float16, tl.float16), is_pure=True, pack=1
+        )
+
+
 @triton.jit
 def _gemv_plane(w0, w1, w2, k: tl.constexpr, BITS: tl.constexpr):
     """Code ``k`` as the fp32 value ``1 + u / 2^BITS`` (``u`` OR-ed into the mantissa of 1.0)."""
@@ -670,6 +740,16 @@ def _dot_kernel(
 
 
 @triton.jit
+def _x_plane(xrow, first, m_ok, K: tl.constexpr, stride_xk, BLOCK_W: tl.constexpr,
+             PER: tl.constexpr):  # fmt: skip
+    """Rows ``first + PER * w`` (w < BLOCK_W) of ``x^T``: the activations of one code plane."""
+    col = first + PER * tl.arange(0, BLOCK_W)
+    return tl.load(
+        xrow + col[:, None] * stride_xk, mask=m_ok[None, :] & (col < K)[:, None], other=0.0
+    )
+
+
+@triton.jit
 def _dot_planes_kernel(
     x_ptr,
     q_ptr,  # int32 view of qweight [N, row_words]
@@ -704,6 +784,7 @@ def _dot_planes_kernel(
     OUT_CHUNK: tl.constexpr,
     EMULATE_BF16: tl.constexpr,
     EVICT: tl.constexpr,  # the code words' L2 eviction policy ("" or "evict_first")
+    PACKED: tl.constexpr,  # 4 bits, fp16 / bf16 x: two planes per lop3 + FMA (PTX)
 ):
     """The tensor-core product one code position at a time: plane ``k`` of a step is the tile of
     columns ``k0 + PER * w + k``, multiplied with the matching (strided) rows of ``x^T``."""
@@ -730,15 +811,18 @@ def _dot_planes_kernel(
         k0 = step * BLOCK_K
         w0, w1, w2 = _load_words(qrow, row_ok, step, GROUPS, WPG, BITS, BLOCK_W, EVICT)
         part = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-        for k in tl.static_range(PER):
-            col = k0 + PER * tl.arange(0, BLOCK_W) + k
-            xk = tl.load(
-                xrow + col[:, None] * stride_xk,
-                mask=m_ok[None, :] & (col < K)[:, None],
-                other=0.0,
-            )
-            wk = _codes_to_float(_plane_code(w0, w1, w2, k, BITS), BITS, ACT)
-            part = _mma(wk, xk, part, ACT, EMULATE_BF16)
+        if PACKED:  # 4 bits, fp16 / bf16: planes j and j + 4 from one lop3 + one FMA
+            for j in tl.static_range(4):
+                w_lo, w_hi = _plane_pair(w0, j, ACT, EMULATE_BF16)  # (EMULATE_BF16: interpreting)
+                x_lo = _x_plane(xrow, k0 + j, m_ok, K, stride_xk, BLOCK_W, PER)
+                part = _mma(w_lo, x_lo, part, ACT, EMULATE_BF16)
+                x_hi = _x_plane(xrow, k0 + j + 4, m_ok, K, stride_xk, BLOCK_W, PER)
+                part = _mma(w_hi, x_hi, part, ACT, EMULATE_BF16)
+        else:
+            for k in tl.static_range(PER):
+                xk = _x_plane(xrow, k0 + k, m_ok, K, stride_xk, BLOCK_W, PER)
+                wk = _codes_to_float(_plane_code(w0, w1, w2, k, BITS), BITS, ACT)
+                part = _mma(wk, xk, part, ACT, EMULATE_BF16)
         if GROUP > 0:
             s = tl.load(s_ptr + rows * stride_s + k0 // GROUP, mask=row_ok & (k0 < K), other=0.0)
             acc += part * s.to(tl.float32)[:, None]
@@ -1016,6 +1100,7 @@ class DotConfig:
     slot_chunk: int = 8  # outlier slots per gather step (the gather is [n, chunk, m])
     out_chunk: int = 8  # overflow entries per step
     evict_first: bool = False  # word-plane kernel: the codes' L2 lines first to go
+    packed: bool = False  # word-plane kernel, 4 bits, fp16 / bf16 x: planes decoded in pairs
 
 
 def _slots_p2(table: OutlierTable) -> int:
@@ -1131,7 +1216,8 @@ def dot_matmul(
         _dot_planes_kernel[grid](
             x, words, weight.scales, *table.tensors(), bias_arg, out, m, n, k, words.stride(0),
             x.stride(0), x.stride(1), weight.scales.stride(0), out.stride(0),
-            BLOCK_W=block, EVICT=eviction(config.evict_first), **common,
+            BLOCK_W=block, EVICT=eviction(config.evict_first),
+            PACKED=config.packed and weight.bits == 4 and x.dtype != torch.float32, **common,
         )  # fmt: skip
     else:
         q = weight.qweight
