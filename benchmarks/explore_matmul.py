@@ -111,11 +111,14 @@ def small_candidates(sweep: str = "stop12") -> list[tm.DotConfig]:
             for ev in (False, True)
         ]
     if sweep == "packed":  # the table's winners, planes decoded one at a time or in pairs
-        return [
-            D(bn, 16, bk, 1, w, s, xt=True, planes=True, packed=pk)
-            for bn, bk, w, s in WIDE_PLANES[:3]
-            for pk in (False, True)
-        ]
+        return (
+            [D(32, 16, 256, 1, 2, 3, xt=True)]
+            + [  # (the natural-order winner, 4096 rows)
+                D(bn, 16, bk, 1, w, s, xt=True, planes=True, packed=pk)
+                for bn, bk, w, s in WIDE_PLANES[:3]
+                for pk in (False, True)
+            ]
+        )
     # (block_n, block_k, warps, stages, xt, planes)
     specs = [
         (16, 256, 1, 3, True, False),

@@ -1317,8 +1317,9 @@ def gemv_config(n: int, k: int, bits: int) -> GemvConfig:
 
 
 def small_config(n: int, k: int, m: int, bits: int) -> DotConfig:
-    if n >= 8192:  # enough row blocks of 64: the word-plane kernel streams best
-        return DotConfig(block_n=64, block_m=16, block_k=256, xt=True, planes=True)
+    if n >= 8192:  # enough row blocks of 64: the word-plane kernel streams best (4 bits, fp16 /
+        # bf16: planes decoded in pairs, 4-13% faster on the H100, stop 13)
+        return DotConfig(block_n=64, block_m=16, block_k=256, xt=True, planes=True, packed=True)
     return DotConfig(block_n=32, block_m=16, block_k=256, num_warps=2, num_stages=3, xt=True)
 
 
