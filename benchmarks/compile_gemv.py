@@ -2,8 +2,7 @@
 
     python benchmarks/compile_gemv.py [--bits 4] [--packed] [--xvec] [--group 0] \
         [--evict-first] [--config 8,128,2,3 ...]
-    python benchmarks/compile_gemv.py --planes [--packed] [--bf16] [--xplanes] \
-        [--config 64,256,4,3 ...]
+    python benchmarks/compile_gemv.py --planes [--packed] [--bf16] [--config 64,256,4,3 ...]
 
 Triton's wheel carries ptxas and cuobjdump, so a kernel that would fail to build on the GPU
 fails here too, and its registers per thread (which set the occupancy) and load widths can be
@@ -57,20 +56,19 @@ def compile_gemv(
     return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
 
 
-def compile_planes(packed: bool, act: int, config: tuple[int, ...], xplanes: bool = False):
+def compile_planes(packed: bool, act: int, config: tuple[int, ...]):
     """The batch-16 word-plane kernel (4 bits, per-channel scales, xt), as the GEMV above;
     ``config`` is block_n,block_k,num_warps,num_stages."""
     block_n, block_k, warps, stages = config
     fn = tm._dot_planes_kernel
     dtype = "*fp16" if act == 1 else "*bf16"
     pointers = {**POINTERS, "x_ptr": dtype, "out_ptr": dtype}
-    signature = {**pointers, **dict.fromkeys(("M", "N", "row_words", "stride_xk", "stride_s",
-                                               "stride_om"), "i32")}  # fmt: skip
+    signature = {**pointers, **dict.fromkeys(("M", "N", "row_words", "stride_xm", "stride_xk",
+                                               "stride_s", "stride_om"), "i32")}  # fmt: skip
     constants = dict(
-        stride_xm=1,  # x^T's batch side is contiguous (xt), which the JIT specialises as 1
         K=4096, GROUP=0, BITS=4, ACT=act, HAS_BIAS=False, SLOTS=32, HAS_OVERFLOW=True,
         BLOCK_N=block_n, BLOCK_M=16, BLOCK_W=block_k // 8, SPLIT_K=1, SLOT_CHUNK=8, OUT_CHUNK=8,
-        EMULATE_BF16=False, EVICT="", PACKED=packed, XPLANES=xplanes,
+        EMULATE_BF16=False, EVICT="", PACKED=packed,
     )  # fmt: skip
     signature.update(dict.fromkeys(constants, "constexpr"))
     divisible = [*POINTERS, "N", "row_words", "stride_xk", "stride_om"]
@@ -121,12 +119,11 @@ def main() -> None:
         "block_n,block_k,warps,stages; --packed: planes in pairs; --bf16)",
     )
     parser.add_argument("--bf16", action="store_true", help="--planes: bf16 activations")
-    parser.add_argument("--xplanes", action="store_true", help="--planes: x in plane order")
     args = parser.parse_args()
     if args.planes:
         for text in args.config:
             config = tuple(int(v) for v in text.split(","))
-            kernel = compile_planes(args.packed, 2 if args.bf16 else 1, config, args.xplanes)
+            kernel = compile_planes(args.packed, 2 if args.bf16 else 1, config)
             print(f"{text}: {registers(kernel)} registers, {sass_lines(kernel)} SASS instructions",
                   flush=True)  # fmt: skip
         return

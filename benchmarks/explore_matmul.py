@@ -73,7 +73,7 @@ def gemv_candidates(bits: int = 4, sweep: str = "stop12") -> list[tm.GemvConfig]
             ]
             + [G(bn, bw, w, s, order=2, packed=True) for bn, bw, w, s in WIDE[1:4]]
         )
-    if sweep in ("evict", "packed", "xplanes"):
+    if sweep in ("evict", "packed"):
         return [
             G(bn, bw, w, s, packed=True, xvec=xv, evict_first=ev)
             for bn, bw, w, s, xv in EVICT
@@ -109,15 +109,6 @@ def small_candidates(sweep: str = "stop12") -> list[tm.DotConfig]:
             D(bn, 16, bk, 1, w, s, xt=True, planes=True, evict_first=ev)
             for bn, bk, w, s in WIDE_PLANES[:3]
             for ev in (False, True)
-        ]
-    if sweep == "xplanes":  # x copied in plane order: its plane tiles load ahead (cp.async)
-        specs = [(64, 256, 4, 3), (64, 256, 4, 4), (128, 256, 8, 3), (64, 512, 4, 3),
-                 (32, 256, 2, 3), (32, 256, 4, 4), (128, 256, 4, 3), (64, 128, 4, 5)]  # fmt: skip
-        return [
-            D(32, 16, 256, 1, 2, 3, xt=True),
-            D(64, 16, 256, xt=True, planes=True, packed=True),
-        ] + [
-            D(bn, 16, bk, 1, w, s, planes=True, packed=True, xplanes=True) for bn, bk, w, s in specs
         ]
     if sweep == "packed":  # the table's winners, planes decoded one at a time or in pairs
         return (
@@ -240,12 +231,11 @@ def main() -> None:
     )
     parser.add_argument(
         "--sweep",
-        choices=("stop12", "wide", "evict", "packed", "xplanes"),
+        choices=("stop12", "wide", "evict", "packed"),
         default="stop12",
         help="candidates: stop 12's; (stop 13) wide: one-step GEMV row blocks and larger "
         "word-plane blocks; evict: the winners with the codes' loads evict_first; packed: the "
-        "word-plane winners with planes decoded in pairs; xplanes: word-plane kernels on x "
-        "copied in plane order (4 bits)",
+        "word-plane winners with planes decoded in pairs (4 bits)",
     )
     args = parser.parse_args()
     if args.sweep != "stop12" and args.bits != 4:

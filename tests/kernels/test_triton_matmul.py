@@ -141,9 +141,7 @@ def test_dot_kernel_matches_reference(bits, group, n, k, m, device):
 def test_word_plane_kernel_matches_reference(bits, n, k, device):
     per = tm.GEMV_WORD_CODES[bits]
     for slots, config in ((None, tm.DotConfig(16, 16, 16 * per)),
-                          (1, tm.DotConfig(32, 16, 16 * per, split_k=2, xt=True)),
-                          (2, tm.DotConfig(16, 16, 16 * per, split_k=2,
-                                           xplanes=True))):  # fmt: skip
+                          (1, tm.DotConfig(32, 16, 16 * per, split_k=2, xt=True))):  # fmt: skip
         weight = random_weight(n, k, bits, None, seed=n, device=device, slots=slots)
         assert tm.fits(weight, replace(config, planes=True))
         for dtype, m in ((torch.float32, 3), (torch.float16, 16)):
@@ -158,9 +156,7 @@ def test_packed_word_plane_kernel_matches_reference(group, n, k, device):
     the PTX; with and without overflow and split K."""
     for slots, config in ((None, tm.DotConfig(16, 16, 128, planes=True, packed=True)),
                           (1, tm.DotConfig(32, 16, 128, split_k=2, xt=True, planes=True,
-                                           packed=True)),
-                          (2, tm.DotConfig(16, 16, 128, planes=True, packed=True,
-                                           xplanes=True))):  # fmt: skip
+                                           packed=True))):  # fmt: skip
         weight = random_weight(n, k, 4, group, seed=n, device=device, slots=slots)
         assert tm.fits(weight, config)
         for dtype, m in ((torch.float16, 16), (torch.bfloat16, 5), (torch.float32, 3)):
@@ -168,22 +164,6 @@ def test_packed_word_plane_kernel_matches_reference(group, n, k, device):
             bias = fresh_x(1, n, dtype, device, seed=6)[0]
             out = tm.dot_matmul(weight, x, bias, config)
             assert_close(out, reference(weight, x, bias), dtype)
-
-
-def test_plane_order_x_puts_each_plane_in_consecutive_rows():
-    """Column s*per*w_blk + per*w + k of x is row (s*per + k)*w_blk + w of the plane-ordered
-    copy (K padded with zeros to whole steps); the kernels' outlier gather maps columns alike."""
-    m, k, block_w, per = 3, 40, 2, 8  # steps of 16 columns: 3 steps, the last one padded
-    x = torch.arange(m * k, dtype=torch.float32).reshape(m, k) + 1
-    xp = tm.plane_order_x(x, block_w, per)
-    assert xp.shape == (m, 48) and xp.stride() == (1, m)
-    cols = torch.arange(k)
-    s, w, kk = cols // (per * block_w), (cols % (per * block_w)) // per, cols % per
-    assert torch.equal(xp[:, (s * per + kk) * block_w + w], x)
-    assert int((xp != 0).sum()) == m * k  # the padding is zeros
-    padded = tm.plane_order_x(x, block_w, per, block_m=4)  # the batch padded to whole blocks
-    assert padded.shape == (4, 48) and padded.stride() == (1, 4)
-    assert torch.equal(padded[:m], xp) and not padded[m:].any()
 
 
 GEMV_CASES = [c for c in CASES if c[3] % 32 == 0]

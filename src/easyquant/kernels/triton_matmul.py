@@ -463,26 +463,15 @@ def _overflow_1d(x_ptr, ocol_ptr, oval_ptr, o_start, o_count, BLOCK_N: tl.conste
 
 
 @triton.jit
-def _plane_row(col, PLANE_W: tl.constexpr, PER: tl.constexpr):
-    """Row of column ``col`` in plane-ordered x (steps of ``PLANE_W`` words of ``PER`` codes:
-    column ``s PER W + PER w + k`` is row ``(s PER + k) W + w``)."""
-    step = col // (PER * PLANE_W)
-    within = col % (PER * PLANE_W)
-    return (step * PER + within % PER) * PLANE_W + within // PER
-
-
-@triton.jit
 def _table_2d(
     x_ptr, ecol_ptr, eval_ptr, ecnt_ptr, oind_ptr, ocol_ptr, oval_ptr,
     rows, row_ok, ms, m_ok, stride_xm, stride_xk, pid_k,
     SLOTS: tl.constexpr, HAS_OVERFLOW: tl.constexpr, SPLIT_K: tl.constexpr,
     SLOT_CHUNK: tl.constexpr, OUT_CHUNK: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_M: tl.constexpr, PLANE_W: tl.constexpr = 0, PER: tl.constexpr = 1,
+    BLOCK_M: tl.constexpr,
 ):  # fmt: skip
     """``sum_j v[n, j] * x[m, col[n, j]]`` ``[BLOCK_N, BLOCK_M]`` over this K split's share of
-    the slots (chunk c goes to split c % SPLIT_K) and, in split 0, the overflow entries.
-    ``PLANE_W`` > 0: x's rows are in plane order (:func:`plane_order_x`), read through
-    :func:`_plane_row`."""
+    the slots (chunk c goes to split c % SPLIT_K) and, in split 0, the overflow entries."""
     res = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     xm = x_ptr + ms[None, None, :].to(tl.int64) * stride_xm
     if SLOTS > 0:
@@ -494,8 +483,6 @@ def _table_2d(
                 ok = row_ok[:, None] & (j < SLOTS)[None, :]
                 p = rows[:, None].to(tl.int64) * SLOTS + j[None, :]
                 col = tl.load(ecol_ptr + p, mask=ok, other=0).to(tl.int64)
-                if PLANE_W > 0:
-                    col = _plane_row(col, PLANE_W, PER)
                 v = tl.load(eval_ptr + p, mask=ok, other=0.0).to(tl.float32)
                 g_ok = ok & (j[None, :] < e_cnt[:, None])
                 xg = tl.load(
@@ -515,8 +502,6 @@ def _table_2d(
             o_ok = oj[None, :] < o_count[:, None]
             op = o_start[:, None] + oj[None, :]
             ocol = tl.load(ocol_ptr + op, mask=o_ok, other=0).to(tl.int64)
-            if PLANE_W > 0:
-                ocol = _plane_row(ocol, PLANE_W, PER)
             ov = tl.load(oval_ptr + op, mask=o_ok, other=0.0).to(tl.float32)
             oxg = tl.load(
                 xm + ocol[:, :, None] * stride_xk,
@@ -755,22 +740,13 @@ def _dot_kernel(
 
 
 @triton.jit
-def _x_plane(xrow, step, k: tl.constexpr, m_ok, K: tl.constexpr, stride_xk,
-             BLOCK_W: tl.constexpr, PER: tl.constexpr, XPLANES: tl.constexpr):  # fmt: skip
-    """The activations of code plane ``k`` of ``step``: columns ``step PER BLOCK_W + PER w + k``
-    (w < BLOCK_W) of x, as a ``[BLOCK_W, BLOCK_M]`` tile of ``x^T``. ``XPLANES``: x's rows are
-    in plane order (zero-padded to whole steps), so the tile is ``BLOCK_W`` consecutive rows."""
-    if XPLANES:  # the batch is zero-padded to whole BLOCK_M, so no mask varies along it: the
-        # load vectorises and the pipeliner can issue it ahead (cp.async). A split's steps past
-        # the last one read nothing.
-        ROWS: tl.constexpr = (K + PER * BLOCK_W - 1) // (PER * BLOCK_W) * PER * BLOCK_W
-        row = (step * PER + k) * BLOCK_W + tl.arange(0, BLOCK_W)
-        return tl.load(xrow + row[:, None] * stride_xk, mask=(row < ROWS)[:, None], other=0.0)
-    else:
-        col = step * PER * BLOCK_W + k + PER * tl.arange(0, BLOCK_W)
-        return tl.load(
-            xrow + col[:, None] * stride_xk, mask=m_ok[None, :] & (col < K)[:, None], other=0.0
-        )
+def _x_plane(xrow, first, m_ok, K: tl.constexpr, stride_xk, BLOCK_W: tl.constexpr,
+             PER: tl.constexpr):  # fmt: skip
+    """Rows ``first + PER * w`` (w < BLOCK_W) of ``x^T``: the activations of one code plane."""
+    col = first + PER * tl.arange(0, BLOCK_W)
+    return tl.load(
+        xrow + col[:, None] * stride_xk, mask=m_ok[None, :] & (col < K)[:, None], other=0.0
+    )
 
 
 @triton.jit
@@ -809,7 +785,6 @@ def _dot_planes_kernel(
     EMULATE_BF16: tl.constexpr,
     EVICT: tl.constexpr,  # the code words' L2 eviction policy ("" or "evict_first")
     PACKED: tl.constexpr,  # 4 bits, fp16 / bf16 x: two planes per lop3 + FMA (PTX)
-    XPLANES: tl.constexpr,  # x's rows in plane order (plane_order_x): plane tiles contiguous
 ):
     """The tensor-core product one code position at a time: plane ``k`` of a step is the tile of
     columns ``k0 + PER * w + k``, multiplied with the matching (strided) rows of ``x^T``."""
@@ -839,13 +814,13 @@ def _dot_planes_kernel(
         if PACKED:  # 4 bits, fp16 / bf16: planes j and j + 4 from one lop3 + one FMA
             for j in tl.static_range(4):
                 w_lo, w_hi = _plane_pair(w0, j, ACT, EMULATE_BF16)  # (EMULATE_BF16: interpreting)
-                x_lo = _x_plane(xrow, step, j, m_ok, K, stride_xk, BLOCK_W, PER, XPLANES)
+                x_lo = _x_plane(xrow, k0 + j, m_ok, K, stride_xk, BLOCK_W, PER)
                 part = _mma(w_lo, x_lo, part, ACT, EMULATE_BF16)
-                x_hi = _x_plane(xrow, step, j + 4, m_ok, K, stride_xk, BLOCK_W, PER, XPLANES)
+                x_hi = _x_plane(xrow, k0 + j + 4, m_ok, K, stride_xk, BLOCK_W, PER)
                 part = _mma(w_hi, x_hi, part, ACT, EMULATE_BF16)
         else:
             for k in tl.static_range(PER):
-                xk = _x_plane(xrow, step, k, m_ok, K, stride_xk, BLOCK_W, PER, XPLANES)
+                xk = _x_plane(xrow, k0 + k, m_ok, K, stride_xk, BLOCK_W, PER)
                 wk = _codes_to_float(_plane_code(w0, w1, w2, k, BITS), BITS, ACT)
                 part = _mma(wk, xk, part, ACT, EMULATE_BF16)
         if GROUP > 0:
@@ -861,7 +836,6 @@ def _dot_planes_kernel(
             x_ptr, ecol_ptr, eval_ptr, ecnt_ptr, oind_ptr, ocol_ptr, oval_ptr,
             rows, row_ok, ms, m_ok, stride_xm, stride_xk, pid_k,
             SLOTS, HAS_OVERFLOW, SPLIT_K, SLOT_CHUNK, OUT_CHUNK, BLOCK_N, BLOCK_M,
-            BLOCK_W if XPLANES else 0, PER,
         )  # fmt: skip
     if HAS_BIAS:
         bias = tl.load(bias_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
@@ -1127,7 +1101,6 @@ class DotConfig:
     out_chunk: int = 8  # overflow entries per step
     evict_first: bool = False  # word-plane kernel: the codes' L2 lines first to go
     packed: bool = False  # word-plane kernel, 4 bits, fp16 / bf16 x: planes decoded in pairs
-    xplanes: bool = False  # word-plane kernel: x copied in plane order (instead of xt)
 
 
 def _slots_p2(table: OutlierTable) -> int:
@@ -1217,10 +1190,7 @@ def dot_matmul(
         out = torch.zeros(m, n, device=x.device, dtype=torch.float32)
     else:
         out = torch.empty(m, n, device=x.device, dtype=x.dtype)
-    xplanes = planes and config.xplanes
-    if xplanes:
-        x = plane_order_x(x, block, GEMV_WORD_CODES[weight.bits], config.block_m)
-    elif config.xt:
+    if config.xt:
         x = x.t().contiguous().t()  # same values, column-major: x[m, k] at k * M + m
     table = weight.outliers
     grid = (triton.cdiv(n, config.block_n) * triton.cdiv(m, config.block_m), split_k)
@@ -1247,8 +1217,7 @@ def dot_matmul(
             x, words, weight.scales, *table.tensors(), bias_arg, out, m, n, k, words.stride(0),
             x.stride(0), x.stride(1), weight.scales.stride(0), out.stride(0),
             BLOCK_W=block, EVICT=eviction(config.evict_first),
-            PACKED=config.packed and weight.bits == 4 and x.dtype != torch.float32,
-            XPLANES=xplanes, **common,
+            PACKED=config.packed and weight.bits == 4 and x.dtype != torch.float32, **common,
         )  # fmt: skip
     else:
         q = weight.qweight
@@ -1258,20 +1227,6 @@ def dot_matmul(
             BLOCK_K=block, **common,
         )  # fmt: skip
     return out.to(x.dtype) if split_k > 1 else out
-
-
-def plane_order_x(x: torch.Tensor, block_w: int, per: int, block_m: int = 1) -> torch.Tensor:
-    """x ``[M, K]`` as the word-plane kernel reads it with ``DotConfig.xplanes``: ``x^T`` with
-    its rows in plane order, zero-padded to whole steps of ``block_w`` words (``per`` codes each)
-    and its batch zero-padded to whole ``block_m``, returned as the column-major ``[M', rows]``
-    view (strides ``(1, M')``). Column ``s per block_w + per w + k`` becomes row
-    ``(s per + k) block_w + w``, so each plane's activations are ``block_w`` consecutive rows of
-    ``M'`` values: one contiguous tile, as the weight words are."""
-    m, k = x.shape
-    step = per * block_w
-    padded = torch.nn.functional.pad(x, (0, -k % step, 0, -m % block_m))
-    rows = padded.view(padded.shape[0], -1, block_w, per).permute(1, 3, 2, 0)
-    return rows.reshape(-1, padded.shape[0]).contiguous().t()
 
 
 def dequantize(
