@@ -63,9 +63,10 @@ def compile_planes(packed: bool, act: int, config: tuple[int, ...]):
     fn = tm._dot_planes_kernel
     dtype = "*fp16" if act == 1 else "*bf16"
     pointers = {**POINTERS, "x_ptr": dtype, "out_ptr": dtype}
-    signature = {**pointers, **dict.fromkeys(("M", "N", "row_words", "stride_xm", "stride_xk",
-                                               "stride_s", "stride_om"), "i32")}  # fmt: skip
+    signature = {**pointers, **dict.fromkeys(("M", "N", "row_words", "stride_xk", "stride_s",
+                                               "stride_om"), "i32")}  # fmt: skip
     constants = dict(
+        stride_xm=1,  # x^T's batch side is contiguous (xt), which the JIT specialises as 1
         K=4096, GROUP=0, BITS=4, ACT=act, HAS_BIAS=False, SLOTS=32, HAS_OVERFLOW=True,
         BLOCK_N=block_n, BLOCK_M=16, BLOCK_W=block_k // 8, SPLIT_K=1, SLOT_CHUNK=8, OUT_CHUNK=8,
         EMULATE_BF16=False, EVICT="", PACKED=packed,
