@@ -25,6 +25,11 @@ benchmarks/quality_sweep.py). It appends one JSON line per setting to ``--out``.
   ``"dense"``: a random orthogonal matrix as wide as the input, the unattainable ideal). Serving
   it would rotate each input the same way (x R), as QuaRot/QuIP# do; no data is used.
 
+- ``downstream``: a list of ``"v"``, ``"up"``, ``"gate"``: those weights are rounded by GPTQ over
+  their output rows, with the next layer's Gram matrix as the Hessian (o_proj for v_proj,
+  down_proj for up/gate, scaled by data-free estimates of the gate's effect); ``damp`` (0.01).
+  A data-free "the next layer cancels my error" scheme; per-channel ranges only.
+
 Bits per weight are counted as the library stores them (codes, fp16 scales (and offsets),
 16-bit index + 16-bit value per outlier, int32 row pointers). The library's own settings are
 swept by benchmarks/quality_sweep.py; this script is for ideas that would need a new format or
@@ -130,6 +135,20 @@ def search(
 ) -> torch.Tensor:
     """Adam on each row's scale (and offset) for the least weighted squared error; returns the
     quantized rows (scale and offset rounded to fp16). ``x``: rows, outliers zeroed."""
+    s, m = search_ranges(x, col_weight, levels, kind, steps, lr, asym)
+    return nearest(x - m, s, levels, kind)[0] + m
+
+
+def search_ranges(
+    x: torch.Tensor,
+    col_weight: torch.Tensor | None,
+    levels: torch.Tensor,
+    kind: str,
+    steps: int,
+    lr: float,
+    asym: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`search`'s per-row (scale, offset), rounded to fp16."""
     rows, cols = x.shape
     w = torch.ones_like(x) if col_weight is None else col_weight[None, :].expand(rows, cols)
     if asym:
@@ -167,8 +186,7 @@ def search(
                 lr * (mom / (1 - b1 ** (step + 1))) / ((vel / (1 - b2 ** (step + 1))).sqrt() + 1e-8)
             )
         ratio.clamp_(min=1e-3)
-    s, m = best_s.half().float(), best_m.half().float()
-    return nearest(x - m, s, levels, kind)[0] + m
+    return best_s.half().float(), best_m.half().float()
 
 
 def hadamard(size: int) -> torch.Tensor:
@@ -248,12 +266,96 @@ def fake_quant(weight: torch.Tensor, col_weight: torch.Tensor | None, st: dict):
     return quantized, stored, outliers
 
 
+def downstream_grams(model: torch.nn.Module, kinds: list[str]) -> dict[str, torch.Tensor]:
+    """Data-free output-side Hessians ``G`` (out x out) for ``||G^1/2 (W - Q)||^2``: the error
+    of v_proj as o_proj sees it (``R^T Wo^T Wo R``, R repeating each kv head for its q heads),
+    of up_proj / gate_proj as down_proj sees it (``D Wd^T Wd D``, D the rms of silu(g), resp.
+    silu'(g) times the rms of u, for isotropic normalised inputs: the gamma-scaled row norms)."""
+    cfg = model.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    repeat = cfg.num_attention_heads // cfg.num_key_value_heads
+    nodes, weights = np.polynomial.hermite_e.hermegauss(64)
+    nodes_t = torch.tensor(nodes, dtype=torch.float64)
+    weights_t = torch.tensor(weights, dtype=torch.float64) / math.sqrt(2 * math.pi)
+
+    def gauss_mean(fn, spread: torch.Tensor) -> torch.Tensor:
+        return (fn(spread.double()[:, None] * nodes_t[None, :]) * weights_t).sum(1).float()
+
+    def dsilu_sq(g: torch.Tensor) -> torch.Tensor:
+        sig = torch.sigmoid(g)
+        return (sig * (1 + g * (1 - sig))) ** 2
+
+    out = {}
+    for i, layer in enumerate(model.model.layers):
+        attn, mlp = layer.self_attn, layer.mlp
+        if "v" in kinds:
+            w_o = attn.o_proj.weight.detach().float()
+            kv_of_slot = torch.arange(cfg.num_attention_heads * head_dim)
+            kv_of_slot = (kv_of_slot // head_dim // repeat) * head_dim + kv_of_slot % head_dim
+            seen = torch.zeros(w_o.shape[0], cfg.num_key_value_heads * head_dim)
+            seen.index_add_(1, kv_of_slot, w_o)  # Wo R
+            out[f"model.layers.{i}.self_attn.v_proj"] = seen.T @ seen
+        gamma = layer.post_attention_layernorm.weight.detach().float()
+        w_g, w_u, w_d = (
+            m.weight.detach().float() for m in (mlp.gate_proj, mlp.up_proj, mlp.down_proj)
+        )
+        gram = w_d.T @ w_d
+        g_spread, u_spread = (w_g * gamma).norm(dim=1), (w_u * gamma).norm(dim=1)
+        if "up" in kinds:
+            d = gauss_mean(lambda g: (g * torch.sigmoid(g)) ** 2, g_spread).sqrt()
+            out[f"model.layers.{i}.mlp.up_proj"] = d[:, None] * gram * d[None, :]
+        if "gate" in kinds:
+            d = gauss_mean(dsilu_sq, g_spread).sqrt() * u_spread
+            out[f"model.layers.{i}.mlp.gate_proj"] = d[:, None] * gram * d[None, :]
+    return out
+
+
+def downstream_gptq(weight: torch.Tensor, gram: torch.Tensor, st: dict):
+    """GPTQ over the output rows with ``gram`` as the Hessian: row r is rounded with its own
+    range (the plain search's, on the unchanged weight), and its error is spread over the rows
+    after it so that the downstream layer sees less of it. Outliers keep their (updated) values
+    exactly. Returns what :func:`fake_quant` returns (per-channel ranges only)."""
+    out_f, in_f = weight.shape
+    weight = weight.float().clone()
+    mask = outlier_mask(weight, None, st)
+    levels = grid_levels("int", st["bits"])
+    scale, _ = search_ranges(
+        weight.masked_fill(mask, 0.0), None, levels, "int", st.get("steps", 50),
+        st.get("lr", 3e-3), False,
+    )  # fmt: skip
+    lo, hi = levels[0].item(), levels[-1].item()
+    h = gram.double() + st.get("damp", 0.01) * gram.diagonal().mean() * torch.eye(out_f)
+    u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    u = u.float()
+    quantized = torch.empty_like(weight)
+    block = 128
+    for b0 in range(0, out_f, block):  # GPTQ's lazy batch updates: a block of rows at a time
+        b1 = min(b0 + block, out_f)
+        rows, errors = weight[b0:b1].clone(), torch.zeros(b1 - b0, in_f)
+        for r in range(b1 - b0):
+            i = b0 + r
+            q = torch.clamp(torch.floor(rows[r] / scale[i] + 0.5), lo, hi) * scale[i]
+            q = torch.where(mask[i], rows[r].half().float(), q)
+            quantized[i] = q
+            errors[r] = (rows[r] - q) / u[i, i]
+            rows[r + 1 :] -= u[i, i + 1 : b1, None] * errors[r][None, :]
+        weight[b1:] -= u[b0:b1, b1:].T @ errors
+    outliers = int(mask.sum())
+    stored = st["bits"] * weight.numel() + 16 * out_f + 32 * outliers + 32 * (out_f + 1)
+    return quantized, stored, outliers
+
+
 def run(model, ids, col_weights, st: dict, windows: int, first: int) -> dict[str, Any]:
+    grams = downstream_grams(model, st.get("downstream", []))
     model = copy.deepcopy(model)
     stored = weights = outliers = 0
     start = time.perf_counter()
     for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear) and ".layers." in name:
+        if isinstance(module, torch.nn.Linear) and name in grams:
+            quantized, b, n = downstream_gptq(module.weight.data, grams[name], st)
+            module.weight.data = quantized
+            stored, weights, outliers = stored + b, weights + module.weight.numel(), outliers + n
+        elif isinstance(module, torch.nn.Linear) and ".layers." in name:
             quantized, b, n = fake_quant(module.weight.data, col_weights.get(name), st)
             module.weight.data = quantized
             stored, weights, outliers = stored + b, weights + module.weight.numel(), outliers + n
