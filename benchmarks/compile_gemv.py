@@ -38,8 +38,10 @@ def compile_gemv(
 ):
     block_n, block_w, warps, stages = config
     fn = tm._gemv_kernel
-    signature = {**POINTERS, "N": "i32", "row_words": "i32", "stride_s": "i32"}
+    signature = {**POINTERS, **dict.fromkeys(("N", "row_words", "stride_s", "stride_xm",
+                                               "stride_om"), "i32")}  # fmt: skip
     constants = dict(
+        M=1,  # batch 1 (the JIT specialises an int argument equal to 1 as a constant)
         K=4096, GROUP=group, BITS=bits, HAS_BIAS=False, SLOTS=32, SLOTS_P2=32, HAS_OVERFLOW=True,
         ORDER=1, BLOCK_N=block_n, BLOCK_W=block_w, SPLIT_K=1, OUT_CHUNK=8, PACKED=packed,
         XVEC=xvec, EVICT=tm.eviction(evict), INTERPRET=False,

@@ -210,7 +210,7 @@ def main() -> None:
     parser.add_argument(
         "--kinds",
         nargs="+",
-        choices=("gemv", "dot", "dequant", "floor"),
+        choices=("gemv", "dot", "dequant", "floor", "rows"),
         default=["gemv", "dot", "dequant"],
         help="time only these kernels (batch 1, 16, 1024); the table keeps the others' entries",
     )
@@ -389,6 +389,18 @@ def time_shape(
             w = weights[(n, k, tag)]
             us = bench(lambda c=config, w=w: tm.dot_matmul(w, xs[16], None, c))
             record(n, k, 16, tag, "dot", config, us, fp16[16])
+    if "rows" in kinds:  # a few batch rows: the GEMV once per row (codes shared through L2)
+        # against the tensor-core kernel, each with this shape's default config
+        w = weights[(n, k, "default")]
+        for m in ROW_BATCHES:
+            x = torch.randn(m, k, device=device, dtype=torch.float16)
+            fp16_m = bench(lambda x=x: x @ dense.T)
+            gemv_config = tm.default_config(w, 1)
+            us = bench(lambda x=x: tm.gemv(w, x, None, gemv_config))
+            record(n, k, m, "default", "gemv-rows", gemv_config, us, fp16_m)
+            dot_config = tm.default_config(w, SMALL_BATCH_PROBE)
+            us = bench(lambda x=x: tm.dot_matmul(w, x, None, dot_config))
+            record(n, k, m, "default", "dot-rows", dot_config, us, fp16_m)
     if "floor" in kinds:  # the same code bytes read by a kernel that does nothing else
         words = weights[(n, k, "none")].qweight.view(torch.int32).reshape(-1)
         out = torch.empty(triton.cdiv(words.numel(), 1024), device=device, dtype=torch.int32)
@@ -409,6 +421,9 @@ def time_shape(
         record(n, k, 1024, "default", "dequant+cublas", None, us, fp16[1024])
 
 
+# batch sizes of --kinds rows, and the batch whose default tensor-core config they are timed with
+ROW_BATCHES = (1, 2, 3, 4, 6, 8)
+SMALL_BATCH_PROBE = 16
 # (words per program, warps) of the read-only floor kernel
 READ_CONFIGS = [(1024, 4), (2048, 4), (4096, 8), (8192, 8)]
 

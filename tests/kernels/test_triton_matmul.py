@@ -166,6 +166,25 @@ def test_packed_word_plane_kernel_matches_reference(group, n, k, device):
             assert_close(out, reference(weight, x, bias), dtype)
 
 
+@pytest.mark.parametrize(("bits", "group", "n", "k"), [(4, None, 45, 256), (3, 32, 20, 64)])
+def test_gemv_takes_a_few_batch_rows(bits, group, n, k, device):
+    """x [M, K] -> out [M, N], one program per row block and batch row; the fp32 decode and the
+    f16x2 dots, with split K and overflow; each row as the one-row call gives it."""
+    configs = [
+        (None, tm.GemvConfig(block_n=16, block_w=2, packed=True)),
+        (2, tm.GemvConfig(block_n=8, block_w=2, split_k=2, packed=True, xvec=bits == 4)),
+        (2, tm.GemvConfig(block_n=8, block_w=2, order=2)),
+    ]
+    for slots, config in configs:
+        weight = random_weight(n, k, bits, group, seed=n + 5, device=device, slots=slots)
+        for dtype, m in ((torch.float16, 3), (torch.bfloat16, 2), (torch.float32, 4)):
+            x = fresh_x(m, k, dtype, device, seed=m + 11)
+            bias = fresh_x(1, n, dtype, device, seed=9)[0]
+            out = tm.gemv(weight, x, bias, config)
+            assert_close(out, reference(weight, x, bias), dtype)
+            assert torch.equal(out[1], tm.gemv(weight, x[1], bias, config))
+
+
 GEMV_CASES = [c for c in CASES if c[3] % 32 == 0]
 GEMV_CASES += [(4, None, 45, 256), (3, None, 33, 96), (2, None, 19, 128), (8, None, 9, 96)]
 

@@ -547,10 +547,13 @@ def _gemv_kernel(
     oval_ptr,
     bias_ptr,
     out_ptr,
+    M,  # batch rows (x [M, K], out [M, N]): each program takes one row block of one batch row
     N,
     K: tl.constexpr,  # constexpr: the main loop's trip count must be static for the interpreter
     row_words,
     stride_s,
+    stride_xm,
+    stride_om,
     GROUP: tl.constexpr,  # 0: one scale per row; else columns per group (BLOCK_W words divide it)
     BITS: tl.constexpr,
     HAS_BIAS: tl.constexpr,
@@ -574,8 +577,13 @@ def _gemv_kernel(
     GROUPS: tl.constexpr = (K + PER - 1) // PER
     STEPS: tl.constexpr = (GROUPS + BLOCK_W - 1) // BLOCK_W
     PER_SPLIT: tl.constexpr = (STEPS + SPLIT_K - 1) // SPLIT_K
-    pid = tl.program_id(0)
+    # the batch row varies fastest, so the M programs of a row block run together and its code
+    # words come from DRAM once, then from L2
+    pid = tl.program_id(0) // M
+    pid_m = tl.program_id(0) % M
     pid_k = tl.program_id(1)
+    x_ptr += pid_m.to(tl.int64) * stride_xm
+    out_ptr += pid_m.to(tl.int64) * stride_om
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
     qrow = q_ptr + rows[:, None].to(tl.int64) * row_words
@@ -1113,30 +1121,38 @@ def gemv(
     bias: torch.Tensor | None,
     config: GemvConfig = GemvConfig(),
 ) -> torch.Tensor:
-    """``x [K] @ W.T (+ bias)`` on the CUDA cores; x one row."""
+    """``x @ W.T (+ bias)`` on the CUDA cores; x one row ``[K]`` (out ``[N]``) or a few
+    ``[M, K]`` (out ``[M, N]``: each batch row streams the codes again, through L2)."""
     block_w = gemv_block_w(weight, config.block_w)
     if block_w is None:
         raise ValueError("this weight does not fit the GEMV's int32 word view")
     n, k = weight.out_features, weight.in_features
+    rows = x if x.dim() == 2 else x[None]
+    if rows.stride(-1) != 1:
+        rows = rows.contiguous()
+    m = rows.shape[0]
     split_k = config.split_k
     if split_k > 1:
-        out = torch.zeros(n, device=x.device, dtype=torch.float32)
+        out = torch.zeros(m, n, device=x.device, dtype=torch.float32)
     else:
-        out = torch.empty(n, device=x.device, dtype=x.dtype)
+        out = torch.empty(m, n, device=x.device, dtype=x.dtype)
     words = weight.qweight.view(torch.int32)
     table = weight.outliers
-    grid = (triton.cdiv(n, config.block_n), split_k)
+    grid = (triton.cdiv(n, config.block_n) * m, split_k)
     _gemv_kernel[grid](
-        x,
+        rows,
         words,
         weight.scales,
         *table.tensors(),
         bias if bias is not None else weight.scales,
         out,
+        m,
         n,
         k,
         words.stride(0),
         weight.scales.stride(0),
+        rows.stride(0),
+        out.stride(0),
         GROUP=weight.group_size,
         BITS=weight.bits,
         HAS_BIAS=bias is not None,
@@ -1155,7 +1171,8 @@ def gemv(
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )
-    return out.to(x.dtype) if split_k > 1 else out
+    out = out.to(x.dtype) if split_k > 1 else out
+    return out if x.dim() == 2 else out[0]
 
 
 def eviction(evict_first: bool) -> str:
