@@ -392,13 +392,13 @@ def time_shape(
     if "rows" in kinds:  # a few batch rows: the GEMV once per row (codes shared through L2)
         # against the tensor-core kernel, each with this shape's default config
         w = weights[(n, k, "default")]
+        gemv_config = tm.default_config(w, 1)
+        dot_config = tm.default_config(w, SMALL_BATCH_PROBE)
         for m in ROW_BATCHES:
             x = torch.randn(m, k, device=device, dtype=torch.float16)
             fp16_m = bench(lambda x=x: x @ dense.T)
-            gemv_config = tm.default_config(w, 1)
             us = bench(lambda x=x: tm.gemv(w, x, None, gemv_config))
             record(n, k, m, "default", "gemv-rows", gemv_config, us, fp16_m)
-            dot_config = tm.default_config(w, SMALL_BATCH_PROBE)
             us = bench(lambda x=x: tm.dot_matmul(w, x, None, dot_config))
             record(n, k, m, "default", "dot-rows", dot_config, us, fp16_m)
     if "floor" in kinds:  # the same code bytes read by a kernel that does nothing else
