@@ -212,7 +212,9 @@ def main() -> None:
         nargs="+",
         choices=("gemv", "dot", "dequant", "floor", "rows"),
         default=["gemv", "dot", "dequant"],
-        help="time only these kernels (batch 1, 16, 1024); the table keeps the others' entries",
+        help="time only these kernels (batch 1, 16, 1024; floor: a read of the codes alone; "
+        "rows: the GEMV against the tensor-core kernel at batch 1-8); the table keeps the "
+        "others' entries",
     )
     parser.add_argument(
         "--slot-quantile",
@@ -318,17 +320,21 @@ def main() -> None:
 
 
 def write_table(rows: list[dict]) -> None:
-    """The fastest GEMV (batch 1) and small-batch (16) config per shape, with outliers, into the
-    kernels' config table (other devices' entries kept); also copied to $OUT."""
+    """The fastest GEMV (batch 1) and small-batch (16) config per shape, with outliers, and the
+    largest batch the GEMV takes (``--kinds rows``), into the kernels' config table (other
+    devices' entries, and kinds not timed in this run, kept); also copied to $OUT."""
     name = torch.cuda.get_device_name()
     try:
         table = json.loads(tm.CONFIG_TABLE.read_text())
     except (OSError, ValueError):
         table = {}
-    mine: dict = {"gemv": {}, "small": {}}
+    mine: dict = {"gemv": {}, "small": {}, "rows": {}}
     measured = {
         "gemv" if r["batch"] == 1 else "small" for r in rows if r["kind"] in ("gemv", "dot")
     }
+    if any(r["kind"] == "gemv-rows" for r in rows):
+        measured.add("rows")
+        mine["rows"] = gemv_rows_limits(rows)
     for kind in set(mine) - measured:  # not timed this run: keep the recorded entries
         mine[kind] = table.get(name, {}).get(kind, {})
     best: dict = {}
@@ -346,6 +352,21 @@ def write_table(rows: list[dict]) -> None:
     if out:
         (Path(out) / tm.CONFIG_TABLE.name).write_text(text)
     print(f"wrote {tm.CONFIG_TABLE}", flush=True)
+
+
+def gemv_rows_limits(rows: list[dict]) -> dict[str, int]:
+    """Per shape, the largest timed batch up to which the GEMV (``--kinds rows``) beat the
+    tensor-core kernel at every batch."""
+    limits: dict[str, int] = {}
+    for shape in sorted({r["shape"] for r in rows if r["kind"] == "gemv-rows"}):
+        time = {(r["kind"], r["batch"]): r["us"] for r in rows if r["shape"] == shape}
+        limit = 1
+        for m in ROW_BATCHES[1:]:
+            if time[("gemv-rows", m)] >= time[("dot-rows", m)]:
+                break
+            limit = m
+        limits[shape] = limit
+    return limits
 
 
 def best_rows(rows: list[dict]) -> dict:

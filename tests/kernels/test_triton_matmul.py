@@ -330,12 +330,32 @@ def test_supports():
 def test_default_configs_fit_and_run(device):
     """Whatever ``matmul`` picks fits; the measured table answers only for CUDA devices."""
     assert tm.measured_config("gemv", 4096, 4096, torch.device("cpu")) is None
+    assert tm.measured_rows(4096, 4096, torch.device("cpu")) is None
     weight = random_weight(40, 256, 4, None, seed=8, device=device)
     for m in (1, 2, 16, 17):
         config = tm.default_config(weight, m)
         assert config is None or tm.fits(weight, config)
         x = fresh_x(m, 256, torch.float16, device, seed=m)
         assert_close(tm.matmul(weight, x, None), reference(weight, x, None), torch.float16)
+    # a few batch rows take the GEMV, up to the shape's limit; then the tensor-core kernel
+    limit = tm.gemv_rows(40, 256, weight.qweight.device)
+    assert isinstance(tm.default_config(weight, limit), tm.GemvConfig)
+    assert isinstance(tm.default_config(weight, limit + 1), tm.DotConfig)
+    assert isinstance(tm.default_config(random_weight(40, 256, 2, None, seed=1, device=device), 2),
+                      tm.DotConfig)  # fmt: skip
+
+
+def test_dot_kernel_pads_a_ragged_batch(device):
+    """Batches that are not a multiple of block_m run padded (uniform masks) and come back with
+    their own rows only, as the same rows do inside a full batch."""
+    weight = random_weight(40, 256, 4, None, seed=3, device=device, slots=2)
+    x = fresh_x(16, 256, torch.float16, device, seed=4)
+    config = tm.DotConfig(32, 16, 256, xt=True, planes=True, packed=True)
+    full = tm.dot_matmul(weight, x, None, config)
+    for m in (1, 3, 9):
+        out = tm.dot_matmul(weight, x[:m], None, config)
+        assert out.shape == (m, 40) and out.is_contiguous()
+        torch.testing.assert_close(out, full[:m], rtol=0, atol=0)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the autotuner times on a GPU")

@@ -1192,8 +1192,14 @@ def dot_matmul(
     bias: torch.Tensor | None,
     config: DotConfig = DotConfig(),
 ) -> torch.Tensor:
-    """``x [M, K] @ W.T (+ bias)`` on the tensor cores (any M)."""
-    m, k = x.shape
+    """``x [M, K] @ W.T (+ bias)`` on the tensor cores (any M). A batch that is not a multiple
+    of ``block_m`` is zero-padded to one: with M a multiple of 16 (which Triton specialises) the
+    batch masks are uniform and x's loads vectorise; unpadded, batches of 2-8 ran 1.5-10x slower
+    than 16 on the H100 (stop 13, results/…-2026-11-23-explore-rows.json)."""
+    rows, k = x.shape
+    m = -(-rows // config.block_m) * config.block_m
+    if m != rows:
+        x = torch.nn.functional.pad(x, (0, 0, 0, m - rows))
     n = weight.out_features
     planes = config.planes
     if not fits(weight, config):
@@ -1243,7 +1249,8 @@ def dot_matmul(
             x.stride(0), x.stride(1), q.stride(0), weight.scales.stride(0), out.stride(0),
             BLOCK_K=block, **common,
         )  # fmt: skip
-    return out.to(x.dtype) if split_k > 1 else out
+    out = out.to(x.dtype) if split_k > 1 else out
+    return out if m == rows else out[:rows]
 
 
 def dequantize(
@@ -1355,11 +1362,30 @@ def fits(weight: Weight, config: GemvConfig | DotConfig) -> bool:
     return dot_block_k(weight, config.block_k) is not None
 
 
-# Measured configurations: {device name: {"gemv" | "small": {"NxK": config fields}}}, written by
-# benchmarks/explore_matmul.py --write-table (the fastest candidate per shape on that device, with
-# 0.5% outliers); other devices and shapes fall back to the heuristics above.
+# Measured configurations: {device name: {"gemv" | "small": {"NxK": config fields}, "rows":
+# {"NxK": the largest batch the GEMV takes}}}, written by benchmarks/explore_matmul.py
+# --write-table (the fastest candidate per shape on that device, with 0.5% outliers); other
+# devices and shapes fall back to the heuristics above.
 CONFIG_TABLE = Path(__file__).with_name("matmul_configs.json")
 _TABLE: dict[str, dict] = {}
+
+
+@functools.cache
+def measured_rows(n: int, k: int, device: torch.device) -> int | None:
+    """The table's largest GEMV batch for this shape on this device (None: not measured)."""
+    if device.type != "cuda":
+        return None
+    found = _device_table(torch.cuda.get_device_name(device)).get("rows", {}).get(f"{n}x{k}")
+    return None if found is None else int(found)
+
+
+def _device_table(name: str) -> dict:
+    if name not in _TABLE:
+        try:
+            _TABLE[name] = json.loads(CONFIG_TABLE.read_text()).get(name, {})
+        except (OSError, ValueError):
+            _TABLE[name] = {}
+    return _TABLE[name]
 
 
 @functools.cache  # asked on every eager call: the lookup costs host time
@@ -1368,13 +1394,7 @@ def measured_config(
 ) -> GemvConfig | DotConfig | None:
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    if name not in _TABLE:
-        try:
-            _TABLE[name] = json.loads(CONFIG_TABLE.read_text()).get(name, {})
-        except (OSError, ValueError):
-            _TABLE[name] = {}
-    found = _TABLE[name].get(kind, {}).get(f"{n}x{k}")
+    found = _device_table(torch.cuda.get_device_name(device)).get(kind, {}).get(f"{n}x{k}")
     if found is None:
         return None
     cls = GemvConfig if kind == "gemv" else DotConfig
@@ -1382,11 +1402,23 @@ def measured_config(
     return cls(**{key: value for key, value in found.items() if key in names})
 
 
+def gemv_rows(n: int, k: int, device: torch.device) -> int:
+    """The largest batch the GEMV takes (one pass over the codes per batch row, the later ones
+    mostly from L2) before the tensor-core kernel is faster: measured per shape where the config
+    table has it, else from the H100's (stop 13: 4096-row layers kept the codes in L2 longest)."""
+    found = measured_rows(n, k, device)
+    if found is not None:
+        return found
+    if n <= 4096:
+        return 6 if k <= 4096 else 4
+    return 2 if n * k <= 16384 * 4096 else 1
+
+
 def default_config(weight: Weight, m: int) -> GemvConfig | DotConfig | None:
     """The kernel configuration ``matmul`` runs for batch ``m`` (None: dequantize + cuBLAS)."""
     n, k, bits = weight.out_features, weight.in_features, weight.bits
     device = weight.qweight.device
-    if m == 1:
+    if m == 1 or (bits == 4 and m <= gemv_rows(n, k, device)):  # (other widths: not measured)
         config: GemvConfig | DotConfig | None = None
         if bits == 4:
             config = measured_config("gemv", n, k, device)
@@ -1426,10 +1458,11 @@ def candidates(weight: Weight, m: int) -> list[GemvConfig | DotConfig | None]:
             )
         ]
     elif m <= SMALL_BATCH:
-        found = [
+        gemvs = [GemvConfig(8, 128, 2, 3, packed=True), GemvConfig(4, 256, 1, 2, packed=True)]
+        found = (gemvs if m <= 8 else []) + [
             DotConfig(32, 16, 256, num_warps=2, num_stages=3, xt=True),
             DotConfig(16, 16, 256, num_warps=1, num_stages=3, xt=True),
-            DotConfig(64, 16, 256, xt=True, planes=True),
+            DotConfig(64, 16, 256, xt=True, planes=True, packed=True),
             DotConfig(64, 16, 128),
         ]
     else:
@@ -1441,7 +1474,7 @@ def _run(weight: Weight, x: torch.Tensor, bias, config: GemvConfig | DotConfig |
     if config is None:
         return dequant_matmul(weight, x, bias)
     if isinstance(config, GemvConfig):
-        return gemv(weight, x.reshape(-1), bias, config).reshape(1, -1)
+        return gemv(weight, x, bias, config)
     return dot_matmul(weight, x, bias, config)
 
 
