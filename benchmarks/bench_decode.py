@@ -1,7 +1,9 @@
-"""End-to-end decode speed at batch 1: a Llama-2-7B-shaped model with random weights, fp16 against
-EasyQuant (RTN codes + outliers, fused kernels), in the same run.
+"""End-to-end decode speed at batch 1 (or ``--batch B`` sequences decoded together): a
+Llama-2-7B-shaped model with random weights, fp16 against EasyQuant (RTN codes + outliers, fused
+kernels), in the same run.
 
     python benchmarks/bench_decode.py [--layers 32] [--new-tokens 128] [--bits 4] [--no-graph]
+        [--batch 1]
     python benchmarks/bench_decode.py --tiny --device cpu --no-graph   # smoke test of the code path
 
 transformers' ``LlamaForCausalLM`` from a ``LlamaConfig`` (hidden 4096, MLP 11008, 32 heads,
@@ -164,7 +166,7 @@ def decode_speed(
         picked = []
         for _ in range(steps):
             replay()
-            picked.append(int(token))
+            picked.append(int(token[0, 0]))  # the first sequence's
         return picked
 
     # warm-up: compiles the kernels (and, on CUDA, runs outside any graph first)
@@ -198,8 +200,9 @@ def decode_speed(
         "mode": mode,
         "new_tokens": new_tokens,
         "seconds": round(seconds, 4),
-        "tokens_per_s": round(new_tokens / seconds, 1),
-        "ms_per_token": round(1e3 * seconds / new_tokens, 3),
+        "batch": prompt.shape[0],
+        "tokens_per_s": round(prompt.shape[0] * new_tokens / seconds, 1),  # all sequences'
+        "ms_per_token": round(1e3 * seconds / new_tokens, 3),  # per decode step
         "first_tokens": picked[:8],
         "same_tokens_as_eager": picked == eager_tokens,
         "eager_ms_per_token": round(1e3 * eager_seconds / check, 3),
@@ -256,6 +259,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--prefill", type=int, default=1024, help="0: skip the prefill timing")
     parser.add_argument("--bits", type=int, default=4)
+    parser.add_argument("--batch", type=int, default=1, help="sequences decoded together")
     parser.add_argument("--outliers", type=float, default=0.005)
     parser.add_argument("--no-graph", action="store_true")
     parser.add_argument(
@@ -272,7 +276,7 @@ def main() -> None:
 
     config = llama_config(args.tiny, args.layers)
     model = build_model(config, device)
-    prompt = torch.randint(0, config.vocab_size, (1, args.prompt), device=device)
+    prompt = torch.randint(0, config.vocab_size, (args.batch, args.prompt), device=device)
     rows = []
     fp16 = decode_speed(
         model, prompt, args.new_tokens, use_graph, device, args.profile, args.compile
@@ -325,6 +329,7 @@ def main() -> None:
             "layers": config.num_hidden_layers,
             "vocab": config.vocab_size,
             "prompt": args.prompt,
+            "batch": args.batch,
             "prefill": args.prefill,
         },
         "quant": {**qconfig.to_dict(), "outlier_fraction": outliers / weights, "layers": layers},
@@ -338,6 +343,7 @@ def main() -> None:
         for name, us in row["kernels_us_per_token"].items():
             print(f"  {us:9.1f}  {name}")
     kind = "decode-compiled" if args.compile else "decode"
+    kind += f"-batch{args.batch}" if args.batch > 1 else ""
     path = write_result(kind, device, payload, out_dir=args.out)
     print(f"wrote {path}")
 
