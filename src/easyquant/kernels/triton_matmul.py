@@ -1198,8 +1198,6 @@ def dot_matmul(
     than 16 on the H100 (stop 13, results/…-2026-11-23-explore-rows.json)."""
     rows, k = x.shape
     m = -(-rows // config.block_m) * config.block_m
-    if m != rows:
-        x = torch.nn.functional.pad(x, (0, 0, 0, m - rows))
     n = weight.out_features
     planes = config.planes
     if not fits(weight, config):
@@ -1213,8 +1211,11 @@ def dot_matmul(
         out = torch.zeros(m, n, device=x.device, dtype=torch.float32)
     else:
         out = torch.empty(m, n, device=x.device, dtype=x.dtype)
-    if config.xt:
-        x = x.t().contiguous().t()  # same values, column-major: x[m, k] at k * M + m
+    if config.xt:  # same values, column-major (x[m, k] at k * M + m), padded in the same copy
+        xt = torch.nn.functional.pad(x.t(), (0, m - rows)) if m != rows else x.t().contiguous()
+        x = xt.t()
+    elif m != rows:
+        x = torch.nn.functional.pad(x, (0, 0, 0, m - rows))
     table = weight.outliers
     grid = (triton.cdiv(n, config.block_n) * triton.cdiv(m, config.block_m), split_k)
     common = dict(
