@@ -210,11 +210,12 @@ def main() -> None:
     parser.add_argument(
         "--kinds",
         nargs="+",
-        choices=("gemv", "dot", "dequant", "floor", "rows"),
+        choices=("gemv", "dot", "dequant", "floor", "rows", "mid"),
         default=["gemv", "dot", "dequant"],
         help="time only these kernels (batch 1, 16, 1024; floor: a read of the codes alone; "
-        "rows: the GEMV against the tensor-core kernel at batch 1-8); the table keeps the "
-        "others' entries",
+        "rows: the GEMV against the tensor-core kernel at batch 1-8; mid: the tensor-core kernel "
+        "with wider batch tiles against dequantize + cuBLAS at batch 16-256); the table keeps "
+        "the others' entries",
     )
     parser.add_argument(
         "--slot-quantile",
@@ -422,6 +423,16 @@ def time_shape(
             record(n, k, m, "default", "gemv-rows", gemv_config, us, fp16_m)
             us = bench(lambda x=x: tm.dot_matmul(w, x, None, dot_config))
             record(n, k, m, "default", "dot-rows", dot_config, us, fp16_m)
+    if "mid" in kinds:  # batches past 16: wider batch tiles against dequantize + cuBLAS
+        w = weights[(n, k, "default")]
+        for m in MID_BATCHES:
+            x = torch.randn(m, k, device=device, dtype=torch.float16)
+            fp16_m = bench(lambda x=x: x @ dense.T)
+            us = bench(lambda x=x: tm.dequant_matmul(w, x, None))
+            record(n, k, m, "default", "dequant+cublas", None, us, fp16_m)
+            for config in mid_candidates(m):
+                us = bench(lambda x=x, c=config: tm.dot_matmul(w, x, None, c))
+                record(n, k, m, "default", "dot-mid", config, us, fp16_m)
     if "floor" in kinds:  # the same code bytes read by a kernel that does nothing else
         words = weights[(n, k, "none")].qweight.view(torch.int32).reshape(-1)
         out = torch.empty(triton.cdiv(words.numel(), 1024), device=device, dtype=torch.int32)
@@ -440,6 +451,19 @@ def time_shape(
             record(n, k, 0, "default", "dequant-only", config, us, float("nan"))
         us = bench(lambda: tm.dequant_matmul(base, xs[1024], None))
         record(n, k, 1024, "default", "dequant+cublas", None, us, fp16[1024])
+
+
+# batch sizes of --kinds mid, and the word-plane configs tried there: (block_n, block_m, warps)
+MID_BATCHES = (16, 32, 64, 128, 256)
+MID_TILES = [(64, 16, 4), (64, 32, 4), (64, 64, 4), (128, 64, 8), (128, 128, 8)]
+
+
+def mid_candidates(m: int) -> list[tm.DotConfig]:
+    return [
+        D(bn, bm, 256, 1, w, 3, xt=True, planes=True, packed=True)
+        for bn, bm, w in MID_TILES
+        if bm <= max(m, 16)
+    ]
 
 
 # batch sizes of --kinds rows, and the batch whose default tensor-core config they are timed with
