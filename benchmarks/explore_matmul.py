@@ -210,12 +210,12 @@ def main() -> None:
     parser.add_argument(
         "--kinds",
         nargs="+",
-        choices=("gemv", "dot", "dequant", "floor", "rows", "mid"),
+        choices=("gemv", "dot", "dequant", "floor", "rows", "mid", "batches"),
         default=["gemv", "dot", "dequant"],
         help="time only these kernels (batch 1, 16, 1024; floor: a read of the codes alone; "
         "rows: the GEMV against the tensor-core kernel at batch 1-8; mid: the tensor-core kernel "
-        "with wider batch tiles against dequantize + cuBLAS at batch 16-256); the table keeps "
-        "the others' entries",
+        "with wider batch tiles against dequantize + cuBLAS at batch 16-256; batches: what "
+        "matmul picks by default, at batch 1-1024); the table keeps the others' entries",
     )
     parser.add_argument(
         "--slot-quantile",
@@ -423,6 +423,13 @@ def time_shape(
             record(n, k, m, "default", "gemv-rows", gemv_config, us, fp16_m)
             us = bench(lambda x=x: tm.dot_matmul(w, x, None, dot_config))
             record(n, k, m, "default", "dot-rows", dot_config, us, fp16_m)
+    if "batches" in kinds:  # what QuantLinear runs, by batch size
+        w = weights[(n, k, "default")]
+        for m in DEFAULT_BATCHES:
+            x = torch.randn(m, k, device=device, dtype=torch.float16)
+            fp16_m = bench(lambda x=x: x @ dense.T)
+            us = bench(lambda x=x: tm.matmul(w, x, None))
+            record(n, k, m, "default", "matmul-default", tm.default_config(w, m), us, fp16_m)
     if "mid" in kinds:  # batches past 16: wider batch tiles against dequantize + cuBLAS
         w = weights[(n, k, "default")]
         for m in MID_BATCHES:
@@ -453,6 +460,8 @@ def time_shape(
         record(n, k, 1024, "default", "dequant+cublas", None, us, fp16[1024])
 
 
+# batch sizes of --kinds batches
+DEFAULT_BATCHES = (1, 2, 3, 4, 8, 16, 24, 32, 64, 128, 256, 1024)
 # batch sizes of --kinds mid, and the word-plane configs tried there: (block_n, block_m, warps)
 MID_BATCHES = (16, 32, 64, 128, 256)
 MID_TILES = [(64, 16, 4), (64, 32, 4), (64, 64, 4), (128, 64, 8), (128, 128, 8)]

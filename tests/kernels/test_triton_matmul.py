@@ -343,6 +343,13 @@ def test_default_configs_fit_and_run(device):
     assert isinstance(tm.default_config(weight, limit + 1), tm.DotConfig)
     assert isinstance(tm.default_config(random_weight(40, 256, 2, None, seed=1, device=device), 2),
                       tm.DotConfig)  # fmt: skip
+    # past 16 rows (4 bits) the word-plane kernel with wider batch tiles, then dequantize + cuBLAS
+    for m in (40, tm.MID_BATCH):
+        config = tm.default_config(weight, m)
+        assert isinstance(config, tm.DotConfig) and config.block_m > 16 and config.planes
+    assert tm.default_config(weight, tm.MID_BATCH + 1) is None
+    x = fresh_x(40, 256, torch.float16, device, seed=40)
+    assert_close(tm.matmul(weight, x, None), reference(weight, x, None), torch.float16)
 
 
 def test_dot_kernel_pads_a_ragged_batch(device):

@@ -1314,10 +1314,14 @@ def dequant_matmul(
 
 
 # ---- dispatch ------------------------------------------------------------------------------------
-# Batch 1: the GEMV where its word view applies; batches up to SMALL_BATCH: a tensor-core kernel
-# with 16-wide batch tiles; above: dequantize + cuBLAS (DEQUANT_LARGE), which measured faster on
-# the H100 than the fused kernel (benchmarks/notes-matmul-kernels.md).
+# Batch 1 (4 bits: up to gemv_rows): the GEMV where its word view applies; batches up to
+# SMALL_BATCH: a tensor-core kernel with 16-wide batch tiles; 4 bits up to MID_BATCH: the word-plane
+# kernel with 32- or 64-wide batch tiles, 1.3-2.9x faster than dequantize + cuBLAS on the H100 at
+# batch 32-128 (writing the dense weight is most of that path's time; they tie at 256: stop 13,
+# results/…-2026-11-23-explore-mid.json); above: dequantize + cuBLAS (DEQUANT_LARGE), which
+# measured faster on the H100 than the fused kernel at 1024 (benchmarks/notes-matmul-kernels.md).
 SMALL_BATCH = 16
+MID_BATCH = 128
 DEQUANT_LARGE = True
 
 
@@ -1346,6 +1350,12 @@ def small_config(n: int, k: int, m: int, bits: int) -> DotConfig:
         # bf16: planes decoded in pairs, 4-13% faster on the H100, stop 13)
         return DotConfig(block_n=64, block_m=16, block_k=256, xt=True, planes=True, packed=True)
     return DotConfig(block_n=32, block_m=16, block_k=256, num_warps=2, num_stages=3, xt=True)
+
+
+def mid_config(m: int) -> DotConfig:
+    """Batches past SMALL_BATCH (4 bits): the packed word-plane kernel, batch tiles of 32 up to
+    64 rows and of 64 beyond (the H100's best at 32-128 on most shapes, …-explore-mid.json)."""
+    return DotConfig(64, 32 if m <= 64 else 64, 256, xt=True, planes=True, packed=True)
 
 
 def large_config(n: int, k: int, m: int, bits: int) -> DotConfig:
@@ -1430,6 +1440,8 @@ def default_config(weight: Weight, m: int) -> GemvConfig | DotConfig | None:
         config = measured_config("small", n, k, device) if bits == 4 else None
         config = config or small_config(n, k, m, bits)
         return config if fits(weight, config) else DotConfig(32, 16, 128)
+    if bits == 4 and m <= MID_BATCH and fits(weight, mid_config(m)):
+        return mid_config(m)
     if DEQUANT_LARGE:
         return None
     config = large_config(n, k, m, bits)
@@ -1468,6 +1480,8 @@ def candidates(weight: Weight, m: int) -> list[GemvConfig | DotConfig | None]:
         ]
     else:
         found = [None, large_config(weight.out_features, weight.in_features, m, weight.bits)]
+        if m <= 2 * MID_BATCH:
+            found += [mid_config(m), replace(mid_config(m), block_m=16)]
     return [c for c in found if c is None or fits(weight, c)]
 
 
