@@ -46,8 +46,12 @@ def compile_gemv(
         ORDER=1, BLOCK_N=block_n, BLOCK_W=block_w, SPLIT_K=1, OUT_CHUNK=8, PACKED=packed,
         XVEC=xvec, EVICT=tm.eviction(evict), INTERPRET=False,
     )  # fmt: skip
-    signature.update(dict.fromkeys(constants, "constexpr"))
-    divisible = [*POINTERS, "N", "row_words"]
+    return build(fn, signature, constants, [*POINTERS, "N", "row_words"], warps, stages)
+
+
+def build(fn, signature: dict, constants: dict, divisible: list[str], warps: int, stages: int):
+    """``fn`` compiled for sm_90 with these argument types, constants and divisibility hints."""
+    signature = {**signature, **dict.fromkeys(constants, "constexpr")}
     source = ASTSource(
         fn=fn,
         signature=signature,
@@ -73,37 +77,27 @@ def compile_planes(packed: bool, act: int, config: tuple[int, ...]):
         BLOCK_N=block_n, BLOCK_M=16, BLOCK_W=block_k // 8, SPLIT_K=1, SLOT_CHUNK=8, OUT_CHUNK=8,
         EMULATE_BF16=False, EVICT="", PACKED=packed,
     )  # fmt: skip
-    signature.update(dict.fromkeys(constants, "constexpr"))
     divisible = [*POINTERS, "N", "row_words", "stride_xk", "stride_om"]
-    source = ASTSource(
-        fn=fn,
-        signature=signature,
-        constexprs={(fn.arg_names.index(k),): v for k, v in constants.items()},
-        attrs={(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in divisible},
-    )
-    options = {"num_warps": warps, "num_stages": stages}
-    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
+    return build(fn, signature, constants, divisible, warps, stages)
+
+
+def cuobjdump(kernel, flag: str) -> str:
+    """What Triton's cuobjdump prints for the kernel's cubin with ``flag``."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "kernel.cubin")
+        with open(path, "wb") as f:
+            f.write(kernel.asm["cubin"])
+        tool = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/cuobjdump")
+        return subprocess.run([tool, flag, path], capture_output=True, text=True).stdout
 
 
 def sass_lines(kernel) -> int:
     """Instructions in the cubin's SASS (a rough count of the work per program)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "kernel.cubin")
-        with open(path, "wb") as f:
-            f.write(kernel.asm["cubin"])
-        tool = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/cuobjdump")
-        out = subprocess.run([tool, "-sass", path], capture_output=True, text=True).stdout
-    return len(re.findall(r"^\s+/\*[0-9a-f]{4}\*/", out, flags=re.M))
+    return len(re.findall(r"^\s+/\*[0-9a-f]{4}\*/", cuobjdump(kernel, "-sass"), flags=re.M))
 
 
 def registers(kernel) -> str:
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "kernel.cubin")
-        with open(path, "wb") as f:
-            f.write(kernel.asm["cubin"])
-        tool = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/cuobjdump")
-        out = subprocess.run([tool, "-res-usage", path], capture_output=True, text=True).stdout
-    found = re.search(r"REG:(\d+)", out)
+    found = re.search(r"REG:(\d+)", cuobjdump(kernel, "-res-usage"))
     return found.group(1) if found else "?"
 
 

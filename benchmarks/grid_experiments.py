@@ -124,21 +124,6 @@ def nearest(x: torch.Tensor, scale: torch.Tensor, levels: torch.Tensor, kind: st
     return level * scale, level
 
 
-def search(
-    x: torch.Tensor,
-    col_weight: torch.Tensor | None,
-    levels: torch.Tensor,
-    kind: str,
-    steps: int,
-    lr: float,
-    asym: bool,
-) -> torch.Tensor:
-    """Adam on each row's scale (and offset) for the least weighted squared error; returns the
-    quantized rows (scale and offset rounded to fp16). ``x``: rows, outliers zeroed."""
-    s, m = search_ranges(x, col_weight, levels, kind, steps, lr, asym)
-    return nearest(x - m, s, levels, kind)[0] + m
-
-
 def search_ranges(
     x: torch.Tensor,
     col_weight: torch.Tensor | None,
@@ -148,7 +133,8 @@ def search_ranges(
     lr: float,
     asym: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`search`'s per-row (scale, offset), rounded to fp16."""
+    """Adam on each row's scale (and offset) for the least weighted squared error; returns the
+    per-row (scale, offset), rounded to fp16. ``x``: rows, outliers zeroed."""
     rows, cols = x.shape
     w = torch.ones_like(x) if col_weight is None else col_weight[None, :].expand(rows, cols)
     if asym:
@@ -250,15 +236,13 @@ def fake_quant(weight: torch.Tensor, col_weight: torch.Tensor | None, st: dict):
     if col_weight is not None and st.get("wloss") and not group:
         weighting = (col_weight / col_weight.mean()) ** st["wloss"]
     kind = st.get("grid", "int")
-    quantized = search(
-        rows,
-        weighting,
-        grid_levels(kind, bits),
-        kind,
-        st.get("steps", 50),
-        st.get("lr", 3e-3),
+    levels = grid_levels(kind, bits)
+    scale, offset = search_ranges(
+        rows, weighting, levels, kind, st.get("steps", 50), st.get("lr", 3e-3),
         st.get("asym", False),
-    ).reshape(out_f, in_f + pad)[:, :in_f]
+    )  # fmt: skip
+    quantized = nearest(rows - offset, scale, levels, kind)[0] + offset
+    quantized = quantized.reshape(out_f, in_f + pad)[:, :in_f]
     quantized = torch.where(mask, weight.half().float(), quantized)
     outliers = int(mask.sum())
     scale_bits = 16 * (2 if st.get("asym") else 1) * out_f * -(-in_f // size)

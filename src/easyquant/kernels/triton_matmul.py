@@ -149,33 +149,27 @@ def _plane_code(w0, w1, w2, k: tl.constexpr, BITS: tl.constexpr):
 
 
 # Batch 16, 4-bit codes, fp16 / bf16 activations (``DotConfig.packed``): planes j and j + 4 of a
-# word (nibbles j and j + 4) decoded together, as the GEMV's word dot does: one shift, one lop3
-# that drops both nibbles into the mantissas of two 1024.0s (bf16: 128.0s, 7 mantissa bits), one
-# f16x2 (bf16x2) FMA that subtracts 1024 + 8 (128 + 8), exactly; the two halves are the two planes.
-def _plane_pair_asm(shift: int, act: int) -> str:
+# word (nibbles j and j + 4) decoded together, as the GEMV's word dot does: the word shifted right
+# by 4 j, one lop3 that drops both nibbles into the mantissas of two 1024.0s (bf16: 128.0s, 7
+# mantissa bits), one f16x2 (bf16x2) FMA that subtracts 1024 + 8 (128 + 8), exactly; the two
+# halves are the two planes.
+def _plane_pair_asm(act: int) -> str:
     magic, one, minus = (
         ("0x6400", "0x3C00", "0xE408") if act == 1 else ("0x4300", "0x3F80", "0xC308")
     )
     fma = "fma.rn.f16x2" if act == 1 else "fma.rn.bf16x2"
     return (  # (fma takes no immediates)
-        "{ .reg .b32 t, h, m, c; "
+        "{ .reg .b32 h, m, c; "
         f"mov.b32 m, {one}{one[2:]}; "
         f"mov.b32 c, {minus}{minus[2:]}; "
-        f"shr.u32 t, $2, {shift}; "
-        f"lop3.b32 h, t, 0x000F000F, {magic}{magic[2:]}, 0xEA; "
+        f"lop3.b32 h, $2, 0x000F000F, {magic}{magic[2:]}, 0xEA; "
         f"{fma} h, h, m, c; "
         "mov.b32 {$0, $1}, h; }"
     )
 
 
-_PAIR_F16_0 = tl.constexpr(_plane_pair_asm(0, 1))
-_PAIR_F16_1 = tl.constexpr(_plane_pair_asm(4, 1))
-_PAIR_F16_2 = tl.constexpr(_plane_pair_asm(8, 1))
-_PAIR_F16_3 = tl.constexpr(_plane_pair_asm(12, 1))
-_PAIR_BF16_0 = tl.constexpr(_plane_pair_asm(0, 2))
-_PAIR_BF16_1 = tl.constexpr(_plane_pair_asm(4, 2))
-_PAIR_BF16_2 = tl.constexpr(_plane_pair_asm(8, 2))
-_PAIR_BF16_3 = tl.constexpr(_plane_pair_asm(12, 2))
+_PAIR_F16 = tl.constexpr(_plane_pair_asm(1))
+_PAIR_BF16 = tl.constexpr(_plane_pair_asm(2))
 
 
 @triton.jit
@@ -186,36 +180,17 @@ def _plane_pair(word, j: tl.constexpr, ACT: tl.constexpr, INTERPRET: tl.constexp
         lo = _codes_to_float(_plane_code(word, word, word, j, 4), 4, ACT)
         hi = _codes_to_float(_plane_code(word, word, word, j + 4, 4), 4, ACT)
         return lo, hi
+    # (an arithmetic shift: the sign bits land above bit 19, which the lop3's mask drops)
     elif ACT == 1:
-        if j == 0:
-            return _pair_asm(word, _PAIR_F16_0, False)
-        elif j == 1:
-            return _pair_asm(word, _PAIR_F16_1, False)
-        elif j == 2:
-            return _pair_asm(word, _PAIR_F16_2, False)
-        else:
-            return _pair_asm(word, _PAIR_F16_3, False)
-    else:
-        if j == 0:
-            return _pair_asm(word, _PAIR_BF16_0, True)
-        elif j == 1:
-            return _pair_asm(word, _PAIR_BF16_1, True)
-        elif j == 2:
-            return _pair_asm(word, _PAIR_BF16_2, True)
-        else:
-            return _pair_asm(word, _PAIR_BF16_3, True)
-
-
-@triton.jit
-def _pair_asm(word, ASM: tl.constexpr, BF16: tl.constexpr):
-    if BF16:
         return tl.inline_asm_elementwise(
-            ASM, "=h,=h,r", [word], dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=1
-        )
+            _PAIR_F16, "=h,=h,r", [word >> (4 * j)], dtype=(tl.float16, tl.float16),
+            is_pure=True, pack=1,
+        )  # fmt: skip
     else:
         return tl.inline_asm_elementwise(
-            ASM, "=h,=h,r", [word], dtype=(tl.float16, tl.float16), is_pure=True, pack=1
-        )
+            _PAIR_BF16, "=h,=h,r", [word >> (4 * j)], dtype=(tl.bfloat16, tl.bfloat16),
+            is_pure=True, pack=1,
+        )  # fmt: skip
 
 
 @triton.jit
