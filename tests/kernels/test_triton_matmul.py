@@ -347,6 +347,7 @@ def test_default_configs_fit_and_run(device):
     for m in (40, tm.MID_BATCH):
         config = tm.default_config(weight, m)
         assert isinstance(config, tm.DotConfig) and config.block_m > 16 and config.planes
+    assert tm.mid_config(4096, 32).block_m == 16 and tm.mid_config(11008, 32).block_m == 32
     assert tm.default_config(weight, tm.MID_BATCH + 1) is None
     x = fresh_x(40, 256, torch.float16, device, seed=40)
     assert_close(tm.matmul(weight, x, None), reference(weight, x, None), torch.float16)
