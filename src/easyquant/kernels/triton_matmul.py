@@ -1170,7 +1170,7 @@ def dot_matmul(
     """``x [M, K] @ W.T (+ bias)`` on the tensor cores (any M). A batch that is not a multiple
     of ``block_m`` is zero-padded to one: with M a multiple of 16 (which Triton specialises) the
     batch masks are uniform and x's loads vectorise; unpadded, batches of 2-8 ran 1.5-10x slower
-    than 16 on the H100 (stop 13, results/…-2026-11-23-explore-rows.json)."""
+    than 16 on the H100 (stop 13, results/…-2026-11-23-explore-rows-unpadded.json)."""
     rows, k = x.shape
     m = -(-rows // config.block_m) * config.block_m
     n = weight.out_features
