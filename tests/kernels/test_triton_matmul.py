@@ -353,6 +353,14 @@ def test_default_configs_fit_and_run(device):
     assert_close(tm.matmul(weight, x, None), reference(weight, x, None), torch.float16)
 
 
+def test_transposed_x_pads_the_batch_with_zeros(device):
+    for rows, m in ((3, 16), (16, 16), (17, 48), (5, 320)):
+        x = fresh_x(rows, 40, torch.float16, device, seed=rows)
+        xt = tm.transposed_x(x, m)
+        assert xt.shape == (m, 40) and xt.stride() == (1, m)
+        assert torch.equal(xt[:rows], x) and not xt[rows:].any()
+
+
 def test_dot_kernel_pads_a_ragged_batch(device):
     """Batches that are not a multiple of block_m run padded (uniform masks) and come back with
     their own rows only, as the same rows do inside a full batch."""

@@ -831,6 +831,37 @@ def _dot_planes_kernel(
         tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
 
 
+# ---- the tensor-core kernels' x: transposed and zero-padded in one pass ------------------------
+@triton.jit
+def _transpose_pad_kernel(x_ptr, out_ptr, rows, K, stride_xm, m_pad, M_P2: tl.constexpr,
+                          BLOCK_K: tl.constexpr):  # fmt: skip
+    """``out [K, m_pad]`` (row-major) = x^T with the batch zero-padded from ``rows`` to m_pad
+    (M_P2: m_pad's next power of two)."""
+    ks = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+    ms = tl.arange(0, M_P2)
+    ok = (ks < K)[:, None]
+    v = tl.load(x_ptr + ms[None, :] * stride_xm + ks[:, None], mask=ok & (ms < rows)[None, :],
+                other=0.0)  # fmt: skip
+    tl.store(out_ptr + ks[:, None] * m_pad + ms[None, :], v, mask=ok & (ms < m_pad)[None, :])
+
+
+def transposed_x(x: torch.Tensor, m: int) -> torch.Tensor:
+    """x ``[rows, K]`` (unit stride along K) as the column-major ``[m, K]`` view of one new
+    ``[K, m]`` buffer, rows past ``rows`` zero: one kernel where a transpose then a pad took two
+    (2-4 us more per call on the H100)."""
+    rows, k = x.shape
+    if m == rows or m > 256 or x.stride(1) != 1:  # (wide batches: torch's copies)
+        xt = torch.nn.functional.pad(x.t(), (0, m - rows)) if m != rows else x.t().contiguous()
+        return xt.t()
+    out = torch.empty(k, m, device=x.device, dtype=x.dtype)
+    m_p2 = triton.next_power_of_2(m)
+    block_k = max(16, 4096 // m_p2)
+    _transpose_pad_kernel[(triton.cdiv(k, block_k),)](
+        x, out, rows, k, x.stride(0), m, M_P2=m_p2, BLOCK_K=block_k
+    )
+    return out.t()
+
+
 # ---- large batch: dense weight for cuBLAS --------------------------------------------------------
 @triton.jit
 def _dequant_kernel(
@@ -1186,9 +1217,8 @@ def dot_matmul(
         out = torch.zeros(m, n, device=x.device, dtype=torch.float32)
     else:
         out = torch.empty(m, n, device=x.device, dtype=x.dtype)
-    if config.xt:  # same values, column-major (x[m, k] at k * M + m), padded in the same copy
-        xt = torch.nn.functional.pad(x.t(), (0, m - rows)) if m != rows else x.t().contiguous()
-        x = xt.t()
+    if config.xt:  # same values, column-major (x[m, k] at k * M + m), padded in the same pass
+        x = transposed_x(x, m)
     elif m != rows:
         x = torch.nn.functional.pad(x, (0, 0, 0, m - rows))
     table = weight.outliers
