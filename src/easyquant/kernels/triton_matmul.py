@@ -1389,31 +1389,31 @@ CONFIG_TABLE = Path(__file__).with_name("matmul_configs.json")
 _TABLE: dict[str, dict] = {}
 
 
-@functools.cache
-def measured_rows(n: int, k: int, device: torch.device) -> int | None:
-    """The table's largest GEMV batch for this shape on this device (None: not measured)."""
+def _table_entry(kind: str, n: int, k: int, device: torch.device):
+    """The config table's entry of ``kind`` for this shape on this device (None: not measured)."""
     if device.type != "cuda":
         return None
-    found = _device_table(torch.cuda.get_device_name(device)).get("rows", {}).get(f"{n}x{k}")
-    return None if found is None else int(found)
-
-
-def _device_table(name: str) -> dict:
+    name = torch.cuda.get_device_name(device)
     if name not in _TABLE:
         try:
             _TABLE[name] = json.loads(CONFIG_TABLE.read_text()).get(name, {})
         except (OSError, ValueError):
             _TABLE[name] = {}
-    return _TABLE[name]
+    return _TABLE[name].get(kind, {}).get(f"{n}x{k}")
+
+
+@functools.cache
+def measured_rows(n: int, k: int, device: torch.device) -> int | None:
+    """The table's largest GEMV batch for this shape on this device (None: not measured)."""
+    found = _table_entry("rows", n, k, device)
+    return None if found is None else int(found)
 
 
 @functools.cache  # asked on every eager call: the lookup costs host time
 def measured_config(
     kind: str, n: int, k: int, device: torch.device
 ) -> GemvConfig | DotConfig | None:
-    if device.type != "cuda":
-        return None
-    found = _device_table(torch.cuda.get_device_name(device)).get(kind, {}).get(f"{n}x{k}")
+    found = _table_entry(kind, n, k, device)
     if found is None:
         return None
     cls = GemvConfig if kind == "gemv" else DotConfig
