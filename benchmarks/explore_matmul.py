@@ -210,12 +210,13 @@ def main() -> None:
     parser.add_argument(
         "--kinds",
         nargs="+",
-        choices=("gemv", "dot", "dequant", "floor", "rows", "mid", "batches"),
+        choices=("gemv", "dot", "dequant", "floor", "rows", "mid", "batches", "transpose"),
         default=["gemv", "dot", "dequant"],
         help="time only these kernels (batch 1, 16, 1024; floor: a read of the codes alone; "
         "rows: the GEMV against the tensor-core kernel at batch 1-8; mid: the tensor-core kernel "
         "with wider batch tiles against dequantize + cuBLAS at batch 16-256; batches: what "
-        "matmul picks by default, at batch 1-1024); the table keeps the others' entries",
+        "matmul picks by default, at batch 1-1024; transpose: the tensor-core kernels' x copy, "
+        "one Triton pass against F.pad of x^T); the table keeps the others' entries",
     )
     parser.add_argument(
         "--slot-quantile",
@@ -415,7 +416,7 @@ def time_shape(
         # against the tensor-core kernel, each with this shape's default config
         w = weights[(n, k, "default")]
         gemv_config = tm.default_config(w, 1)
-        dot_config = tm.default_config(w, SMALL_BATCH_PROBE)
+        dot_config = tm.default_config(w, tm.SMALL_BATCH)
         for m in ROW_BATCHES:
             x = torch.randn(m, k, device=device, dtype=torch.float16)
             fp16_m = bench(lambda x=x: x @ dense.T)
@@ -423,6 +424,13 @@ def time_shape(
             record(n, k, m, "default", "gemv-rows", gemv_config, us, fp16_m)
             us = bench(lambda x=x: tm.dot_matmul(w, x, None, dot_config))
             record(n, k, m, "default", "dot-rows", dot_config, us, fp16_m)
+    if "transpose" in kinds:  # x transposed and batch-padded: one Triton pass against F.pad
+        for rows, m in ((4, 16), (8, 16), (24, 32)):
+            x = torch.randn(rows, k, device=device, dtype=torch.float16)
+            us = bench(lambda x=x, m=m: tm.transposed_x(x, m))
+            record(n, k, rows, "none", "transposed_x", [m], us, float("nan"))
+            us = bench(lambda x=x, m=m: torch.nn.functional.pad(x.t(), (0, m - x.shape[0])))
+            record(n, k, rows, "none", "F.pad-of-x^T", [m], us, float("nan"))
     if "batches" in kinds:  # what QuantLinear runs, by batch size
         w = weights[(n, k, "default")]
         for m in DEFAULT_BATCHES:
@@ -475,9 +483,8 @@ def mid_candidates(m: int) -> list[tm.DotConfig]:
     ]
 
 
-# batch sizes of --kinds rows, and the batch whose default tensor-core config they are timed with
+# batch sizes of --kinds rows (timed with the batch-16 default of the tensor-core kernel)
 ROW_BATCHES = (1, 2, 3, 4, 6, 8)
-SMALL_BATCH_PROBE = 16
 # (words per program, warps) of the read-only floor kernel
 READ_CONFIGS = [(1024, 4), (2048, 4), (4096, 8), (8192, 8)]
 
