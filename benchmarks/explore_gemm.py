@@ -107,56 +107,24 @@ def _fetch(
     return tl.where(idx < total[:, None], col, -1), val
 
 
+# fmt: off
 @triton.jit
 def _gemm_kernel(
-    x_ptr,
-    q_ptr,
-    s_ptr,
-    ecol_ptr,
-    eval_ptr,
-    ecnt_ptr,
-    oind_ptr,
-    ocol_ptr,
-    oval_ptr,
-    out_ptr,
-    M,
-    N,
-    K: tl.constexpr,
-    row_bytes,
-    stride_xm,
-    stride_xk,
-    stride_q,
-    stride_s,
-    stride_om,
-    tptr_ptr,
-    trc_ptr,
-    tval_ptr,
-    GROUP: tl.constexpr,
-    ACT: tl.constexpr,
-    SLOTS: tl.constexpr,
-    HAS_OVERFLOW: tl.constexpr,
-    DEPTH: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    EMULATE_BF16: tl.constexpr,
-    MODE: tl.constexpr,
-    CHUNKS: tl.constexpr,
-    CHUNK: tl.constexpr,
-    SLOT_CHUNK: tl.constexpr,
-    DEPTH_P2: tl.constexpr,
-    ORIENT: tl.constexpr,
+    x_ptr, q_ptr, s_ptr, ecol_ptr, eval_ptr, ecnt_ptr, oind_ptr, ocol_ptr, oval_ptr, out_ptr,
+    M, N, K: tl.constexpr, row_bytes, stride_xm, stride_xk, stride_q, stride_s, stride_om,
+    tptr_ptr, trc_ptr, tval_ptr,
+    GROUP: tl.constexpr, ACT: tl.constexpr, SLOTS: tl.constexpr, HAS_OVERFLOW: tl.constexpr,
+    DEPTH: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+    EMULATE_BF16: tl.constexpr, MODE: tl.constexpr, CHUNKS: tl.constexpr, CHUNK: tl.constexpr,
+    SLOT_CHUNK: tl.constexpr, DEPTH_P2: tl.constexpr, ORIENT: tl.constexpr,
 ):
+    # fmt: on
     """``out^T [BLOCK_N, BLOCK_M] = W x^T`` with W's tile decoded, scaled and given its outliers
     in registers each K step (4 bits)."""
-    pid = tl.program_id(0)
-    grid_m = tl.cdiv(M, BLOCK_M)
-    pid_m = pid % grid_m
-    pid_n = pid // grid_m
-    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    ms = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < N
-    m_ok = ms < M
+    blocks_m = tl.cdiv(M, BLOCK_M)  # batch blocks fastest: programs sharing W rows run together
+    rows = (tl.program_id(0) // blocks_m) * BLOCK_N + tl.arange(0, BLOCK_N)
+    ms = (tl.program_id(0) % blocks_m) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok, m_ok = rows < N, ms < M
     if GROUP == 0:
         s_row = tl.load(s_ptr + rows * stride_s, mask=row_ok, other=0.0)
     pos = tl.zeros([BLOCK_N], dtype=tl.int32)
@@ -176,20 +144,8 @@ def _gemm_kernel(
         acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     if MODE == 5:  # the walk with each tile's entries fetched one step ahead (a register ring)
         next_col, next_val = _fetch(
-            ecol_ptr,
-            eval_ptr,
-            ocol_ptr,
-            oval_ptr,
-            rows,
-            pos,
-            e_cnt,
-            o_start,
-            total,
-            SLOTS,
-            HAS_OVERFLOW,
-            DEPTH,
-            DEPTH_P2,
-        )
+            ecol_ptr, eval_ptr, ocol_ptr, oval_ptr, rows, pos, e_cnt, o_start, total, SLOTS,
+            HAS_OVERFLOW, DEPTH, DEPTH_P2)  # fmt: skip
     else:
         next_col = tl.zeros([BLOCK_N, DEPTH_P2], dtype=tl.int32)
         next_val = tl.zeros([BLOCK_N, DEPTH_P2], dtype=tl.float16)
@@ -199,20 +155,8 @@ def _gemm_kernel(
             in_tile = (cur_col >= 0) & (cur_col < k0 + BLOCK_K)
             pos += tl.sum(in_tile.to(tl.int32), axis=1)
             next_col, next_val = _fetch(
-                ecol_ptr,
-                eval_ptr,
-                ocol_ptr,
-                oval_ptr,
-                rows,
-                pos,
-                e_cnt,
-                o_start,
-                total,
-                SLOTS,
-                HAS_OVERFLOW,
-                DEPTH,
-                DEPTH_P2,
-            )
+                ecol_ptr, eval_ptr, ocol_ptr, oval_ptr, rows, pos, e_cnt, o_start, total, SLOTS,
+                HAS_OVERFLOW, DEPTH, DEPTH_P2)  # fmt: skip
         u = tm._load_codes(q_ptr, rows, k0, N, row_bytes, stride_q, 4, BLOCK_K)
         kk = k0 + tl.arange(0, BLOCK_K)
         if GROUP > 0:
@@ -227,7 +171,7 @@ def _gemm_kernel(
             w = w32.to(tl.bfloat16) if ACT == 2 else w32
         if MODE == 3:  # this (row block, K tile)'s entries, written in by a one-hot product
             tiles: tl.constexpr = (K + BLOCK_K - 1) // BLOCK_K
-            t_at = tptr_ptr + pid_n * tiles + k0 // BLOCK_K
+            t_at = tptr_ptr + (tl.program_id(0) // blocks_m) * tiles + k0 // BLOCK_K
             beg = tl.load(t_at)
             end = tl.load(t_at + 1)
             for c in tl.static_range(CHUNKS):
@@ -262,35 +206,15 @@ def _gemm_kernel(
             )
             for j in tl.static_range(DEPTH):
                 col, val = _entry(
-                    ecol_ptr,
-                    eval_ptr,
-                    ocol_ptr,
-                    oval_ptr,
-                    rows,
-                    first + j,
-                    e_cnt,
-                    o_start,
-                    total,
-                    SLOTS,
-                    HAS_OVERFLOW,
-                )
+                    ecol_ptr, eval_ptr, ocol_ptr, oval_ptr, rows, first + j, e_cnt, o_start, total,
+                    SLOTS, HAS_OVERFLOW)  # fmt: skip
                 w = tl.where(col[:, None] == kk[None, :], val.to(w.dtype)[:, None], w)
         if MODE == 1 and DEPTH > 0:
             seen = tl.zeros([BLOCK_N], dtype=tl.int32)
             for j in tl.static_range(DEPTH):
                 col, val = _entry(
-                    ecol_ptr,
-                    eval_ptr,
-                    ocol_ptr,
-                    oval_ptr,
-                    rows,
-                    pos + j,
-                    e_cnt,
-                    o_start,
-                    total,
-                    SLOTS,
-                    HAS_OVERFLOW,
-                )
+                    ecol_ptr, eval_ptr, ocol_ptr, oval_ptr, rows, pos + j, e_cnt, o_start, total,
+                    SLOTS, HAS_OVERFLOW)  # fmt: skip
                 seen += ((col >= 0) & (col < k0 + BLOCK_K)).to(tl.int32)
                 w = tl.where(col[:, None] == kk[None, :], val.to(w.dtype)[:, None], w)
             pos += seen
@@ -310,28 +234,10 @@ def _gemm_kernel(
             acc = tm._mma(w, xt, acc, ACT, EMULATE_BF16)
     if MODE == 2 and (SLOTS > 0 or HAS_OVERFLOW):  # gathered after the product (as before)
         acc += tm._table_2d(
-            x_ptr,
-            ecol_ptr,
-            eval_ptr,
-            ecnt_ptr,
-            oind_ptr,
-            ocol_ptr,
-            oval_ptr,
-            rows,
-            row_ok,
-            ms,
-            m_ok,
-            stride_xm,
-            stride_xk,
-            0,
-            SLOTS,
-            HAS_OVERFLOW,
-            1,
-            SLOT_CHUNK,
-            8,
-            BLOCK_N,
+            x_ptr, ecol_ptr, eval_ptr, ecnt_ptr, oind_ptr, ocol_ptr, oval_ptr, rows, row_ok, ms,
+            m_ok, stride_xm, stride_xk, 0, SLOTS, HAS_OVERFLOW, 1, SLOT_CHUNK, 8, BLOCK_N,
             BLOCK_M,
-        )
+        )  # fmt: skip
     if ORIENT == 1:
         out_ptrs = out_ptr + ms[:, None].to(tl.int64) * stride_om + rows[None, :]
         tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & row_ok[None, :])
@@ -356,12 +262,9 @@ def _dense_kernel(
     BLOCK_K: tl.constexpr,
 ):
     """The same tiling on a dense fp16 weight: what this structure allows at best."""
-    pid = tl.program_id(0)
-    grid_m = tl.cdiv(M, BLOCK_M)
-    pid_m = pid % grid_m
-    pid_n = pid // grid_m
-    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    ms = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    blocks_m = tl.cdiv(M, BLOCK_M)
+    rows = (tl.program_id(0) // blocks_m) * BLOCK_N + tl.arange(0, BLOCK_N)
+    ms = (tl.program_id(0) % blocks_m) * BLOCK_M + tl.arange(0, BLOCK_M)
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + tl.arange(0, BLOCK_K)
