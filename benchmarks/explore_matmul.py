@@ -131,6 +131,10 @@ def small_candidates(sweep: str = "stop12") -> list[tm.DotConfig]:
 
 
 DEQUANT = [(8, 1024, 8, 2), (4, 1024, 4, 2)]  # (block_n, block_k, warps, stages)
+# --sweep dequant (stop 14): the library's default first, then wider and deeper programs
+DEQUANT_WIDE = [(16, 256, 4, 2), (8, 1024, 8, 2), (16, 512, 4, 3), (32, 256, 4, 3),
+                (32, 512, 8, 3), (64, 256, 8, 3), (16, 1024, 8, 3), (4, 2048, 8, 2),
+                (32, 128, 4, 4), (64, 128, 8, 4)]  # fmt: skip
 
 
 # ---- stand-in weights with the same specialization, for the compile workers --------------------
@@ -150,6 +154,10 @@ def standin(
     ov_vals = torch.ones(ov, device=device, dtype=torch.float16)
     table = tm.OutlierTable(cols, vals, count, ov_indptr, ov_cols, ov_vals)
     return tm.Weight(qweight, scales, table, bits, 0, k)
+
+
+def dequant_candidates(sweep: str) -> list[tuple[int, int, int, int]]:
+    return DEQUANT_WIDE if sweep == "dequant" else DEQUANT
 
 
 def run_job(weight: tm.Weight, x: torch.Tensor, kind: str, config) -> torch.Tensor:
@@ -235,11 +243,12 @@ def main() -> None:
     )
     parser.add_argument(
         "--sweep",
-        choices=("stop12", "wide", "evict", "packed"),
+        choices=("stop12", "wide", "evict", "packed", "dequant"),
         default="stop12",
         help="candidates: stop 12's; (stop 13) wide: one-step GEMV row blocks and larger "
         "word-plane blocks; evict: the winners with the codes' loads evict_first; packed: the "
-        "word-plane winners with planes decoded in pairs (4 bits)",
+        "word-plane winners with planes decoded in pairs (4 bits); (stop 14) dequant: more "
+        "dense-weight kernel configs, and the same bytes written / copied by torch",
     )
     args = parser.parse_args()
     if args.sweep != "stop12" and args.bits != 4:
@@ -288,7 +297,7 @@ def main() -> None:
         if "gemv" in kinds:
             jobs += jobs_for(n, k, "max", 1, "gemv", gemv_candidates(args.bits, SWEEP)[:1])
         if "dequant" in kinds:
-            jobs += jobs_for(n, k, "default", 1024, "dequant", DEQUANT)
+            jobs += jobs_for(n, k, "default", 1024, "dequant", dequant_candidates(SWEEP))
     precompile(jobs, args.workers)
 
     rows: list[dict] = []
@@ -461,9 +470,16 @@ def time_shape(
             record(n, k, 1, "none", "read-codes-only", [block, warps], us, fp16[1])
     if "dequant" in kinds:
         base = weights[(n, k, "default")]
-        for config in DEQUANT:
+        for config in dequant_candidates(SWEEP):
             us = bench(lambda c=config: tm.dequantize(base, torch.float16, None, *c))
             record(n, k, 0, "default", "dequant-only", config, us, float("nan"))
+        if SWEEP == "dequant":  # the same bytes written (and read) by torch alone
+            buffer = torch.empty(n, k, device=device, dtype=torch.float16)
+            us = bench(lambda: buffer.fill_(1.0))
+            record(n, k, 0, "none", "write-dense-only (fill_)", None, us, float("nan"))
+            us = bench(lambda: buffer.copy_(dense))
+            record(n, k, 0, "none", "copy-dense (read + write)", None, us, float("nan"))
+            del buffer
         us = bench(lambda: tm.dequant_matmul(base, xs[1024], None))
         record(n, k, 1024, "default", "dequant+cublas", None, us, fp16[1024])
 
