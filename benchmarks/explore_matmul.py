@@ -134,7 +134,11 @@ DEQUANT = [(8, 1024, 8, 2), (4, 1024, 4, 2)]  # (block_n, block_k, warps, stages
 # --sweep dequant (stop 14): the library's default first, then wider and deeper programs
 DEQUANT_WIDE = [(16, 256, 4, 2), (8, 1024, 8, 2), (16, 512, 4, 3), (32, 256, 4, 3),
                 (32, 512, 8, 3), (64, 256, 8, 3), (16, 1024, 8, 3), (4, 2048, 8, 2),
-                (32, 128, 4, 4), (64, 128, 8, 4)]  # fmt: skip
+                (32, 128, 4, 4), (64, 128, 8, 4),
+                # narrower and longer: the first run's trend (8abe4a1)
+                (2, 2048, 4, 2), (2, 4096, 8, 1), (4, 4096, 8, 1), (8, 2048, 8, 2), (4, 2048, 4, 2),
+                (2, 1024, 4, 2), (1, 4096, 4, 1), (8, 4096, 8, 1), (4, 4096, 16, 1),
+                (2, 2048, 8, 2)]  # fmt: skip
 
 
 # ---- stand-in weights with the same specialization, for the compile workers --------------------
