@@ -131,7 +131,8 @@ def small_candidates(sweep: str = "stop12") -> list[tm.DotConfig]:
 
 
 DEQUANT = [(8, 1024, 8, 2), (4, 1024, 4, 2)]  # (block_n, block_k, warps, stages)
-# --sweep dequant (stop 14): the library's default first, then wider and deeper programs
+# --sweep dequant (stop 14): the library's default until then first (kept for grouped scales),
+# then wider and deeper programs
 DEQUANT_WIDE = [(16, 256, 4, 2), (8, 1024, 8, 2), (16, 512, 4, 3), (32, 256, 4, 3),
                 (32, 512, 8, 3), (64, 256, 8, 3), (16, 1024, 8, 3), (4, 2048, 8, 2),
                 (32, 128, 4, 4), (64, 128, 8, 4),
@@ -484,6 +485,18 @@ def time_shape(
             us = bench(lambda: buffer.copy_(dense))
             record(n, k, 0, "none", "copy-dense (read + write)", None, us, float("nan"))
             del buffer
+            # dequantize + cuBLAS with the programs before stop 14 and with today's, same run
+            rows = -(-n // tm.PAD_ROWS) * tm.PAD_ROWS
+            for m in (256, 1024):
+                x = torch.randn(m, k, device=device, dtype=torch.float16)
+                fp16_m = bench(lambda x=x: x @ dense.T)
+                for config in (tm.DENSE_GROUPED, tm.DENSE_PER_ROW):
+                    us = bench(
+                        lambda x=x, c=config: (
+                            x @ tm.dequantize(base, torch.float16, rows, *c)[:n].t()
+                        )
+                    )
+                    record(n, k, m, "default", "dequant+cublas", config, us, fp16_m)
         us = bench(lambda: tm.dequant_matmul(base, xs[1024], None))
         record(n, k, 1024, "default", "dequant+cublas", None, us, fp16[1024])
 

@@ -286,14 +286,18 @@ def test_large_batch_paths_and_dequantize(slots, device):
         assert_close(
             tm.dequant_matmul(weight, x, None, pad=pad), ref - bias.double(), torch.float32
         )
-    dense = tm.dequantize(weight, torch.float32, rows=56)
-    assert dense.shape == (56, 160)
-    torch.testing.assert_close(dense[:50].double().cpu(), dense_reference(weight), rtol=0, atol=0)
+    for config in ((), tm.DENSE_PER_ROW, tm.DENSE_GROUPED):  # (the default, then dequant_matmul's)
+        dense = tm.dequantize(weight, torch.float32, 56, *config)
+        assert dense.shape == (56, 160)
+        expected = dense_reference(weight)
+        torch.testing.assert_close(dense[:50].double().cpu(), expected, rtol=0, atol=0)
     grouped = random_weight(24, 96, 3, 32, seed=4, device=device, slots=2)
-    expected = dense_reference(grouped)
-    for dtype in (torch.float32, torch.float16):
-        got = tm.dequantize(grouped, dtype).double().cpu()
-        torch.testing.assert_close(got, expected.to(dtype).double(), rtol=0, atol=0)
+    per_row = random_weight(24, 96, 3, None, seed=4, device=device, slots=2)
+    for w, config in ((grouped, ()), (per_row, tm.DENSE_PER_ROW)):
+        expected = dense_reference(w)
+        for dtype in (torch.float32, torch.float16):
+            got = tm.dequantize(w, dtype, None, *config).double().cpu()
+            torch.testing.assert_close(got, expected.to(dtype).double(), rtol=0, atol=0)
 
 
 def test_rows_with_many_more_outliers_than_slots(device):

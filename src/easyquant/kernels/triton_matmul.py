@@ -1303,6 +1303,12 @@ def dequantize(
 # cuBLAS takes a slow path when the output's row length N is not a multiple of 8 (53746x14336:
 # 5.5 ms at batch 1024 against ~2.3 ms for the padded shape), so the dense weight gets padded rows.
 PAD_ROWS = 8
+# The dense weight's programs (block_n, block_k, warps, stages) for one scale per row: one row of
+# 4096 columns each, 1.2-1.45x faster on the H100 than the 16 x 256 programs kept for grouped
+# scales (11008x4096: 45.7 against 61.2 us; the write alone takes 31.3; stop 14,
+# results/…-2026-11-23-explore-dequant.json).
+DENSE_PER_ROW = (1, 4096, 4, 1)
+DENSE_GROUPED = (16, 256, 4, 2)
 
 
 def dequant_matmul(
@@ -1311,7 +1317,9 @@ def dequant_matmul(
     """Large batch: the dense weight (rows padded to a multiple of ``pad``), then cuBLAS."""
     n = weight.out_features
     rows = -(-n // pad) * pad
-    dense = dequantize(weight, x.dtype, rows)
+    dense = dequantize(
+        weight, x.dtype, rows, *(DENSE_GROUPED if weight.group_size else DENSE_PER_ROW)
+    )
     if rows == n:
         return torch.nn.functional.linear(x, dense, bias)
     out = (x @ dense.t())[:, :n]
