@@ -12,9 +12,10 @@ captured once in a CUDA graph and replayed (``--compile``: the step is ``torch.c
 for both models). Every ``nn.Linear`` of the decoder blocks becomes a
 ``QuantLinear`` (``lm_head`` stays fp16); ranges are RTN (the speed does not depend on how the
 ranges were found) and the outlier threshold is the n-sigma rule with n set so that ~``--outliers``
-of Gaussian weights are outliers (0.5%: n = 2.81). Also times one prefill of ``--prefill``
-tokens (large-batch path). Then (unless ``--no-fuse``) the same quantized model again with q/k/v
-and gate/up each run as one concatenated layer (``easyquant.nn.quant_linear.fuse_siblings``).
+of Gaussian weights are outliers (0.5%: n = 2.81). Also times a prefill of ``--prefill`` tokens
+(large-batch path; replayed from a CUDA graph unless ``--no-graph``). Then (unless ``--no-fuse``)
+the same quantized model again with q/k/v and gate/up each run as one concatenated layer
+(``easyquant.nn.quant_linear.fuse_siblings``).
 Writes ``<device>-<date>-decode.json``.
 """
 
@@ -237,17 +238,37 @@ def kernel_times(step, device: str, steps: int = 8, top: int = 12) -> dict[str, 
 
 
 @torch.no_grad()
-def prefill_ms(model: nn.Module, tokens: int, vocab: int, device: str) -> float:
+def prefill_ms(model: nn.Module, tokens: int, vocab: int, device: str, graph: bool) -> float:
+    """Median of 10 prefills of ``tokens`` tokens. With ``graph`` the forward is captured in a
+    CUDA graph and replayed, timed by CUDA events: GPU time, as the kernel benchmarks take it
+    (host-timed eager forwards varied 32-53 ms for the same fp16 model, stop 14)."""
     ids = torch.randint(0, vocab, (1, tokens), device=device)
-    model(input_ids=ids, use_cache=False)  # warm-up
+    model(input_ids=ids, use_cache=False)  # warm-up (and Triton's compiles)
     sync(device)
+    if graph:
+        captured = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(captured):
+            model(input_ids=ids, use_cache=False)
+        captured.replay()
+        sync(device)
+        times = []
+        for _ in range(10):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            captured.replay()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        del captured
+        torch.cuda.empty_cache()
+        return sorted(times)[len(times) // 2]
     times = []
-    for _ in range(3):
-        start = time.perf_counter()
+    for _ in range(10):
+        begin = time.perf_counter()
         model(input_ids=ids, use_cache=False)
         sync(device)
-        times.append(time.perf_counter() - start)
-    return 1e3 * sorted(times)[1]
+        times.append(1e3 * (time.perf_counter() - begin))
+    return sorted(times)[len(times) // 2]
 
 
 def main() -> None:
@@ -281,7 +302,9 @@ def main() -> None:
     fp16 = decode_speed(
         model, prompt, args.new_tokens, use_graph, device, args.profile, args.compile
     )
-    fp16_prefill = prefill_ms(model, args.prefill, config.vocab_size, device) if args.prefill else 0
+    fp16_prefill = (
+        prefill_ms(model, args.prefill, config.vocab_size, device, use_graph) if args.prefill else 0
+    )
     rows.append({"model": "fp16", **fp16, "prefill_ms": round(fp16_prefill, 2)})
     print_table(rows[-1:], list(rows[-1]))
 
@@ -296,7 +319,9 @@ def main() -> None:
     quant = decode_speed(
         model, prompt, args.new_tokens, use_graph, device, args.profile, args.compile
     )
-    q_prefill = prefill_ms(model, args.prefill, config.vocab_size, device) if args.prefill else 0
+    q_prefill = (
+        prefill_ms(model, args.prefill, config.vocab_size, device, use_graph) if args.prefill else 0
+    )
     rows.append({"model": f"easyquant-{args.bits}bit", **quant, "prefill_ms": round(q_prefill, 2)})
     speedup = quant["tokens_per_s"] / fp16["tokens_per_s"]
     fused_speedup = None
@@ -307,7 +332,9 @@ def main() -> None:
             model, prompt, args.new_tokens, use_graph, device, args.profile, args.compile
         )
         f_prefill = (
-            prefill_ms(model, args.prefill, config.vocab_size, device) if args.prefill else 0
+            prefill_ms(model, args.prefill, config.vocab_size, device, use_graph)
+            if args.prefill
+            else 0
         )
         name = f"easyquant-{args.bits}bit-fused-qkv-gateup"
         rows.append({"model": name, **fused, "prefill_ms": round(f_prefill, 2), "groups": groups})
