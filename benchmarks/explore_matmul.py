@@ -161,6 +161,12 @@ def standin(
     return tm.Weight(qweight, scales, table, bits, 0, k)
 
 
+# --sweep dequant, group-128 scales (stop 14): (16, 128) is what the old (16, 256) default became
+# for them (its K tile was cut to the group)
+GROUPED_DEQUANT = [(16, 128, 4, 2), (16, 256, 4, 2), (1, 4096, 4, 1), (2, 2048, 4, 2),
+                   (4, 1024, 4, 2), (1, 2048, 4, 1)]  # fmt: skip
+
+
 def dequant_candidates(sweep: str) -> list[tuple[int, int, int, int]]:
     return DEQUANT_WIDE if sweep == "dequant" else DEQUANT
 
@@ -485,6 +491,14 @@ def time_shape(
             us = bench(lambda: buffer.copy_(dense))
             record(n, k, 0, "none", "copy-dense (read + write)", None, us, float("nan"))
             del buffer
+            # group-128 scales: the 16 x 128 programs they took before stop 14 against wider ones
+            from bench_kernels import kernel_weight, random_parts
+
+            grouped = kernel_weight(random_parts(n, k, 4, 128, 0.005, seed=n + 4, device=device))
+            for config in GROUPED_DEQUANT:
+                us = bench(lambda c=config: tm.dequantize(grouped, torch.float16, None, *c))
+                record(n, k, 0, "g128", "dequant-only", config, us, float("nan"))
+            del grouped
             # dequantize + cuBLAS with the programs before stop 14 and with today's, same run
             rows = -(-n // tm.PAD_ROWS) * tm.PAD_ROWS
             for m in (256, 1024):

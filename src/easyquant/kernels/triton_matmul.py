@@ -1272,8 +1272,6 @@ def dequantize(
     ``rows > N`` the result has ``rows`` rows, the ones past N left unwritten (padding)."""
     n, k = weight.out_features, weight.in_features
     out = torch.empty(rows or n, k, device=weight.qweight.device, dtype=dtype)
-    if weight.group_size:
-        block_k = max(_pow2_divisor(weight.group_size, block_k), 8)
     table = weight.outliers
     _dequant_kernel[(triton.cdiv(n, block_n),)](
         weight.qweight,
