@@ -293,7 +293,7 @@ def test_large_batch_paths_and_dequantize(slots, device):
         torch.testing.assert_close(dense[:50].double().cpu(), expected, rtol=0, atol=0)
     grouped = random_weight(24, 96, 3, 32, seed=4, device=device, slots=2)
     per_row = random_weight(24, 96, 3, None, seed=4, device=device, slots=2)
-    for w, config in ((grouped, ()), (per_row, tm.DENSE_PER_ROW)):
+    for w, config in ((grouped, ()), (grouped, tm.DENSE_GROUPED), (per_row, tm.DENSE_PER_ROW)):
         expected = dense_reference(w)
         for dtype in (torch.float32, torch.float16):
             got = tm.dequantize(w, dtype, None, *config).double().cpu()

@@ -1301,12 +1301,13 @@ def dequantize(
 # cuBLAS takes a slow path when the output's row length N is not a multiple of 8 (53746x14336:
 # 5.5 ms at batch 1024 against ~2.3 ms for the padded shape), so the dense weight gets padded rows.
 PAD_ROWS = 8
-# The dense weight's programs (block_n, block_k, warps, stages) for one scale per row: one row of
-# 4096 columns each, 1.2-1.45x faster on the H100 than the 16 x 256 programs kept for grouped
-# scales (11008x4096: 45.7 against 61.2 us; the write alone takes 31.3; stop 14,
-# results/…-2026-11-23-explore-dequant.json).
+# The dense weight's programs (block_n, block_k, warps, stages): one row of 4096 columns each for
+# one scale per row, of 2048 for group scales; on the H100 1.2-1.45x (per row) and 1.8-2.4x
+# (group 128) faster than the 16 x 256 programs before (16 x 128 for groups), e.g. 11008x4096
+# 45.8 against 61.2 us and 54.4 against 103.7; torch writes the same buffer in 31.4 (stop 14,
+# results/…-2026-11-23-explore-dequant.json, …-explore-dequant-grouped.json).
 DENSE_PER_ROW = (1, 4096, 4, 1)
-DENSE_GROUPED = (16, 256, 4, 2)
+DENSE_GROUPED = (1, 2048, 4, 1)
 
 
 def dequant_matmul(
