@@ -30,6 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
+from bench_kernels import bench, kernel_weight, random_parts, reference, warm_up
+from benchlib import write_result
 from easyquant.kernels import triton_matmul as tm
 
 
@@ -341,13 +343,14 @@ def gemm(
     config: GemmConfig,
     depth: int = 0,
     mode: int = 1,
-    tiles: TileEntries | None = None,
+    tiles: TileEntries | torch.Tensor | None = None,  # mode 3: TileEntries; 4: tile_starts
     chunk: int = 64,
     slot_chunk: int = 2,
     xt: bool = False,
     orient: int = 0,
 ) -> torch.Tensor:
-    """mode 1: per-row walk (``depth``); 2: gathered after the product; 3: one-hot per tile."""
+    """mode 0: no outliers; 1: per-row walk (``depth``); 2: gathered after the product;
+    3: one-hot per tile; 4: walk from precomputed tile starts; 5: walk fetched a step ahead."""
     assert weight.bits == 4 and (not weight.group_size or weight.group_size % config.block_k == 0)
     m, k = x.shape
     n = weight.out_features
@@ -357,7 +360,9 @@ def gemm(
     q = weight.qweight
     if xt:  # x^T row-major (x[m, k] at k * M + m): the outliers' gathers read rows of it
         x = tm.transposed_x(x, m)
-    if mode == 3 and tiles is not None and tiles.most:
+    if mode == 3 and not tiles.most:  # no outliers at all: nothing to write in
+        mode = 0
+    if mode == 3:
         t_args, chunks = (tiles.ptr, tiles.rc, tiles.vals), -(-tiles.most // chunk)
     elif mode == 4:
         t_args, chunks = (tiles, table.count, table.vals), 0
@@ -388,7 +393,7 @@ def gemm(
         BLOCK_M=config.block_m,
         BLOCK_K=config.block_k,
         EMULATE_BF16=tm.interpreting(),
-        MODE=mode if chunks or mode != 3 else 0,
+        MODE=mode,
         CHUNKS=chunks,
         CHUNK=chunk,
         SLOT_CHUNK=slot_chunk,
@@ -447,7 +452,6 @@ VARIANTS = {
 
 def check(device: str) -> None:
     """The fused GEMM against the reference (fp16, bf16, fp32; ragged shapes; group 128)."""
-    from bench_kernels import kernel_weight, random_parts, reference
 
     cases = [(256, 512, 64, None, 0.005), (200, 384, 40, None, 0.05), (130, 256, 17, 128, 0.02)]
     if device == "cpu":
@@ -490,7 +494,7 @@ def check(device: str) -> None:
                     raise SystemExit(1)
 
 
-def time_shape(shape: str, args, record, bench, kernel_weight, random_parts) -> None:
+def time_shape(shape: str, args, record) -> None:
     device = "cuda"
     n, k = (int(v) for v in shape.split("x"))
     qw = random_parts(n, k, 4, None, 0.005, seed=n + 4, device=device)
@@ -552,8 +556,6 @@ def main() -> None:
         check(device)
     if device == "cpu":
         return
-    from bench_kernels import bench, kernel_weight, random_parts, warm_up
-    from benchlib import write_result
 
     warm_up(device)
     rows: list[dict] = []
@@ -573,7 +575,7 @@ def main() -> None:
         print(json.dumps(row), flush=True)
 
     for shape in args.shapes:
-        time_shape(shape, args, record, bench, kernel_weight, random_parts)
+        time_shape(shape, args, record)
         torch.cuda.empty_cache()
     note = (
         "Fused int4 GEMM prototypes for batches past 16 (benchmarks/explore_gemm.py): the "

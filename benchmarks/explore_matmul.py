@@ -500,16 +500,11 @@ def time_shape(
                 record(n, k, 0, "g128", "dequant-only", config, us, float("nan"))
             del grouped
             # dequantize + cuBLAS with the programs before stop 14 and with today's, same run
-            rows = -(-n // tm.PAD_ROWS) * tm.PAD_ROWS
             for m in (256, 1024):
                 x = torch.randn(m, k, device=device, dtype=torch.float16)
                 fp16_m = bench(lambda x=x: x @ dense.T)
-                for config in (tm.DENSE_GROUPED, tm.DENSE_PER_ROW):
-                    us = bench(  # (as dequant_matmul: padded rows through cuBLAS, then cut)
-                        lambda x=x, c=config: (
-                            x @ tm.dequantize(base, torch.float16, rows, *c).t()
-                        )[:, :n]
-                    )
+                for config in (DEQUANT_WIDE[0], tm.DENSE_PER_ROW):  # (16 x 256: before)
+                    us = bench(lambda x=x, c=config: tm.dequant_matmul(base, x, None, program=c))
                     record(n, k, m, "default", "dequant+cublas", config, us, fp16_m)
         us = bench(lambda: tm.dequant_matmul(base, xs[1024], None))
         record(n, k, 1024, "default", "dequant+cublas", None, us, fp16[1024])

@@ -286,7 +286,7 @@ def test_large_batch_paths_and_dequantize(slots, device):
         assert_close(
             tm.dequant_matmul(weight, x, None, pad=pad), ref - bias.double(), torch.float32
         )
-    for config in ((), tm.DENSE_PER_ROW, tm.DENSE_GROUPED):  # (the default, then dequant_matmul's)
+    for config in ((), tm.DENSE_PER_ROW, tm.DENSE_GROUPED):  # (dequantize's default, both named)
         dense = tm.dequantize(weight, torch.float32, 56, *config)
         assert dense.shape == (56, 160)
         expected = dense_reference(weight)

@@ -1259,17 +1259,31 @@ def dot_matmul(
     return out if m == rows else out[:rows]
 
 
+# The dense weight's programs (block_n, block_k, warps, stages): one row of 4096 columns each for
+# one scale per row, of 2048 for group scales; on the H100 1.2-1.45x (per row) and 1.8-2.4x
+# (group 128) faster than the 16 x 256 programs before (16 x 128 for groups), e.g. 11008x4096
+# 45.8 against 61.2 us and 54.4 against 103.7; torch writes the same buffer in 31.4 (stop 14,
+# results/…-2026-11-23-explore-dequant.json, …-explore-dequant-grouped.json).
+DENSE_PER_ROW = (1, 4096, 4, 1)
+DENSE_GROUPED = (1, 2048, 4, 1)
+
+
 def dequantize(
     weight: Weight,
     dtype: torch.dtype,
     rows: int | None = None,
-    block_n: int = 16,
-    block_k: int = 256,
-    num_warps: int = 4,
-    num_stages: int = 2,
+    block_n: int | None = None,
+    block_k: int = 0,
+    num_warps: int = 0,
+    num_stages: int = 0,
 ) -> torch.Tensor:
     """The dense weight ``[N, K]`` in ``dtype`` (outliers written in), as the reference. With
-    ``rows > N`` the result has ``rows`` rows, the ones past N left unwritten (padding)."""
+    ``rows > N`` the result has ``rows`` rows, the ones past N left unwritten (padding). The
+    program shape (``block_n`` and the rest) defaults to DENSE_PER_ROW / DENSE_GROUPED."""
+    if block_n is None:
+        block_n, block_k, num_warps, num_stages = (
+            DENSE_GROUPED if weight.group_size else DENSE_PER_ROW
+        )
     n, k = weight.out_features, weight.in_features
     out = torch.empty(rows or n, k, device=weight.qweight.device, dtype=dtype)
     table = weight.outliers
@@ -1301,24 +1315,20 @@ def dequantize(
 # cuBLAS takes a slow path when the output's row length N is not a multiple of 8 (53746x14336:
 # 5.5 ms at batch 1024 against ~2.3 ms for the padded shape), so the dense weight gets padded rows.
 PAD_ROWS = 8
-# The dense weight's programs (block_n, block_k, warps, stages): one row of 4096 columns each for
-# one scale per row, of 2048 for group scales; on the H100 1.2-1.45x (per row) and 1.8-2.4x
-# (group 128) faster than the 16 x 256 programs before (16 x 128 for groups), e.g. 11008x4096
-# 45.8 against 61.2 us and 54.4 against 103.7; torch writes the same buffer in 31.4 (stop 14,
-# results/…-2026-11-23-explore-dequant.json, …-explore-dequant-grouped.json).
-DENSE_PER_ROW = (1, 4096, 4, 1)
-DENSE_GROUPED = (1, 2048, 4, 1)
 
 
 def dequant_matmul(
-    weight: Weight, x: torch.Tensor, bias: torch.Tensor | None, pad: int = PAD_ROWS
+    weight: Weight,
+    x: torch.Tensor,
+    bias: torch.Tensor | None,
+    pad: int = PAD_ROWS,
+    program: tuple[int, int, int, int] | tuple[()] = (),
 ) -> torch.Tensor:
-    """Large batch: the dense weight (rows padded to a multiple of ``pad``), then cuBLAS."""
+    """Large batch: the dense weight (rows padded to a multiple of ``pad``; ``program``:
+    ``dequantize``'s program shape, default its own), then cuBLAS."""
     n = weight.out_features
     rows = -(-n // pad) * pad
-    dense = dequantize(
-        weight, x.dtype, rows, *(DENSE_GROUPED if weight.group_size else DENSE_PER_ROW)
-    )
+    dense = dequantize(weight, x.dtype, rows, *program)
     if rows == n:
         return torch.nn.functional.linear(x, dense, bias)
     out = (x @ dense.t())[:, :n]
