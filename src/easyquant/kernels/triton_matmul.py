@@ -438,6 +438,15 @@ def _overflow_1d(x_ptr, ocol_ptr, oval_ptr, o_start, o_count, BLOCK_N: tl.conste
 
 
 @triton.jit
+def _csr_rows(x_ptr, e, ok, col, val, r_beg, r_end):
+    """``sum v * x[col]`` per row of a row block over CSR entries ``e`` (each row's entries are
+    ``r_beg <= e < r_end``; entries are row-sorted, so one compare pair finds a row's)."""
+    prod = val.to(tl.float32) * tl.load(x_ptr + col, mask=ok, other=0.0).to(tl.float32)
+    mine = (e[None, :] >= r_beg[:, None]) & (e[None, :] < r_end[:, None])
+    return tl.sum(tl.where(mine, prod[None, :], 0.0), axis=1)
+
+
+@triton.jit
 def _table_2d(
     x_ptr, ecol_ptr, eval_ptr, ecnt_ptr, oind_ptr, ocol_ptr, oval_ptr,
     rows, row_ok, ms, m_ok, stride_xm, stride_xk, pid_k,
@@ -520,6 +529,9 @@ def _gemv_kernel(
     oind_ptr,
     ocol_ptr,
     oval_ptr,
+    cptr_ptr,  # the outliers' CSR (indptr int32 [N + 1], column indices, values): CSR > 0
+    cind_ptr,
+    cval_ptr,
     bias_ptr,
     out_ptr,
     M,  # batch rows (x [M, K], out [M, N]): each program takes one row block of one batch row
@@ -536,6 +548,7 @@ def _gemv_kernel(
     SLOTS_P2: tl.constexpr,
     HAS_OVERFLOW: tl.constexpr,
     ORDER: tl.constexpr,  # slots: 0 loaded after the codes, 1 loaded first, 2 also summed first
+    CSR: tl.constexpr,  # > 0: the outliers from the CSR instead (SLOTS = 0), CSR entries a step
     BLOCK_N: tl.constexpr,
     BLOCK_W: tl.constexpr,  # words (3 bits: word triples) per row per step
     SPLIT_K: tl.constexpr,
@@ -576,6 +589,16 @@ def _gemv_kernel(
         o_start = tl.load(oind_ptr + rows, mask=row_ok, other=0)
         o_count = tl.load(oind_ptr + rows + 1, mask=row_ok, other=0) - o_start
         o_count = tl.where(pid_k == 0, o_count, 0)
+    if CSR > 0:  # the row block's entries are one run of the CSR: its first CSR loaded now,
+        # the rest (rare at 0.5%) after the codes; split 0 takes them all
+        r_beg = tl.load(cptr_ptr + rows, mask=row_ok, other=0)
+        r_end = tl.load(cptr_ptr + rows + 1, mask=row_ok, other=0)
+        c_beg = tl.load(cptr_ptr + pid * BLOCK_N)
+        c_end = tl.where(pid_k == 0, tl.load(cptr_ptr + tl.minimum(pid * BLOCK_N + BLOCK_N, N)), 0)
+        c_e = c_beg + tl.arange(0, CSR)
+        c_ok = c_e < c_end
+        c_col = tl.load(cind_ptr + c_e, mask=c_ok, other=0).to(tl.int32)
+        c_val = tl.load(cval_ptr + c_e, mask=c_ok, other=0.0)
     acc = tl.zeros([BLOCK_N, BLOCK_W], dtype=tl.float32)
     xsum = tl.zeros([BLOCK_W], dtype=tl.float32)
     for i in range(PER_SPLIT):
@@ -628,6 +651,16 @@ def _gemv_kernel(
         total += slot_sum
     if HAS_OVERFLOW:
         total += _overflow_1d(x_ptr, ocol_ptr, oval_ptr, o_start, o_count, BLOCK_N, OUT_CHUNK)
+    if CSR > 0:
+        total += _csr_rows(x_ptr, c_e, c_ok, c_col, c_val, r_beg, r_end)
+        e0 = c_beg + CSR
+        while e0 < c_end:
+            c_e = e0 + tl.arange(0, CSR)
+            c_ok = c_e < c_end
+            c_col = tl.load(cind_ptr + c_e, mask=c_ok, other=0).to(tl.int32)
+            c_val = tl.load(cval_ptr + c_e, mask=c_ok, other=0.0)
+            total += _csr_rows(x_ptr, c_e, c_ok, c_col, c_val, r_beg, r_end)
+            e0 += CSR
     if HAS_BIAS:
         bias = tl.load(bias_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
         total += tl.where(pid_k == 0, bias, 0.0)
@@ -951,7 +984,9 @@ class OutlierTable:
 
     ``cols [N, S]`` / ``vals [N, S]`` hold the first ``count[n] <= S`` outliers of row ``n`` (the
     rest of the row's slots are column 0, value 0); ``ov_indptr [N + 1]`` / ``ov_cols`` /
-    ``ov_vals`` the entries past the first ``S`` of each row, in CSR form."""
+    ``ov_vals`` the entries past the first ``S`` of each row, in CSR form. ``indptr`` /
+    ``indices`` / ``values``: the checkpoint's CSR itself (the same tensors, no copy), which the
+    GEMV reads instead where ``GemvConfig.csr`` says so."""
 
     cols: torch.Tensor
     vals: torch.Tensor
@@ -959,6 +994,9 @@ class OutlierTable:
     ov_indptr: torch.Tensor
     ov_cols: torch.Tensor
     ov_vals: torch.Tensor
+    indptr: torch.Tensor
+    indices: torch.Tensor
+    values: torch.Tensor
 
     @property
     def slots(self) -> int:
@@ -969,7 +1007,15 @@ class OutlierTable:
         return int(self.ov_vals.numel())
 
     def tensors(self) -> tuple[torch.Tensor, ...]:
+        """The slot table's tensors, in the kernels' argument order."""
         return (self.cols, self.vals, self.count, self.ov_indptr, self.ov_cols, self.ov_vals)
+
+    def csr(self) -> tuple[torch.Tensor, ...]:
+        return (self.indptr, self.indices, self.values)
+
+    @property
+    def nnz(self) -> int:
+        return int(self.values.numel())
 
 
 def choose_slots(counts: torch.Tensor, quantile: float = SLOT_QUANTILE) -> int:
@@ -1013,7 +1059,7 @@ def build_outlier_table(
     ov_indptr = torch.zeros(rows + 1, dtype=torch.int32, device=device)
     ov_indptr[1:] = torch.cumsum((counts - slots).clamp(min=0), dim=0).to(torch.int32)
     count = counts.clamp(max=slots).to(torch.int32)
-    return OutlierTable(cols, vals, count, ov_indptr, ov_cols, ov_vals)
+    return OutlierTable(cols, vals, count, ov_indptr, ov_cols, ov_vals, indptr, indices, values)
 
 
 @dataclass(frozen=True)
@@ -1099,6 +1145,7 @@ class GemvConfig:
     packed: bool = False  # 4 bits with fp16/bf16 x: f16x2 math (else, and always: fp32 decode)
     xvec: bool = False  # packed: x as one 16-byte load per word, paired in registers
     evict_first: bool = False  # the codes' L2 lines first to go (read once per call)
+    csr: int = 0  # > 0: outliers read from the CSR, this many entries per step (else the slots)
 
 
 @dataclass(frozen=True)
@@ -1144,12 +1191,14 @@ def gemv(
         out = torch.empty(m, n, device=x.device, dtype=x.dtype)
     words = weight.qweight.view(torch.int32)
     table = weight.outliers
+    csr = config.csr if table.nnz else 0
     grid = (triton.cdiv(n, config.block_n) * m, split_k)
     _gemv_kernel[grid](
         rows,
         words,
         weight.scales,
         *table.tensors(),
+        *table.csr(),
         bias if bias is not None else weight.scales,
         out,
         m,
@@ -1162,10 +1211,11 @@ def gemv(
         GROUP=weight.group_size,
         BITS=weight.bits,
         HAS_BIAS=bias is not None,
-        SLOTS=table.slots,
+        SLOTS=0 if config.csr else table.slots,
         SLOTS_P2=_slots_p2(table),
-        HAS_OVERFLOW=table.overflow > 0,
+        HAS_OVERFLOW=table.overflow > 0 and not config.csr,
         ORDER=config.order,
+        CSR=csr,
         BLOCK_N=config.block_n,
         BLOCK_W=block_w,
         SPLIT_K=split_k,
@@ -1580,14 +1630,18 @@ def _forward(
     overflow_indptr: torch.Tensor,
     overflow_cols: torch.Tensor,
     overflow_vals: torch.Tensor,
+    indptr: torch.Tensor,
+    indices: torch.Tensor,
+    values: torch.Tensor,
     bias: torch.Tensor | None,
     bits: int,
     group_size: int,
     in_features: int,
 ) -> torch.Tensor:
     table = OutlierTable(
-        slot_cols, slot_vals, slot_count, overflow_indptr, overflow_cols, overflow_vals
-    )
+        slot_cols, slot_vals, slot_count, overflow_indptr, overflow_cols, overflow_vals, indptr,
+        indices, values,
+    )  # fmt: skip
     weight = Weight(
         qweight, scales, table, bits, kernel_group(group_size, in_features), in_features
     )
@@ -1610,6 +1664,9 @@ def quant_linear_op(
     overflow_indptr: torch.Tensor,
     overflow_cols: torch.Tensor,
     overflow_vals: torch.Tensor,
+    indptr: torch.Tensor,
+    indices: torch.Tensor,
+    values: torch.Tensor,
     bias: torch.Tensor | None,
     bits: int,
     group_size: int,
@@ -1618,13 +1675,13 @@ def quant_linear_op(
     """The fused forward as one opaque op, so that torch.compile treats it as a unit."""
     return _forward(
         x, qweight, scales, slot_cols, slot_vals, slot_count, overflow_indptr, overflow_cols,
-        overflow_vals, bias, bits, group_size, in_features,
+        overflow_vals, indptr, indices, values, bias, bits, group_size, in_features,
     )  # fmt: skip
 
 
 @quant_linear_op.register_fake
 def _(x, qweight, scales, slot_cols, slot_vals, slot_count, overflow_indptr, overflow_cols,
-      overflow_vals, bias, bits, group_size, in_features):  # fmt: skip
+      overflow_vals, indptr, indices, values, bias, bits, group_size, in_features):  # fmt: skip
     return x.new_empty(*x.shape[:-1], qweight.shape[0])
 
 
