@@ -64,18 +64,19 @@ EVICT = [(8, 128, 2, 3, False), (16, 128, 2, 3, True), (4, 256, 2, 1, True), (8,
 
 # --sweep csr (stop 15): the measured table's GEMV winners (stop 12) reading the outliers from the
 # slot table (csr 0, as before) or straight from the CSR, that many entries of the row block per
-# step (the first step's loaded before the codes)
+# step (the first step's loaded before the codes); x gathered at the end (order 1) or after the
+# first step (order 3)
 CSR_BASES = [(8, 128, 2, 3, False), (16, 128, 2, 3, True), (8, 256, 4, 2, True),
              (4, 256, 1, 2, True)]  # fmt: skip
-CSR_CHUNKS = (0, 64, 128, 256, 512)
+CSR_VARIANTS = [(1, 0), (3, 0), (1, 256), (3, 128), (3, 256), (3, 512)]  # (order, csr)
 
 
 def gemv_candidates(bits: int = 4, sweep: str = "stop12") -> list[tm.GemvConfig]:
     if sweep == "csr":
         return [
-            G(bn, bw, w, s, packed=True, xvec=xv, csr=c)
+            G(bn, bw, w, s, order=o, packed=True, xvec=xv, csr=c)
             for bn, bw, w, s, xv in CSR_BASES
-            for c in CSR_CHUNKS
+            for o, c in CSR_VARIANTS
         ]
     if sweep == "wide":  # stop 12's two winners (same-run reference), then the one-step blocks
         return (

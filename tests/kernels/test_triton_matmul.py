@@ -174,7 +174,7 @@ def test_gemv_takes_a_few_batch_rows(bits, group, n, k, device):
         (None, tm.GemvConfig(block_n=16, block_w=2, packed=True)),
         (2, tm.GemvConfig(block_n=8, block_w=2, split_k=2, packed=True, xvec=bits == 4)),
         (2, tm.GemvConfig(block_n=8, block_w=2, order=2)),
-        (None, tm.GemvConfig(block_n=8, block_w=2, packed=True, csr=16)),
+        (None, tm.GemvConfig(block_n=8, block_w=2, packed=True, order=3, csr=16)),
     ]
     for slots, config in configs:
         weight = random_weight(n, k, bits, group, seed=n + 5, device=device, slots=slots)
@@ -199,7 +199,8 @@ def test_gemv_matches_reference(bits, group, n, k, device):
         (2, tm.GemvConfig(block_n=8, block_w=2, order=2, split_k=2)),
         # the CSR read directly: the row block's first 32 entries ahead, the rest in a loop
         (None, tm.GemvConfig(block_n=16, block_w=4, csr=32)),
-        (None, tm.GemvConfig(block_n=8, block_w=2, split_k=2, csr=64)),
+        (None, tm.GemvConfig(block_n=8, block_w=2, split_k=2, order=3, csr=64)),
+        (2, tm.GemvConfig(block_n=8, block_w=2, order=3)),  # x gathered after the first step
     ]
     for slots, config in configs:
         weight = random_weight(n, k, bits, group, seed=bits + n, device=device, slots=slots)
@@ -223,6 +224,7 @@ def test_packed_gemv_matches_reference(bits, group, n, k, device):
         (2, tm.GemvConfig(block_n=16, block_w=2, split_k=2, packed=True, xvec=True)),
         (None, tm.GemvConfig(block_n=4, block_w=4, order=0, packed=True, xvec=True)),
         (None, tm.GemvConfig(block_n=16, block_w=2, split_k=2, packed=True, csr=128)),
+        (2, tm.GemvConfig(block_n=8, block_w=2, order=3, packed=True, xvec=True)),
     ]
     for slots, config in configs:
         weight = random_weight(n, k, bits, group, seed=n, device=device, slots=slots)

@@ -438,12 +438,16 @@ def _overflow_1d(x_ptr, ocol_ptr, oval_ptr, o_start, o_count, BLOCK_N: tl.conste
 
 
 @triton.jit
-def _csr_rows(x_ptr, e, ok, col, val, r_beg, r_end):
-    """``sum v * x[col]`` per row of a row block over CSR entries ``e`` (each row's entries are
-    ``r_beg <= e < r_end``; entries are row-sorted, so one compare pair finds a row's)."""
-    prod = val.to(tl.float32) * tl.load(x_ptr + col, mask=ok, other=0.0).to(tl.float32)
-    mine = (e[None, :] >= r_beg[:, None]) & (e[None, :] < r_end[:, None])
-    return tl.sum(tl.where(mine, prod[None, :], 0.0), axis=1)
+def _csr_rows(e0, val, xv, r_beg, r_end, CHUNK: tl.constexpr):
+    """``sum v * x[col]`` per row of a row block over the CSR entries ``e0 .. e0 + CHUNK`` (row
+    r's are ``r_beg[r] <= e < r_end[r]``): differences of the products' running sum, read at
+    each row's ends (no [rows, CHUNK] compare)."""
+    run = tl.cumsum(val.to(tl.float32) * xv.to(tl.float32), 0)
+    lo = tl.minimum(tl.maximum(r_beg - e0, 0), CHUNK)
+    hi = tl.minimum(tl.maximum(r_end - e0, 0), CHUNK)
+    upper = tl.where(hi > 0, tl.gather(run, tl.maximum(hi - 1, 0), 0), 0.0)
+    lower = tl.where(lo > 0, tl.gather(run, tl.maximum(lo - 1, 0), 0), 0.0)
+    return upper - lower
 
 
 @triton.jit
@@ -519,6 +523,48 @@ def _load_words(qrow, row_ok, step, GROUPS: tl.constexpr, WPG: tl.constexpr,
 
 
 @triton.jit
+def _gemv_step(x_ptr, qrow, s_ptr, rows, row_ok, step, acc, xsum, K: tl.constexpr, stride_s,
+               GROUP: tl.constexpr, BITS: tl.constexpr, BLOCK_W: tl.constexpr,
+               PACKED: tl.constexpr, XVEC: tl.constexpr, EVICT: tl.constexpr,
+               INTERPRET: tl.constexpr):  # fmt: skip
+    """One step of the GEMV: ``BLOCK_W`` words (3 bits: word triples) of each row times x."""
+    PER: tl.constexpr = 32 if BITS == 3 else 32 // BITS
+    WPG: tl.constexpr = 3 if BITS == 3 else 1
+    GROUPS: tl.constexpr = (K + PER - 1) // PER
+    k0 = step * BLOCK_W * PER
+    w0, w1, w2 = _load_words(qrow, row_ok, step, GROUPS, WPG, BITS, BLOCK_W, EVICT)
+    if PACKED and BITS == 3:
+        pairs = _x_triple_pairs(x_ptr, k0, K, BLOCK_W)
+    elif PACKED:
+        p0, p1, p2, p3 = _x_step_pairs(x_ptr, k0, K, BLOCK_W, XVEC)
+    if GROUP > 0:
+        s = tl.load(s_ptr + rows * stride_s + k0 // GROUP, mask=row_ok & (k0 < K), other=0.0)
+        s = s.to(tl.float32)
+    if PACKED:
+        if BITS == 3:
+            part = _triple_dot_f16x2(w0, w1, w2, pairs, INTERPRET)
+        else:
+            part = _word_dot_f16x2(w0, p0, p1, p2, p3, INTERPRET)
+        if GROUP > 0:
+            part = part * (16.0 * s)[:, None]
+        acc += part
+    else:
+        if GROUP > 0:
+            s_mul = s * (1 << BITS)
+            s_add = -s * ((1 << BITS) + (1 << (BITS - 1)))
+        for k in tl.static_range(PER):
+            col = k0 + PER * tl.arange(0, BLOCK_W) + k
+            xk = tl.load(x_ptr + col, mask=col < K, other=0.0).to(tl.float32)
+            f = _gemv_plane(w0, w1, w2, k, BITS)
+            if GROUP > 0:
+                acc += (f * s_mul[:, None] + s_add[:, None]) * xk[None, :]
+            else:
+                acc += f * xk[None, :]
+                xsum += xk
+    return acc, xsum
+
+
+@triton.jit
 def _gemv_kernel(
     x_ptr,
     q_ptr,  # int32 view of qweight [N, row_words]
@@ -547,7 +593,8 @@ def _gemv_kernel(
     SLOTS: tl.constexpr,  # fixed outlier slots per row (0: none)
     SLOTS_P2: tl.constexpr,
     HAS_OVERFLOW: tl.constexpr,
-    ORDER: tl.constexpr,  # slots: 0 loaded after the codes, 1 loaded first, 2 also summed first
+    ORDER: tl.constexpr,  # slots: 0 loaded after the codes, 1 loaded first, 2 also summed first,
+    # 3 loaded first and x gathered after the first step (so its latency hides behind the rest)
     CSR: tl.constexpr,  # > 0: the outliers from the CSR instead (SLOTS = 0), CSR entries a step
     BLOCK_N: tl.constexpr,
     BLOCK_W: tl.constexpr,  # words (3 bits: word triples) per row per step
@@ -558,10 +605,7 @@ def _gemv_kernel(
     EVICT: tl.constexpr,  # the code words' L2 eviction policy ("" or "evict_first")
     INTERPRET: tl.constexpr,
 ):
-    # codes per word group and int32 words per group
-    PER: tl.constexpr = 32 if BITS == 3 else 32 // BITS
-    WPG: tl.constexpr = 3 if BITS == 3 else 1
-    BLOCK_K: tl.constexpr = BLOCK_W * PER
+    PER: tl.constexpr = 32 if BITS == 3 else 32 // BITS  # codes per word group
     GROUPS: tl.constexpr = (K + PER - 1) // PER
     STEPS: tl.constexpr = (GROUPS + BLOCK_W - 1) // BLOCK_W
     PER_SPLIT: tl.constexpr = (STEPS + SPLIT_K - 1) // SPLIT_K
@@ -601,38 +645,20 @@ def _gemv_kernel(
         c_val = tl.load(cval_ptr + c_e, mask=c_ok, other=0.0)
     acc = tl.zeros([BLOCK_N, BLOCK_W], dtype=tl.float32)
     xsum = tl.zeros([BLOCK_W], dtype=tl.float32)
-    for i in range(PER_SPLIT):
-        step = pid_k * PER_SPLIT + i
-        k0 = step * BLOCK_K
-        w0, w1, w2 = _load_words(qrow, row_ok, step, GROUPS, WPG, BITS, BLOCK_W, EVICT)
-        if PACKED and BITS == 3:
-            pairs = _x_triple_pairs(x_ptr, k0, K, BLOCK_W)
-        elif PACKED:
-            p0, p1, p2, p3 = _x_step_pairs(x_ptr, k0, K, BLOCK_W, XVEC)
-        if GROUP > 0:
-            s = tl.load(s_ptr + rows * stride_s + k0 // GROUP, mask=row_ok & (k0 < K), other=0.0)
-            s = s.to(tl.float32)
-        if PACKED:
-            if BITS == 3:
-                part = _triple_dot_f16x2(w0, w1, w2, pairs, INTERPRET)
-            else:
-                part = _word_dot_f16x2(w0, p0, p1, p2, p3, INTERPRET)
-            if GROUP > 0:
-                part = part * (16.0 * s)[:, None]
-            acc += part
-        else:
-            if GROUP > 0:
-                s_mul = s * (1 << BITS)
-                s_add = -s * ((1 << BITS) + (1 << (BITS - 1)))
-            for k in tl.static_range(PER):
-                col = k0 + PER * tl.arange(0, BLOCK_W) + k
-                xk = tl.load(x_ptr + col, mask=col < K, other=0.0).to(tl.float32)
-                f = _gemv_plane(w0, w1, w2, k, BITS)
-                if GROUP > 0:
-                    acc += (f * s_mul[:, None] + s_add[:, None]) * xk[None, :]
-                else:
-                    acc += f * xk[None, :]
-                    xsum += xk
+    first: tl.constexpr = 1 if ORDER == 3 else 0
+    if ORDER == 3:  # one step, then the outliers' x gathered while the other steps stream
+        acc, xsum = _gemv_step(
+            x_ptr, qrow, s_ptr, rows, row_ok, pid_k * PER_SPLIT, acc, xsum, K, stride_s, GROUP,
+            BITS, BLOCK_W, PACKED, XVEC, EVICT, INTERPRET)  # fmt: skip
+        if SLOTS > 0:
+            g_ok = e_ok & (j_slot[None, :] < e_cnt[:, None])
+            e_x = tl.load(x_ptr + e_col, mask=g_ok, other=0.0)
+        if CSR > 0:
+            c_x = tl.load(x_ptr + c_col, mask=c_ok, other=0.0)
+    for i in range(first, PER_SPLIT):
+        acc, xsum = _gemv_step(
+            x_ptr, qrow, s_ptr, rows, row_ok, pid_k * PER_SPLIT + i, acc, xsum, K, stride_s, GROUP,
+            BITS, BLOCK_W, PACKED, XVEC, EVICT, INTERPRET)  # fmt: skip
     total = tl.sum(acc, axis=1)
     if GROUP == 0 and PACKED:
         total *= 16.0 * tl.load(s_ptr + rows * stride_s, mask=row_ok, other=0.0).to(tl.float32)
@@ -646,20 +672,24 @@ def _gemv_kernel(
             e_col, e_val = _slot_load(ecol_ptr, eval_ptr, rows, e_ok, SLOTS, SLOTS_P2)
         if ORDER < 2:
             g_ok = e_ok & (j_slot[None, :] < e_cnt[:, None])
-            e_x = tl.load(x_ptr + e_col, mask=g_ok, other=0.0).to(tl.float32)
-            slot_sum = tl.sum(e_val.to(tl.float32) * e_x, axis=1)
+            e_x = tl.load(x_ptr + e_col, mask=g_ok, other=0.0)
+        if ORDER != 2:
+            slot_sum = tl.sum(e_val.to(tl.float32) * e_x.to(tl.float32), axis=1)
         total += slot_sum
     if HAS_OVERFLOW:
         total += _overflow_1d(x_ptr, ocol_ptr, oval_ptr, o_start, o_count, BLOCK_N, OUT_CHUNK)
     if CSR > 0:
-        total += _csr_rows(x_ptr, c_e, c_ok, c_col, c_val, r_beg, r_end)
+        if ORDER != 3:
+            c_x = tl.load(x_ptr + c_col, mask=c_ok, other=0.0)
+        total += _csr_rows(c_beg, c_val, c_x, r_beg, r_end, CSR)
         e0 = c_beg + CSR
-        while e0 < c_end:
+        while e0 < c_end:  # rows past the first CSR entries (rare at 0.5%)
             c_e = e0 + tl.arange(0, CSR)
             c_ok = c_e < c_end
             c_col = tl.load(cind_ptr + c_e, mask=c_ok, other=0).to(tl.int32)
             c_val = tl.load(cval_ptr + c_e, mask=c_ok, other=0.0)
-            total += _csr_rows(x_ptr, c_e, c_ok, c_col, c_val, r_beg, r_end)
+            c_x = tl.load(x_ptr + c_col, mask=c_ok, other=0.0)
+            total += _csr_rows(e0, c_val, c_x, r_beg, r_end, CSR)
             e0 += CSR
     if HAS_BIAS:
         bias = tl.load(bias_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
@@ -1141,7 +1171,8 @@ class GemvConfig:
     num_warps: int = 4
     num_stages: int = 2
     split_k: int = 1  # > 1: K split over programs, fp32 atomics into a zeroed output
-    order: int = 1  # outlier slots: 0 loaded after the codes, 1 loaded first, 2 summed first
+    order: int = 1  # outliers: 0 loaded after the codes, 1 loaded first, 2 summed first, 3 x
+    # gathered after the first step
     packed: bool = False  # 4 bits with fp16/bf16 x: f16x2 math (else, and always: fp32 decode)
     xvec: bool = False  # packed: x as one 16-byte load per word, paired in registers
     evict_first: bool = False  # the codes' L2 lines first to go (read once per call)
