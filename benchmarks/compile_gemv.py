@@ -7,9 +7,9 @@
 Triton's wheel carries ptxas and cuobjdump, so a kernel that would fail to build on the GPU
 fails here too, and its registers per thread (which set the occupancy) and load widths can be
 read before any device time is spent. Each ``--config`` is block_n,block_w,num_warps,num_stages;
-K = 4096, 32 outlier slots with overflow (or, with ``--csr``, the CSR read directly), fp16 x, pointers and sizes specialised as divisible by
-16 (as the JIT does for these shapes). Prints registers and the count of vector, 16-bit and
-shared-memory loads in the PTX.
+K = 4096, 32 outlier slots with overflow (or, with ``--csr``, the CSR read directly), fp16 x,
+pointers and sizes specialised as divisible by 16 (as the JIT does for these shapes). Prints
+registers and the count of vector, 16-bit and shared-memory loads in the PTX.
 """
 
 from __future__ import annotations
@@ -51,8 +51,8 @@ def compile_gemv(
     constants = dict(
         M=1,  # batch 1 (the JIT specialises an int argument equal to 1 as a constant)
         K=4096, GROUP=group, BITS=bits, HAS_BIAS=False, SLOTS=0 if csr else 32, SLOTS_P2=32,
-        HAS_OVERFLOW=not csr, ORDER=order, CSR=csr, BLOCK_N=block_n, BLOCK_W=block_w, SPLIT_K=1, OUT_CHUNK=8, PACKED=packed,
-        XVEC=xvec, EVICT=tm.eviction(evict), INTERPRET=False,
+        HAS_OVERFLOW=not csr, ORDER=order, CSR=csr, BLOCK_N=block_n, BLOCK_W=block_w, SPLIT_K=1,
+        OUT_CHUNK=8, PACKED=packed, XVEC=xvec, EVICT=tm.eviction(evict), INTERPRET=False,
     )  # fmt: skip
     return build(fn, signature, constants, [*POINTERS, "N", "row_words"], warps, stages)
 
