@@ -7,9 +7,9 @@
 Triton's wheel carries ptxas and cuobjdump, so a kernel that would fail to build on the GPU
 fails here too, and its registers per thread (which set the occupancy) and load widths can be
 read before any device time is spent. Each ``--config`` is block_n,block_w,num_warps,num_stages;
-K = 4096, 32 outlier slots with overflow (or, with ``--csr``, the CSR read directly), fp16 x,
-pointers and sizes specialised as divisible by 16 (as the JIT does for these shapes). Prints
-registers and the count of vector, 16-bit and shared-memory loads in the PTX.
+K = 4096, 32 outlier slots with overflow, fp16 x, pointers and sizes specialised as divisible by
+16 (as the JIT does for these shapes). Prints registers and the count of vector, 16-bit and
+shared-memory loads in the PTX.
 """
 
 from __future__ import annotations
@@ -29,20 +29,12 @@ from easyquant.kernels import triton_matmul as tm
 POINTERS = {
     "x_ptr": "*fp16", "q_ptr": "*i32", "s_ptr": "*fp16", "ecol_ptr": "*i16", "eval_ptr": "*fp16",
     "ecnt_ptr": "*i32", "oind_ptr": "*i32", "ocol_ptr": "*i16", "oval_ptr": "*fp16",
-    "cptr_ptr": "*i32", "cind_ptr": "*i16", "cval_ptr": "*fp16", "bias_ptr": "*fp16",
-    "out_ptr": "*fp16",
+    "bias_ptr": "*fp16", "out_ptr": "*fp16",
 }  # fmt: skip
 
 
 def compile_gemv(
-    bits: int,
-    packed: bool,
-    xvec: bool,
-    group: int,
-    config: tuple[int, ...],
-    evict: bool = False,
-    order: int = 1,
-    csr: int = 0,
+    bits: int, packed: bool, xvec: bool, group: int, config: tuple[int, ...], evict: bool = False
 ):
     block_n, block_w, warps, stages = config
     fn = tm._gemv_kernel
@@ -50,9 +42,9 @@ def compile_gemv(
                                                "stride_om"), "i32")}  # fmt: skip
     constants = dict(
         M=1,  # batch 1 (the JIT specialises an int argument equal to 1 as a constant)
-        K=4096, GROUP=group, BITS=bits, HAS_BIAS=False, SLOTS=0 if csr else 32, SLOTS_P2=32,
-        HAS_OVERFLOW=not csr, ORDER=order, CSR=csr, BLOCK_N=block_n, BLOCK_W=block_w, SPLIT_K=1,
-        OUT_CHUNK=8, PACKED=packed, XVEC=xvec, EVICT=tm.eviction(evict), INTERPRET=False,
+        K=4096, GROUP=group, BITS=bits, HAS_BIAS=False, SLOTS=32, SLOTS_P2=32, HAS_OVERFLOW=True,
+        ORDER=1, BLOCK_N=block_n, BLOCK_W=block_w, SPLIT_K=1, OUT_CHUNK=8, PACKED=packed,
+        XVEC=xvec, EVICT=tm.eviction(evict), INTERPRET=False,
     )  # fmt: skip
     return build(fn, signature, constants, [*POINTERS, "N", "row_words"], warps, stages)
 
@@ -117,8 +109,6 @@ def main() -> None:
     parser.add_argument("--group", type=int, default=0)
     parser.add_argument("--evict-first", action="store_true", help="codes' loads evict_first")
     parser.add_argument("--config", nargs="+", default=["8,128,2,3"])
-    parser.add_argument("--order", type=int, default=1, help="GemvConfig.order")
-    parser.add_argument("--csr", type=int, default=0, help="GemvConfig.csr (0: the slot table)")
     parser.add_argument(
         "--planes",
         action="store_true",
@@ -137,8 +127,7 @@ def main() -> None:
     for text in args.config:
         config = tuple(int(v) for v in text.split(","))
         kernel = compile_gemv(
-            args.bits, args.packed, args.xvec, args.group, config, args.evict_first, args.order,
-            args.csr,
+            args.bits, args.packed, args.xvec, args.group, config, args.evict_first
         )
         ptx = kernel.asm["ptx"]
         counts = {p: len(re.findall(re.escape(p), ptx))

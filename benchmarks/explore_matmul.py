@@ -62,22 +62,7 @@ EVICT = [(8, 128, 2, 3, False), (16, 128, 2, 3, True), (4, 256, 2, 1, True), (8,
          (4, 256, 1, 2, True)]  # fmt: skip
 
 
-# --sweep csr (stop 15): the measured table's GEMV winners (stop 12) reading the outliers from the
-# slot table (csr 0, as before) or straight from the CSR, that many entries of the row block per
-# step (the first step's loaded before the codes); x gathered at the end (order 1) or after the
-# first step (order 3)
-CSR_BASES = [(8, 128, 2, 3, False), (16, 128, 2, 3, True), (8, 256, 4, 2, True),
-             (4, 256, 1, 2, True)]  # fmt: skip
-CSR_VARIANTS = [(1, 0), (3, 0), (1, 256), (3, 128), (3, 256), (3, 512)]  # (order, csr)
-
-
 def gemv_candidates(bits: int = 4, sweep: str = "stop12") -> list[tm.GemvConfig]:
-    if sweep == "csr":
-        return [
-            G(bn, bw, w, s, order=o, packed=True, xvec=xv, csr=c)
-            for bn, bw, w, s, xv in CSR_BASES
-            for o, c in CSR_VARIANTS
-        ]
     if sweep == "wide":  # stop 12's two winners (same-run reference), then the one-step blocks
         return (
             [G(8, 128, 2, 3, packed=True), G(16, 128, 2, 3, packed=True, xvec=True)]
@@ -172,9 +157,7 @@ def standin(
     ov_indptr[1:] = ov
     ov_cols = torch.zeros(ov, device=device, dtype=torch.int16)
     ov_vals = torch.ones(ov, device=device, dtype=torch.float16)
-    indptr = (torch.arange(small + 1, device=device) * slots).to(torch.int32)
-    csr = (indptr, cols.reshape(-1), vals.reshape(-1))
-    table = tm.OutlierTable(cols, vals, count, ov_indptr, ov_cols, ov_vals, *csr)
+    table = tm.OutlierTable(cols, vals, count, ov_indptr, ov_cols, ov_vals)
     return tm.Weight(qweight, scales, table, bits, 0, k)
 
 
@@ -271,14 +254,12 @@ def main() -> None:
     )
     parser.add_argument(
         "--sweep",
-        choices=("stop12", "wide", "evict", "packed", "dequant", "csr"),
+        choices=("stop12", "wide", "evict", "packed", "dequant"),
         default="stop12",
         help="candidates: stop 12's; (stop 13) wide: one-step GEMV row blocks and larger "
         "word-plane blocks; evict: the winners with the codes' loads evict_first; packed: the "
         "word-plane winners with planes decoded in pairs (4 bits); (stop 14) dequant: more "
-        "dense-weight kernel configs, and the same bytes written / copied by torch; (stop 15) "
-        "csr: the GEMV winners reading the outliers from the slot table or straight from the "
-        "CSR",
+        "dense-weight kernel configs, and the same bytes written / copied by torch",
     )
     args = parser.parse_args()
     if args.sweep != "stop12" and args.bits != 4:

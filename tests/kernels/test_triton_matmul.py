@@ -174,7 +174,6 @@ def test_gemv_takes_a_few_batch_rows(bits, group, n, k, device):
         (None, tm.GemvConfig(block_n=16, block_w=2, packed=True)),
         (2, tm.GemvConfig(block_n=8, block_w=2, split_k=2, packed=True, xvec=bits == 4)),
         (2, tm.GemvConfig(block_n=8, block_w=2, order=2)),
-        (None, tm.GemvConfig(block_n=8, block_w=2, packed=True, order=3, csr=16)),
     ]
     for slots, config in configs:
         weight = random_weight(n, k, bits, group, seed=n + 5, device=device, slots=slots)
@@ -197,10 +196,6 @@ def test_gemv_matches_reference(bits, group, n, k, device):
         (None, tm.GemvConfig(block_n=8, block_w=2, order=2)),
         (2, tm.GemvConfig(block_n=16, block_w=4, order=0, split_k=3)),
         (2, tm.GemvConfig(block_n=8, block_w=2, order=2, split_k=2)),
-        # the CSR read directly: the row block's first 32 entries ahead, the rest in a loop
-        (None, tm.GemvConfig(block_n=16, block_w=4, csr=32)),
-        (None, tm.GemvConfig(block_n=8, block_w=2, split_k=2, order=3, csr=64)),
-        (2, tm.GemvConfig(block_n=8, block_w=2, order=3)),  # x gathered after the first step
     ]
     for slots, config in configs:
         weight = random_weight(n, k, bits, group, seed=bits + n, device=device, slots=slots)
@@ -223,8 +218,6 @@ def test_packed_gemv_matches_reference(bits, group, n, k, device):
         (2, tm.GemvConfig(block_n=8, block_w=2, order=2, split_k=2, packed=True)),
         (2, tm.GemvConfig(block_n=16, block_w=2, split_k=2, packed=True, xvec=True)),
         (None, tm.GemvConfig(block_n=4, block_w=4, order=0, packed=True, xvec=True)),
-        (None, tm.GemvConfig(block_n=16, block_w=2, split_k=2, packed=True, csr=128)),
-        (2, tm.GemvConfig(block_n=8, block_w=2, order=3, packed=True, xvec=True)),
     ]
     for slots, config in configs:
         weight = random_weight(n, k, bits, group, seed=n, device=device, slots=slots)
@@ -313,7 +306,6 @@ def test_rows_with_many_more_outliers_than_slots(device):
     x = fresh_x(1, 64, torch.float32, device, seed=6)
     ref = reference(weight, x, None)
     assert_close(tm.gemv(weight, x[0], None, tm.GemvConfig(16, 8))[None], ref, torch.float32)
-    assert_close(tm.gemv(weight, x[0], None, tm.GemvConfig(8, 8, csr=16))[None], ref, torch.float32)
     out = tm.dot_matmul(weight, x, None, tm.DotConfig(16, 16, 64, out_chunk=4))
     assert_close(out, ref, torch.float32)
 

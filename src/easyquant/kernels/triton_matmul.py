@@ -438,19 +438,6 @@ def _overflow_1d(x_ptr, ocol_ptr, oval_ptr, o_start, o_count, BLOCK_N: tl.conste
 
 
 @triton.jit
-def _csr_rows(e0, val, xv, r_beg, r_end, CHUNK: tl.constexpr):
-    """``sum v * x[col]`` per row of a row block over the CSR entries ``e0 .. e0 + CHUNK`` (row
-    r's are ``r_beg[r] <= e < r_end[r]``): differences of the products' running sum, read at
-    each row's ends (no [rows, CHUNK] compare)."""
-    run = tl.cumsum(val.to(tl.float32) * xv.to(tl.float32), 0)
-    lo = tl.minimum(tl.maximum(r_beg - e0, 0), CHUNK)
-    hi = tl.minimum(tl.maximum(r_end - e0, 0), CHUNK)
-    upper = tl.where(hi > 0, tl.gather(run, tl.maximum(hi - 1, 0), 0), 0.0)
-    lower = tl.where(lo > 0, tl.gather(run, tl.maximum(lo - 1, 0), 0), 0.0)
-    return upper - lower
-
-
-@triton.jit
 def _table_2d(
     x_ptr, ecol_ptr, eval_ptr, ecnt_ptr, oind_ptr, ocol_ptr, oval_ptr,
     rows, row_ok, ms, m_ok, stride_xm, stride_xk, pid_k,
@@ -523,48 +510,6 @@ def _load_words(qrow, row_ok, step, GROUPS: tl.constexpr, WPG: tl.constexpr,
 
 
 @triton.jit
-def _gemv_step(x_ptr, qrow, s_ptr, rows, row_ok, step, acc, xsum, K: tl.constexpr, stride_s,
-               GROUP: tl.constexpr, BITS: tl.constexpr, BLOCK_W: tl.constexpr,
-               PACKED: tl.constexpr, XVEC: tl.constexpr, EVICT: tl.constexpr,
-               INTERPRET: tl.constexpr):  # fmt: skip
-    """One step of the GEMV: ``BLOCK_W`` words (3 bits: word triples) of each row times x."""
-    PER: tl.constexpr = 32 if BITS == 3 else 32 // BITS
-    WPG: tl.constexpr = 3 if BITS == 3 else 1
-    GROUPS: tl.constexpr = (K + PER - 1) // PER
-    k0 = step * BLOCK_W * PER
-    w0, w1, w2 = _load_words(qrow, row_ok, step, GROUPS, WPG, BITS, BLOCK_W, EVICT)
-    if PACKED and BITS == 3:
-        pairs = _x_triple_pairs(x_ptr, k0, K, BLOCK_W)
-    elif PACKED:
-        p0, p1, p2, p3 = _x_step_pairs(x_ptr, k0, K, BLOCK_W, XVEC)
-    if GROUP > 0:
-        s = tl.load(s_ptr + rows * stride_s + k0 // GROUP, mask=row_ok & (k0 < K), other=0.0)
-        s = s.to(tl.float32)
-    if PACKED:
-        if BITS == 3:
-            part = _triple_dot_f16x2(w0, w1, w2, pairs, INTERPRET)
-        else:
-            part = _word_dot_f16x2(w0, p0, p1, p2, p3, INTERPRET)
-        if GROUP > 0:
-            part = part * (16.0 * s)[:, None]
-        acc += part
-    else:
-        if GROUP > 0:
-            s_mul = s * (1 << BITS)
-            s_add = -s * ((1 << BITS) + (1 << (BITS - 1)))
-        for k in tl.static_range(PER):
-            col = k0 + PER * tl.arange(0, BLOCK_W) + k
-            xk = tl.load(x_ptr + col, mask=col < K, other=0.0).to(tl.float32)
-            f = _gemv_plane(w0, w1, w2, k, BITS)
-            if GROUP > 0:
-                acc += (f * s_mul[:, None] + s_add[:, None]) * xk[None, :]
-            else:
-                acc += f * xk[None, :]
-                xsum += xk
-    return acc, xsum
-
-
-@triton.jit
 def _gemv_kernel(
     x_ptr,
     q_ptr,  # int32 view of qweight [N, row_words]
@@ -575,9 +520,6 @@ def _gemv_kernel(
     oind_ptr,
     ocol_ptr,
     oval_ptr,
-    cptr_ptr,  # the outliers' CSR (indptr int32 [N + 1], column indices, values): CSR > 0
-    cind_ptr,
-    cval_ptr,
     bias_ptr,
     out_ptr,
     M,  # batch rows (x [M, K], out [M, N]): each program takes one row block of one batch row
@@ -593,9 +535,7 @@ def _gemv_kernel(
     SLOTS: tl.constexpr,  # fixed outlier slots per row (0: none)
     SLOTS_P2: tl.constexpr,
     HAS_OVERFLOW: tl.constexpr,
-    ORDER: tl.constexpr,  # slots: 0 loaded after the codes, 1 loaded first, 2 also summed first,
-    # 3 loaded first and x gathered after the first step (so its latency hides behind the rest)
-    CSR: tl.constexpr,  # > 0: the outliers from the CSR instead (SLOTS = 0), CSR entries a step
+    ORDER: tl.constexpr,  # slots: 0 loaded after the codes, 1 loaded first, 2 also summed first
     BLOCK_N: tl.constexpr,
     BLOCK_W: tl.constexpr,  # words (3 bits: word triples) per row per step
     SPLIT_K: tl.constexpr,
@@ -605,7 +545,10 @@ def _gemv_kernel(
     EVICT: tl.constexpr,  # the code words' L2 eviction policy ("" or "evict_first")
     INTERPRET: tl.constexpr,
 ):
-    PER: tl.constexpr = 32 if BITS == 3 else 32 // BITS  # codes per word group
+    # codes per word group and int32 words per group
+    PER: tl.constexpr = 32 if BITS == 3 else 32 // BITS
+    WPG: tl.constexpr = 3 if BITS == 3 else 1
+    BLOCK_K: tl.constexpr = BLOCK_W * PER
     GROUPS: tl.constexpr = (K + PER - 1) // PER
     STEPS: tl.constexpr = (GROUPS + BLOCK_W - 1) // BLOCK_W
     PER_SPLIT: tl.constexpr = (STEPS + SPLIT_K - 1) // SPLIT_K
@@ -633,32 +576,40 @@ def _gemv_kernel(
         o_start = tl.load(oind_ptr + rows, mask=row_ok, other=0)
         o_count = tl.load(oind_ptr + rows + 1, mask=row_ok, other=0) - o_start
         o_count = tl.where(pid_k == 0, o_count, 0)
-    if CSR > 0:  # the row block's entries are one run of the CSR: its first CSR loaded now,
-        # the rest (rare at 0.5%) after the codes; split 0 takes them all
-        r_beg = tl.load(cptr_ptr + rows, mask=row_ok, other=0)
-        r_end = tl.load(cptr_ptr + rows + 1, mask=row_ok, other=0)
-        c_beg = tl.load(cptr_ptr + pid * BLOCK_N)
-        c_end = tl.where(pid_k == 0, tl.load(cptr_ptr + tl.minimum(pid * BLOCK_N + BLOCK_N, N)), 0)
-        c_e = c_beg + tl.arange(0, CSR)
-        c_ok = c_e < c_end
-        c_col = tl.load(cind_ptr + c_e, mask=c_ok, other=0).to(tl.int32)
-        c_val = tl.load(cval_ptr + c_e, mask=c_ok, other=0.0)
     acc = tl.zeros([BLOCK_N, BLOCK_W], dtype=tl.float32)
     xsum = tl.zeros([BLOCK_W], dtype=tl.float32)
-    first: tl.constexpr = 1 if ORDER == 3 else 0
-    if ORDER == 3:  # one step, then the outliers' x gathered while the other steps stream
-        acc, xsum = _gemv_step(
-            x_ptr, qrow, s_ptr, rows, row_ok, pid_k * PER_SPLIT, acc, xsum, K, stride_s, GROUP,
-            BITS, BLOCK_W, PACKED, XVEC, EVICT, INTERPRET)  # fmt: skip
-        if SLOTS > 0:
-            g_ok = e_ok & (j_slot[None, :] < e_cnt[:, None])
-            e_x = tl.load(x_ptr + e_col, mask=g_ok, other=0.0)
-        if CSR > 0:
-            c_x = tl.load(x_ptr + c_col, mask=c_ok, other=0.0)
-    for i in range(first, PER_SPLIT):
-        acc, xsum = _gemv_step(
-            x_ptr, qrow, s_ptr, rows, row_ok, pid_k * PER_SPLIT + i, acc, xsum, K, stride_s, GROUP,
-            BITS, BLOCK_W, PACKED, XVEC, EVICT, INTERPRET)  # fmt: skip
+    for i in range(PER_SPLIT):
+        step = pid_k * PER_SPLIT + i
+        k0 = step * BLOCK_K
+        w0, w1, w2 = _load_words(qrow, row_ok, step, GROUPS, WPG, BITS, BLOCK_W, EVICT)
+        if PACKED and BITS == 3:
+            pairs = _x_triple_pairs(x_ptr, k0, K, BLOCK_W)
+        elif PACKED:
+            p0, p1, p2, p3 = _x_step_pairs(x_ptr, k0, K, BLOCK_W, XVEC)
+        if GROUP > 0:
+            s = tl.load(s_ptr + rows * stride_s + k0 // GROUP, mask=row_ok & (k0 < K), other=0.0)
+            s = s.to(tl.float32)
+        if PACKED:
+            if BITS == 3:
+                part = _triple_dot_f16x2(w0, w1, w2, pairs, INTERPRET)
+            else:
+                part = _word_dot_f16x2(w0, p0, p1, p2, p3, INTERPRET)
+            if GROUP > 0:
+                part = part * (16.0 * s)[:, None]
+            acc += part
+        else:
+            if GROUP > 0:
+                s_mul = s * (1 << BITS)
+                s_add = -s * ((1 << BITS) + (1 << (BITS - 1)))
+            for k in tl.static_range(PER):
+                col = k0 + PER * tl.arange(0, BLOCK_W) + k
+                xk = tl.load(x_ptr + col, mask=col < K, other=0.0).to(tl.float32)
+                f = _gemv_plane(w0, w1, w2, k, BITS)
+                if GROUP > 0:
+                    acc += (f * s_mul[:, None] + s_add[:, None]) * xk[None, :]
+                else:
+                    acc += f * xk[None, :]
+                    xsum += xk
     total = tl.sum(acc, axis=1)
     if GROUP == 0 and PACKED:
         total *= 16.0 * tl.load(s_ptr + rows * stride_s, mask=row_ok, other=0.0).to(tl.float32)
@@ -672,25 +623,11 @@ def _gemv_kernel(
             e_col, e_val = _slot_load(ecol_ptr, eval_ptr, rows, e_ok, SLOTS, SLOTS_P2)
         if ORDER < 2:
             g_ok = e_ok & (j_slot[None, :] < e_cnt[:, None])
-            e_x = tl.load(x_ptr + e_col, mask=g_ok, other=0.0)
-        if ORDER != 2:
-            slot_sum = tl.sum(e_val.to(tl.float32) * e_x.to(tl.float32), axis=1)
+            e_x = tl.load(x_ptr + e_col, mask=g_ok, other=0.0).to(tl.float32)
+            slot_sum = tl.sum(e_val.to(tl.float32) * e_x, axis=1)
         total += slot_sum
     if HAS_OVERFLOW:
         total += _overflow_1d(x_ptr, ocol_ptr, oval_ptr, o_start, o_count, BLOCK_N, OUT_CHUNK)
-    if CSR > 0:
-        if ORDER != 3:
-            c_x = tl.load(x_ptr + c_col, mask=c_ok, other=0.0)
-        total += _csr_rows(c_beg, c_val, c_x, r_beg, r_end, CSR)
-        e0 = c_beg + CSR
-        while e0 < c_end:  # rows past the first CSR entries (rare at 0.5%)
-            c_e = e0 + tl.arange(0, CSR)
-            c_ok = c_e < c_end
-            c_col = tl.load(cind_ptr + c_e, mask=c_ok, other=0).to(tl.int32)
-            c_val = tl.load(cval_ptr + c_e, mask=c_ok, other=0.0)
-            c_x = tl.load(x_ptr + c_col, mask=c_ok, other=0.0)
-            total += _csr_rows(e0, c_val, c_x, r_beg, r_end, CSR)
-            e0 += CSR
     if HAS_BIAS:
         bias = tl.load(bias_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
         total += tl.where(pid_k == 0, bias, 0.0)
@@ -1014,9 +951,7 @@ class OutlierTable:
 
     ``cols [N, S]`` / ``vals [N, S]`` hold the first ``count[n] <= S`` outliers of row ``n`` (the
     rest of the row's slots are column 0, value 0); ``ov_indptr [N + 1]`` / ``ov_cols`` /
-    ``ov_vals`` the entries past the first ``S`` of each row, in CSR form. ``indptr`` /
-    ``indices`` / ``values``: the checkpoint's CSR itself (the same tensors, no copy), which the
-    GEMV reads instead where ``GemvConfig.csr`` says so."""
+    ``ov_vals`` the entries past the first ``S`` of each row, in CSR form."""
 
     cols: torch.Tensor
     vals: torch.Tensor
@@ -1024,9 +959,6 @@ class OutlierTable:
     ov_indptr: torch.Tensor
     ov_cols: torch.Tensor
     ov_vals: torch.Tensor
-    indptr: torch.Tensor
-    indices: torch.Tensor
-    values: torch.Tensor
 
     @property
     def slots(self) -> int:
@@ -1037,15 +969,7 @@ class OutlierTable:
         return int(self.ov_vals.numel())
 
     def tensors(self) -> tuple[torch.Tensor, ...]:
-        """The slot table's tensors, in the kernels' argument order."""
         return (self.cols, self.vals, self.count, self.ov_indptr, self.ov_cols, self.ov_vals)
-
-    def csr(self) -> tuple[torch.Tensor, ...]:
-        return (self.indptr, self.indices, self.values)
-
-    @property
-    def nnz(self) -> int:
-        return int(self.values.numel())
 
 
 def choose_slots(counts: torch.Tensor, quantile: float = SLOT_QUANTILE) -> int:
@@ -1089,7 +1013,7 @@ def build_outlier_table(
     ov_indptr = torch.zeros(rows + 1, dtype=torch.int32, device=device)
     ov_indptr[1:] = torch.cumsum((counts - slots).clamp(min=0), dim=0).to(torch.int32)
     count = counts.clamp(max=slots).to(torch.int32)
-    return OutlierTable(cols, vals, count, ov_indptr, ov_cols, ov_vals, indptr, indices, values)
+    return OutlierTable(cols, vals, count, ov_indptr, ov_cols, ov_vals)
 
 
 @dataclass(frozen=True)
@@ -1171,12 +1095,10 @@ class GemvConfig:
     num_warps: int = 4
     num_stages: int = 2
     split_k: int = 1  # > 1: K split over programs, fp32 atomics into a zeroed output
-    order: int = 1  # outliers: 0 loaded after the codes, 1 loaded first, 2 summed first, 3 x
-    # gathered after the first step
+    order: int = 1  # outlier slots: 0 loaded after the codes, 1 loaded first, 2 summed first
     packed: bool = False  # 4 bits with fp16/bf16 x: f16x2 math (else, and always: fp32 decode)
     xvec: bool = False  # packed: x as one 16-byte load per word, paired in registers
     evict_first: bool = False  # the codes' L2 lines first to go (read once per call)
-    csr: int = 0  # > 0: outliers read from the CSR, this many entries per step (else the slots)
 
 
 @dataclass(frozen=True)
@@ -1222,14 +1144,12 @@ def gemv(
         out = torch.empty(m, n, device=x.device, dtype=x.dtype)
     words = weight.qweight.view(torch.int32)
     table = weight.outliers
-    csr = config.csr if table.nnz else 0
     grid = (triton.cdiv(n, config.block_n) * m, split_k)
     _gemv_kernel[grid](
         rows,
         words,
         weight.scales,
         *table.tensors(),
-        *table.csr(),
         bias if bias is not None else weight.scales,
         out,
         m,
@@ -1242,11 +1162,10 @@ def gemv(
         GROUP=weight.group_size,
         BITS=weight.bits,
         HAS_BIAS=bias is not None,
-        SLOTS=0 if config.csr else table.slots,
+        SLOTS=table.slots,
         SLOTS_P2=_slots_p2(table),
-        HAS_OVERFLOW=table.overflow > 0 and not config.csr,
+        HAS_OVERFLOW=table.overflow > 0,
         ORDER=config.order,
-        CSR=csr,
         BLOCK_N=config.block_n,
         BLOCK_W=block_w,
         SPLIT_K=split_k,
@@ -1661,18 +1580,14 @@ def _forward(
     overflow_indptr: torch.Tensor,
     overflow_cols: torch.Tensor,
     overflow_vals: torch.Tensor,
-    indptr: torch.Tensor,
-    indices: torch.Tensor,
-    values: torch.Tensor,
     bias: torch.Tensor | None,
     bits: int,
     group_size: int,
     in_features: int,
 ) -> torch.Tensor:
     table = OutlierTable(
-        slot_cols, slot_vals, slot_count, overflow_indptr, overflow_cols, overflow_vals, indptr,
-        indices, values,
-    )  # fmt: skip
+        slot_cols, slot_vals, slot_count, overflow_indptr, overflow_cols, overflow_vals
+    )
     weight = Weight(
         qweight, scales, table, bits, kernel_group(group_size, in_features), in_features
     )
@@ -1695,9 +1610,6 @@ def quant_linear_op(
     overflow_indptr: torch.Tensor,
     overflow_cols: torch.Tensor,
     overflow_vals: torch.Tensor,
-    indptr: torch.Tensor,
-    indices: torch.Tensor,
-    values: torch.Tensor,
     bias: torch.Tensor | None,
     bits: int,
     group_size: int,
@@ -1706,13 +1618,13 @@ def quant_linear_op(
     """The fused forward as one opaque op, so that torch.compile treats it as a unit."""
     return _forward(
         x, qweight, scales, slot_cols, slot_vals, slot_count, overflow_indptr, overflow_cols,
-        overflow_vals, indptr, indices, values, bias, bits, group_size, in_features,
+        overflow_vals, bias, bits, group_size, in_features,
     )  # fmt: skip
 
 
 @quant_linear_op.register_fake
 def _(x, qweight, scales, slot_cols, slot_vals, slot_count, overflow_indptr, overflow_cols,
-      overflow_vals, indptr, indices, values, bias, bits, group_size, in_features):  # fmt: skip
+      overflow_vals, bias, bits, group_size, in_features):  # fmt: skip
     return x.new_empty(*x.shape[:-1], qweight.shape[0])
 
 

@@ -32,7 +32,6 @@ TABLE_KEYS = (
     "overflow_cols",
     "overflow_vals",
 )
-CSR_KEYS = ("outlier_indptr", "outlier_indices", "outlier_values")
 
 
 class QuantLinear(nn.Module):
@@ -98,9 +97,8 @@ class QuantLinear(nn.Module):
             self.register_buffer(key, tensor, persistent=False)
 
     def outlier_table(self) -> tuple[torch.Tensor, ...]:
-        """The kernel-side outlier tensors, in ``TABLE_KEYS`` order, then the CSR buffers (which
-        the GEMV can read directly)."""
-        return tuple(getattr(self, key) for key in TABLE_KEYS + CSR_KEYS)
+        """The kernel-side outlier tensors, in ``TABLE_KEYS`` order."""
+        return tuple(getattr(self, key) for key in TABLE_KEYS)
 
     def set_backend(self, backend: str) -> QuantLinear:
         if backend not in self.backends:
