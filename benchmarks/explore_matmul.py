@@ -101,7 +101,19 @@ WIDE_PLANES = [(64, 256, 4, 3), (128, 256, 4, 3), (128, 256, 8, 3), (64, 512, 4,
                (64, 512, 8, 2), (32, 256, 2, 3), (64, 128, 4, 4), (128, 512, 8, 2)]  # fmt: skip
 
 
+# --sweep split (stop 15): the tensor-core winners with the K loop split over programs (fp32
+# atomics into a zeroed output, then a cast): at batch 16 a row block of 11008x4096 is one chain
+# of 128 small wgmmas, each waited for, and the 172 blocks fill 1.3 waves of the 132 SMs
+SPLITS = (1, 2, 3, 4, 6, 8)
+
+
 def small_candidates(sweep: str = "stop12") -> list[tm.DotConfig]:
+    if sweep == "split":
+        return (
+            [D(64, 16, 256, sk, 4, 3, xt=True, planes=True, packed=True) for sk in SPLITS]
+            + [D(128, 16, 256, sk, 4, 3, xt=True, planes=True, packed=True) for sk in (1, 2, 4)]
+            + [D(32, 16, 256, sk, 2, 3, xt=True) for sk in (1, 2, 4)]
+        )
     if sweep == "wide":
         return [D(bn, 16, bk, 1, w, s, xt=True, planes=True) for bn, bk, w, s in WIDE_PLANES]
     if sweep == "evict":  # the table's winners, codes evict_first or not
@@ -254,12 +266,13 @@ def main() -> None:
     )
     parser.add_argument(
         "--sweep",
-        choices=("stop12", "wide", "evict", "packed", "dequant"),
+        choices=("stop12", "wide", "evict", "packed", "dequant", "split"),
         default="stop12",
         help="candidates: stop 12's; (stop 13) wide: one-step GEMV row blocks and larger "
         "word-plane blocks; evict: the winners with the codes' loads evict_first; packed: the "
         "word-plane winners with planes decoded in pairs (4 bits); (stop 14) dequant: more "
-        "dense-weight kernel configs, and the same bytes written / copied by torch",
+        "dense-weight kernel configs, and the same bytes written / copied by torch; (stop 15) "
+        "split: the tensor-core winners with split K",
     )
     args = parser.parse_args()
     if args.sweep != "stop12" and args.bits != 4:
@@ -518,6 +531,13 @@ MID_TILES = [(64, 16, 4), (64, 32, 4), (64, 64, 4), (128, 64, 8), (128, 128, 8)]
 
 
 def mid_candidates(m: int) -> list[tm.DotConfig]:
+    if SWEEP == "split":
+        return [
+            D(bn, bm, 256, sk, w, 3, xt=True, planes=True, packed=True)
+            for bn, bm, w in MID_TILES[:3]
+            for sk in (1, 2, 4)
+            if bm <= max(m, 16)
+        ]
     return [
         D(bn, bm, 256, 1, w, 3, xt=True, planes=True, packed=True)
         for bn, bm, w in MID_TILES

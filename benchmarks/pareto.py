@@ -222,6 +222,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sigmas", nargs="+", type=float, default=[3.5, 3.0, 2.75, 2.5])
     parser.add_argument("--uniform-groups", nargs="+", type=int, default=[0, 64])
     parser.add_argument("--targets", nargs="+", type=float, default=[4.1, 4.2, 4.3, 4.4, 4.6])
+    parser.add_argument(
+        "--budget-groups",
+        nargs="+",
+        type=int,
+        default=[0, 128, 64, 32],
+        help="group sizes the budget may choose (0: per channel; '0' alone: sigma only)",
+    )
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     from transformers.utils import logging as hf_logging
@@ -262,7 +269,8 @@ def main(argv: list[str] | None = None) -> int:
     candidates = None
     if any(p["method"] == "budget" for p in points):
         log("budget: evaluating every weight's candidates")
-        candidates = model_candidates(base, best, device=args.device)
+        groups = [g or None for g in args.budget_groups]
+        candidates = model_candidates(base, best, groups=groups, device=args.device)
         payload["budget_candidates"] = {
             "seconds": candidates.seconds,
             "candidates": sum(len(t.candidates) for t in candidates.tensors),
