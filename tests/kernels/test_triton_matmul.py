@@ -351,7 +351,18 @@ def test_default_configs_fit_and_run(device):
     for m in (40, tm.MID_BATCH):
         config = tm.default_config(weight, m)
         assert isinstance(config, tm.DotConfig) and config.block_m > 16 and config.planes
-    assert tm.mid_config(4096, 32).block_m == 16 and tm.mid_config(11008, 32).block_m == 32
+    assert tm.mid_config(4096, 4096, 32).block_m == 16
+    assert tm.mid_config(11008, 4096, 32).block_m == 32
+    # few row blocks, long K: K split over programs (here, and below on a real call)
+    assert tm.mid_config(4096, 11008, 64).split_k == 4
+    assert tm.mid_config(4096, 11008, 128).split_k == 2
+    assert tm.mid_config(11008, 4096, 64).split_k == 1
+    long_k = random_weight(24, 8192, 4, None, seed=3, device=device)
+    for m in (16, 40):
+        config = tm.default_config(long_k, m)
+        assert isinstance(config, tm.DotConfig) and config.split_k == 4
+        x = fresh_x(m, 8192, torch.float16, device, seed=m)
+        assert_close(tm.matmul(long_k, x, None), reference(long_k, x, None), torch.float16)
     assert tm.default_config(weight, tm.MID_BATCH + 1) is None
     x = fresh_x(40, 256, torch.float16, device, seed=40)
     assert_close(tm.matmul(weight, x, None), reference(weight, x, None), torch.float16)

@@ -1367,20 +1367,37 @@ def gemv_config(n: int, k: int, bits: int) -> GemvConfig:
     return GemvConfig(block_n=16, block_w=128, num_warps=2, num_stages=3)
 
 
+def long_k_split(n: int, k: int, m: int) -> int:
+    """K splits for the tensor-core kernels on layers of few row blocks and a long K (fp32
+    atomics into a zeroed output, then a cast): 4096x11008 (Llama's down projection) has 64 row
+    blocks of 64 for 132 SMs, and on the H100 split K took it from 49.7 to 32.7 us at batch 16,
+    52.4 to 38.5 at 32, 61.8 to 48.5 at 64 and 80.2 to 74.4 at 128 (4 splits, 2 at 128; stop 15,
+    results/…-2026-11-23-explore-split.json). Other layers: 1 (no gain there)."""
+    if n > 4096 or k < 8192:
+        return 1
+    return 4 if m <= 64 else 2
+
+
 def small_config(n: int, k: int, m: int, bits: int) -> DotConfig:
+    if bits == 4 and long_k_split(n, k, m) > 1:
+        return DotConfig(64, 16, 256, long_k_split(n, k, m), xt=True, planes=True, packed=True)
     if n >= 8192:  # enough row blocks of 64: the word-plane kernel streams best (4 bits, fp16 /
         # bf16: planes decoded in pairs, 4-13% faster on the H100, stop 13)
         return DotConfig(block_n=64, block_m=16, block_k=256, xt=True, planes=True, packed=True)
     return DotConfig(block_n=32, block_m=16, block_k=256, num_warps=2, num_stages=3, xt=True)
 
 
-def mid_config(n: int, m: int) -> DotConfig:
+def mid_config(n: int, k: int, m: int) -> DotConfig:
     """Batches past SMALL_BATCH (4 bits): the packed word-plane kernel, batch tiles of 32 up to
     64 rows and of 64 beyond (the H100's best at 32-128 on most shapes, …-explore-mid.json);
     layers of at most 4096 rows keep 16-wide tiles up to 32 rows (10-14% faster there: with few
-    row blocks, more programs)."""
-    block_m = 16 if n <= 4096 and m <= 32 else 32 if m <= 64 else 64
-    return DotConfig(64, block_m, 256, xt=True, planes=True, packed=True)
+    row blocks, more programs), unless a long K is split over programs (``long_k_split``)."""
+    split = long_k_split(n, k, m)
+    if split > 1:
+        block_m = 32 if m <= 32 else 64
+    else:
+        block_m = 16 if n <= 4096 and m <= 32 else 32 if m <= 64 else 64
+    return DotConfig(64, block_m, 256, split, xt=True, planes=True, packed=True)
 
 
 def large_config(n: int, k: int, m: int, bits: int) -> DotConfig:
@@ -1465,8 +1482,8 @@ def default_config(weight: Weight, m: int) -> GemvConfig | DotConfig | None:
         config = measured_config("small", n, k, device) if bits == 4 else None
         config = config or small_config(n, k, m, bits)
         return config if fits(weight, config) else DotConfig(32, 16, 128)
-    if bits == 4 and m <= MID_BATCH and fits(weight, mid_config(n, m)):
-        return mid_config(n, m)
+    if bits == 4 and m <= MID_BATCH and fits(weight, mid_config(n, k, m)):
+        return mid_config(n, k, m)
     if DEQUANT_LARGE:
         return None
     config = large_config(n, k, m, bits)
@@ -1506,7 +1523,7 @@ def candidates(weight: Weight, m: int) -> list[GemvConfig | DotConfig | None]:
     else:
         found = [None, large_config(weight.out_features, weight.in_features, m, weight.bits)]
         if m <= 2 * MID_BATCH:
-            wide = mid_config(weight.out_features, m)
+            wide = mid_config(weight.out_features, weight.in_features, m)
             found += [wide, replace(wide, block_m=16 if wide.block_m > 16 else 32)]
     return [c for c in found if c is None or fits(weight, c)]
 
