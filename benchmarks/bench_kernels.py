@@ -120,18 +120,35 @@ _FLUSH: dict[str, torch.Tensor] = {}
 # the previous layer's matmul streamed through the L2 are when decoding.
 FLUSH_MODES = ("write", "read")
 FLUSH_MODE = "write"
-# Cycles the GPU spins before each timed call (~100 us at 1.98 GHz): longer than the host takes to
-# launch any kernel here, so the timed region never waits for the host.
+# Cycles the GPU spins before each timed call, at least: ~155 us on the H100. gpu_time_us spins
+# longer where the host takes longer to issue one call (stop 15: the tensor-core path's two Triton
+# launches took a median 150-250 us of host time, so the timed region sometimes waited for the
+# host: the "sporadic slow cases" of stops 13-14, e.g. 14336x4096 at batch 16 timed 194.7 us
+# against 34.0).
 SLEEP_CYCLES = 200_000
+_SPIN_CYCLES_PER_US: list[float] = []
+
+
+def spin_cycles_per_us() -> float:
+    """``torch.cuda._sleep`` cycles per microsecond on this GPU (measured once)."""
+    if not _SPIN_CYCLES_PER_US:
+        events = [torch.cuda.Event(enable_timing=True) for _ in range(2)]
+        torch.cuda._sleep(1_000_000)  # (the first spin also pays the clock's ramp-up)
+        events[0].record()
+        torch.cuda._sleep(2_000_000)
+        events[1].record()
+        torch.cuda.synchronize()
+        _SPIN_CYCLES_PER_US.append(2_000_000 / (events[0].elapsed_time(events[1]) * 1e3))
+    return _SPIN_CYCLES_PER_US[0]
 
 
 def gpu_time_us(fn: Callable[[], object], rep_ms: float = 100.0) -> float:
     """Median GPU time of ``fn`` in microseconds. Before each timed call the L2 cache is flushed
     (FLUSH_MODE: a 256 MiB memset, as ``triton.testing.do_bench`` does, or a 256 MiB read) and
-    then the GPU spins for
-    SLEEP_CYCLES, so that the host's launch work (Python, Triton's launcher, ~20-100 us) overlaps
-    the spin instead of leaving the GPU idle inside the timed region; decoding runs from CUDA
-    graphs, where launches cost no host time either."""
+    then the GPU spins for at least SLEEP_CYCLES and 4x the longest host time of five calls, so
+    that the host's launch work (Python, Triton's launcher: 20-250 us) overlaps the spin instead
+    of leaving the GPU idle inside the timed region; decoding runs from CUDA graphs, where
+    launches cost no host time either."""
     device = torch.cuda.current_device()
     flush = _FLUSH.get(str(device))
     if flush is None:
@@ -140,6 +157,14 @@ def gpu_time_us(fn: Callable[[], object], rep_ms: float = 100.0) -> float:
     flush_sum = torch.empty((), dtype=torch.int64, device=flush.device)
     fn()
     torch.cuda.synchronize()
+    host_us = []  # the host's time to issue one call, with the GPU busy (spinning)
+    for _ in range(5):
+        torch.cuda._sleep(SLEEP_CYCLES)
+        start = time.perf_counter()
+        fn()
+        host_us.append((time.perf_counter() - start) * 1e6)
+    torch.cuda.synchronize()
+    spin = max(SLEEP_CYCLES, int(4 * max(host_us) * spin_cycles_per_us()))
     probe = [torch.cuda.Event(enable_timing=True) for _ in range(2)]
     probe[0].record()
     for _ in range(5):
@@ -148,6 +173,7 @@ def gpu_time_us(fn: Callable[[], object], rep_ms: float = 100.0) -> float:
     torch.cuda.synchronize()
     estimate = max(probe[0].elapsed_time(probe[1]) / 5, 1e-3)
     reps = int(min(max(rep_ms / estimate, 20), 1000))
+    reps = min(reps, max(50, int(300_000 * spin_cycles_per_us() / spin)))  # <= ~0.3 s of spin
     starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
     ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
     for i in range(reps):
@@ -155,7 +181,7 @@ def gpu_time_us(fn: Callable[[], object], rep_ms: float = 100.0) -> float:
             torch.sum(flush_words, 0, dtype=torch.int64, out=flush_sum)
         else:
             flush.zero_()
-        torch.cuda._sleep(SLEEP_CYCLES)
+        torch.cuda._sleep(spin)
         starts[i].record()
         fn()
         ends[i].record()
