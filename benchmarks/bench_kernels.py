@@ -142,13 +142,14 @@ def spin_cycles_per_us() -> float:
     return _SPIN_CYCLES_PER_US[0]
 
 
-def gpu_time_us(fn: Callable[[], object], rep_ms: float = 100.0) -> float:
+def gpu_time_us(fn: Callable[[], object], rep_ms: float = 100.0, adaptive: bool = True) -> float:
     """Median GPU time of ``fn`` in microseconds. Before each timed call the L2 cache is flushed
     (FLUSH_MODE: a 256 MiB memset, as ``triton.testing.do_bench`` does, or a 256 MiB read) and
     then the GPU spins for at least SLEEP_CYCLES and 4x the longest host time of five calls, so
     that the host's launch work (Python, Triton's launcher: 20-250 us) overlaps the spin instead
     of leaving the GPU idle inside the timed region; decoding runs from CUDA graphs, where
-    launches cost no host time either."""
+    launches cost no host time either. ``adaptive=False``: the fixed spin alone (as before
+    stop 15)."""
     device = torch.cuda.current_device()
     flush = _FLUSH.get(str(device))
     if flush is None:
@@ -164,7 +165,11 @@ def gpu_time_us(fn: Callable[[], object], rep_ms: float = 100.0) -> float:
         fn()
         host_us.append((time.perf_counter() - start) * 1e6)
     torch.cuda.synchronize()
-    spin = max(SLEEP_CYCLES, int(4 * max(host_us) * spin_cycles_per_us()))
+    spin = (
+        max(SLEEP_CYCLES, int(4 * max(host_us) * spin_cycles_per_us()))
+        if adaptive
+        else SLEEP_CYCLES
+    )
     probe = [torch.cuda.Event(enable_timing=True) for _ in range(2)]
     probe[0].record()
     for _ in range(5):

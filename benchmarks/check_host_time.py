@@ -1,0 +1,86 @@
+"""How long the host takes to issue one ``matmul`` call, against the GPU spin that
+``bench_kernels.gpu_time_us`` puts before each timed call (issue 5, stop 15; CUDA only).
+
+    python benchmarks/check_host_time.py [--out DIR]
+
+For each shape and batch (4-bit, 0.5% random outliers, fp16 x, the default kernel): the host
+time of 200 calls issued while the GPU spins (median, 90th percentile, max), and the kernel's
+median GPU time with the old fixed spin (``SLEEP_CYCLES``, ~155 us on the H100) and with the
+adaptive one. Where the host's time reaches the spin, the timed region waits for the host.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+import bench_kernels as bk
+from benchlib import write_result
+from easyquant.kernels import triton_matmul as tm
+
+CASES = [(14336, 4096), (4096, 11008), (11008, 4096), (4096, 4096)]
+BATCHES = (1, 16, 32, 64)
+
+
+def host_times(fn, calls: int = 200) -> list[float]:
+    times = []
+    for _ in range(calls):
+        torch.cuda._sleep(2_000_000)
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e6)
+        torch.cuda.synchronize()
+    return sorted(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT") or bk.RESULTS))
+    args = parser.parse_args()
+    bk.warm_up("cuda")
+    per_us = bk.spin_cycles_per_us()
+    fixed_us = bk.SLEEP_CYCLES / per_us
+    print(f"spin: {per_us:.0f} cycles per us; SLEEP_CYCLES = {fixed_us:.0f} us", flush=True)
+    rows = []
+    for n, k in CASES:
+        weight = bk.kernel_weight(bk.random_parts(n, k, 4, None, 0.005, seed=n + 4, device="cuda"))
+        for m in BATCHES:
+            x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+
+            def fn(x=x, weight=weight):
+                return tm.matmul(weight, x, None)
+
+            fn()
+            torch.cuda.synchronize()
+            host = host_times(fn)
+            adaptive = bk.gpu_time_us(fn)
+            fixed = bk.gpu_time_us(fn, adaptive=False)
+            row = {
+                "shape": f"{n}x{k}",
+                "batch": m,
+                "config": str(tm.default_config(weight, m)),
+                "host_us_median": round(statistics.median(host), 1),
+                "host_us_p90": round(host[int(0.9 * len(host))], 1),
+                "host_us_max": round(host[-1], 1),
+                "gpu_us_fixed_spin": round(fixed, 2),
+                "gpu_us_adaptive_spin": round(adaptive, 2),
+            }
+            rows.append(row)
+            print(row, flush=True)
+    note = (
+        "Host time to issue one matmul call (perf_counter around the call while the GPU spins) "
+        f"against the fixed spin before each timed call ({fixed_us:.0f} us) and the GPU-time "
+        "medians with that spin and with gpu_time_us's adaptive one (4x the longest of five "
+        "host times)."
+    )
+    path = write_result("host-time", "cuda", {"note": note, "rows": rows}, args.out)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
