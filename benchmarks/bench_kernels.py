@@ -122,9 +122,9 @@ FLUSH_MODES = ("write", "read")
 FLUSH_MODE = "write"
 # Cycles the GPU spins before each timed call, at least: ~155 us on the H100. gpu_time_us spins
 # longer where the host takes longer to issue one call (stop 15: the tensor-core path's two Triton
-# launches took a median 150-250 us of host time, so the timed region sometimes waited for the
-# host: the "sporadic slow cases" of stops 13-14, e.g. 14336x4096 at batch 16 timed 194.7 us
-# against 34.0).
+# launches took a median 87-207 us of host time, results/…-host-time.json, so a slow host could
+# leave the timed region waiting: the likely cause, not demonstrated, of the sporadic slow cases
+# of stops 13-15, e.g. 14336x4096 at batch 16 once timed 194.7 us against 34.0).
 SLEEP_CYCLES = 200_000
 _SPIN_CYCLES_PER_US: list[float] = []
 
