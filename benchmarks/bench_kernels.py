@@ -122,9 +122,10 @@ FLUSH_MODES = ("write", "read")
 FLUSH_MODE = "write"
 # Cycles the GPU spins before each timed call, at least: ~155 us on the H100. gpu_time_us spins
 # longer where the host takes longer to issue one call (stop 15: the tensor-core path's two Triton
-# launches took a median 87-207 us of host time, results/…-host-time.json, so a slow host could
-# leave the timed region waiting: the likely cause, not demonstrated, of the sporadic slow cases
-# of stops 13-15, e.g. 14336x4096 at batch 16 once timed 194.7 us against 34.0).
+# launches took a median 87-207 us of host time, results/…-host-time.json; a host that falls
+# behind the GPU's repetitions leaves the timed region waiting: a possible cause, not shown, of
+# the sporadic slow cases of stops 13-15, e.g. 14336x4096 at batch 16 once timed 194.7 us
+# against 34.0).
 SLEEP_CYCLES = 200_000
 _SPIN_CYCLES_PER_US: list[float] = []
 
