@@ -357,6 +357,9 @@ def test_default_configs_fit_and_run(device):
     assert tm.mid_config(4096, 11008, 64).split_k == 4
     assert tm.mid_config(4096, 11008, 128).split_k == 2
     assert tm.mid_config(11008, 4096, 64).split_k == 1
+    assert tm.mid_config(11008, 4096, 64).block_m == 32
+    assert tm.mid_config(14336, 4096, 64).block_m == 64
+    assert tm.mid_config(14336, 4096, 32).block_m == 32
     long_k = random_weight(24, 8192, 4, None, seed=3, device=device)
     for m in (16, 40):
         config = tm.default_config(long_k, m)

@@ -1391,9 +1391,12 @@ def mid_config(n: int, k: int, m: int) -> DotConfig:
     """Batches past SMALL_BATCH (4 bits): the packed word-plane kernel, batch tiles of 32 up to
     64 rows and of 64 beyond (the H100's best at 32-128 on most shapes, …-explore-mid.json);
     layers of at most 4096 rows keep 16-wide tiles up to 32 rows (10-14% faster there: with few
-    row blocks, more programs), unless a long K is split over programs (``long_k_split``)."""
+    row blocks, more programs), unless a long K is split over programs (``long_k_split``); layers
+    of more than 12288 rows take 64-wide tiles past 32 rows (at batch 64 on the H100 14336x4096
+    56.6 -> 44.1 us, 53746x14336 452.6 -> 396.5; 11008-22016 rows tie: stop 13's
+    …-explore-mid.json and stop 15's …-explore-split.json agree)."""
     split = long_k_split(n, k, m)
-    if split > 1:
+    if split > 1 or (n > 12288 and m > 32):
         block_m = 32 if m <= 32 else 64
     else:
         block_m = 16 if n <= 4096 and m <= 32 else 32 if m <= 64 else 64
