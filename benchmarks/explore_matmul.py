@@ -103,7 +103,8 @@ WIDE_PLANES = [(64, 256, 4, 3), (128, 256, 4, 3), (128, 256, 8, 3), (64, 512, 4,
 
 # --sweep split (stop 15): the tensor-core winners with the K loop split over programs (fp32
 # atomics into a zeroed output, then a cast): at batch 16 a row block of 11008x4096 is one chain
-# of 128 small wgmmas, each waited for, and the 172 blocks fill 1.3 waves of the 132 SMs
+# of 128 small wgmmas, each waited for, and the 172 blocks fill 1.3 waves of the 132 SMs (it
+# helped only where row blocks are few: 4096x11008, notes "Stop 15")
 SPLITS = (1, 2, 3, 4, 6, 8)
 
 

@@ -1370,9 +1370,10 @@ def gemv_config(n: int, k: int, bits: int) -> GemvConfig:
 def long_k_split(n: int, k: int, m: int) -> int:
     """K splits for the tensor-core kernels on layers of few row blocks and a long K (fp32
     atomics into a zeroed output, then a cast): 4096x11008 (Llama's down projection) has 64 row
-    blocks of 64 for 132 SMs, and on the H100 split K took it from 49.7 to 32.7 us at batch 16,
-    52.4 to 38.5 at 32, 61.8 to 48.5 at 64 and 80.2 to 74.4 at 128 (4 splits, 2 at 128; stop 15,
-    results/…-2026-11-23-explore-split.json). Other layers: 1 (no gain there)."""
+    blocks of 64 for 132 SMs, and on the H100 split K (with ``mid_config``'s tiles) took it from
+    49.7 to 32.7 us at batch 16, 52.4 to 38.5 at 32, 61.8 to 48.5 at 64 and 80.2 to 74.4 at 128
+    (4 splits, 2 at 128; stop 15, results/…-2026-11-23-explore-split.json). Other layers: 1 (no
+    gain there)."""
     if n > 4096 or k < 8192:
         return 1
     return 4 if m <= 64 else 2
