@@ -62,21 +62,7 @@ EVICT = [(8, 128, 2, 3, False), (16, 128, 2, 3, True), (4, 256, 2, 1, True), (8,
          (4, 256, 1, 2, True)]  # fmt: skip
 
 
-# --sweep maxnreg (stop 15): the table's GEMV winners with registers per thread capped, so that
-# more blocks fit on an SM (14336x4096, 8-row blocks: the outlier slots take the kernel from 71
-# to 80 registers, 12 instead of 14 blocks per SM, 1,584 resident for 1,792 blocks: two waves)
-MAXNREG_BASES = [(8, 128, 2, 3, False), (16, 128, 2, 3, True), (8, 256, 4, 2, True),
-                 (4, 256, 1, 2, True)]  # fmt: skip
-MAXNREGS = (0, 96, 80, 72, 64)
-
-
 def gemv_candidates(bits: int = 4, sweep: str = "stop12") -> list[tm.GemvConfig]:
-    if sweep == "maxnreg":
-        return [
-            G(bn, bw, w, s, packed=True, xvec=xv, maxnreg=r)
-            for bn, bw, w, s, xv in MAXNREG_BASES
-            for r in MAXNREGS
-        ]
     if sweep == "wide":  # stop 12's two winners (same-run reference), then the one-step blocks
         return (
             [G(8, 128, 2, 3, packed=True), G(16, 128, 2, 3, packed=True, xvec=True)]
@@ -281,14 +267,13 @@ def main() -> None:
     )
     parser.add_argument(
         "--sweep",
-        choices=("stop12", "wide", "evict", "packed", "dequant", "split", "maxnreg"),
+        choices=("stop12", "wide", "evict", "packed", "dequant", "split"),
         default="stop12",
         help="candidates: stop 12's; (stop 13) wide: one-step GEMV row blocks and larger "
         "word-plane blocks; evict: the winners with the codes' loads evict_first; packed: the "
         "word-plane winners with planes decoded in pairs (4 bits); (stop 14) dequant: more "
         "dense-weight kernel configs, and the same bytes written / copied by torch; (stop 15) "
-        "split: the tensor-core winners with split K; maxnreg: the GEMV winners with registers "
-        "per thread capped",
+        "split: the tensor-core winners with split K",
     )
     args = parser.parse_args()
     if args.sweep != "stop12" and args.bits != 4:

@@ -1099,7 +1099,6 @@ class GemvConfig:
     packed: bool = False  # 4 bits with fp16/bf16 x: f16x2 math (else, and always: fp32 decode)
     xvec: bool = False  # packed: x as one 16-byte load per word, paired in registers
     evict_first: bool = False  # the codes' L2 lines first to go (read once per call)
-    maxnreg: int = 0  # > 0: registers per thread capped (ptxas spills the rest): more blocks fit
 
 
 @dataclass(frozen=True)
@@ -1177,7 +1176,6 @@ def gemv(
         INTERPRET=interpreting(),
         num_warps=config.num_warps,
         num_stages=config.num_stages,
-        **({"maxnreg": config.maxnreg} if config.maxnreg else {}),
     )
     out = out.to(x.dtype) if split_k > 1 else out
     return out if x.dim() == 2 else out[0]
