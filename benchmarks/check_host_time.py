@@ -1,12 +1,17 @@
 """How long the host takes to issue one ``matmul`` call, against the GPU spin that
 ``bench_kernels.gpu_time_us`` puts before each timed call (issue 5, stop 15; CUDA only).
 
-    python benchmarks/check_host_time.py [--out DIR]
+    python benchmarks/check_host_time.py [--out DIR] [--layer]
 
 For each shape and batch (4-bit, 0.5% random outliers, fp16 x, the default kernel): the host
 time of 200 calls issued while the GPU spins (median, 90th percentile, max), and the kernel's
 median GPU time with the old fixed spin (``SLEEP_CYCLES``, ~155 us on the H100) and with the
 adaptive one. Where the host's time reaches the spin, the timed region waits for the host.
+
+``--layer``: the steady-state host time per call of a whole layer as eager PyTorch runs it
+(``nn.Linear`` in fp16 against ``QuantLinear`` on the fused kernels, 11008x4096, batch 1 and 16:
+300 calls queued back to back behind a long GPU spin, so that the host never waits for the
+GPU), and where ``QuantLinear``'s time goes (cProfile, the top functions by own time).
 """
 
 from __future__ import annotations
@@ -38,11 +43,72 @@ def host_times(fn, calls: int = 200) -> list[float]:
     return sorted(times)
 
 
+def per_call_us(fn, calls: int = 300) -> float:
+    """Host microseconds per call, the GPU kept busy (so no call waits for it)."""
+    fn()
+    torch.cuda.synchronize()
+    torch.cuda._sleep(700_000_000)  # (~0.5 s: longer than the calls take to issue; few calls,
+    # so the launch queue never fills)
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    seconds = time.perf_counter() - start
+    torch.cuda.synchronize()
+    return seconds / calls * 1e6
+
+
+def layer_host_time(out: Path) -> None:
+    import cProfile
+    import io
+    import pstats
+
+    from torch import nn
+
+    from easyquant import QuantConfig, QuantLinear
+
+    torch.manual_seed(0)
+    n, k = 11008, 4096
+    linear = nn.Linear(k, n, bias=False, device="cuda", dtype=torch.float16)
+    layer = QuantLinear.from_linear(linear, QuantConfig(method="rtn")).cuda()
+    rows, profiles = [], {}
+    for m in (1, 16):
+        x = torch.randn(1, m, k, device="cuda", dtype=torch.float16)
+        with torch.no_grad():
+            fp16 = per_call_us(lambda x=x: linear(x))
+            quant = per_call_us(lambda x=x: layer(x))
+            profiler = cProfile.Profile()
+            profiler.enable()
+            for _ in range(500):
+                layer(x)
+            profiler.disable()
+        torch.cuda.synchronize()
+        text = io.StringIO()
+        pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(15)
+        profiles[f"batch {m}"] = text.getvalue()
+        row = {"shape": f"{n}x{k}", "batch": m, "nn_linear_fp16_us": round(fp16, 1),
+               "quant_linear_us": round(quant, 1)}  # fmt: skip
+        rows.append(row)
+        print(row, flush=True)
+        print(text.getvalue(), flush=True)
+    note = (
+        "Host time per call of one layer in eager PyTorch, steady state (300 calls queued "
+        "behind a GPU spin): nn.Linear fp16 against QuantLinear on the fused kernels (4-bit "
+        "RTN codes), and cProfile's top functions of 500 QuantLinear calls."
+    )
+    path = write_result("host-time-layer", "cuda", {"note": note, "rows": rows,
+                                                     "profiles": profiles}, out)  # fmt: skip
+    print(f"wrote {path}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT") or bk.RESULTS))
+    parser.add_argument("--layer", action="store_true", help="a whole layer's host time instead")
     args = parser.parse_args()
     bk.warm_up("cuda")
+    if args.layer:
+        layer_host_time(args.out)
+        return
     per_us = bk.spin_cycles_per_us()
     fixed_us = bk.SLEEP_CYCLES / per_us
     print(f"spin: {per_us:.0f} cycles per us; SLEEP_CYCLES = {fixed_us:.0f} us", flush=True)
