@@ -1,7 +1,7 @@
 """How long the host takes to issue one ``matmul`` call, against the GPU spin that
 ``bench_kernels.gpu_time_us`` puts before each timed call (issue 5, stop 15; CUDA only).
 
-    python benchmarks/check_host_time.py [--out DIR] [--layer]
+    python benchmarks/check_host_time.py [--out DIR] [--layer | --reduce-overhead]
 
 For each shape and batch (4-bit, 0.5% random outliers, fp16 x, the default kernel): the host
 time of 200 calls issued while the GPU spins (median, 90th percentile, max), and the kernel's
@@ -12,6 +12,10 @@ adaptive one. Where the host's time reaches the spin, the timed region waits for
 (``nn.Linear`` in fp16 against ``QuantLinear`` on the fused kernels, 11008x4096, batch 1 and 16:
 300 calls queued back to back behind a long GPU spin, so that the host never waits for the
 GPU), and where ``QuantLinear``'s time goes (cProfile, the top functions by own time).
+
+``--reduce-overhead``: a stack of eight ``QuantLinear`` layers (4096 -> 11008 -> 4096, batch 1)
+eager and under ``torch.compile(mode="reduce-overhead")`` (CUDA graphs through torch's cudagraph
+trees): the same outputs, and the wall time per forward of each (synchronised, 200 calls).
 """
 
 from __future__ import annotations
@@ -100,14 +104,75 @@ def layer_host_time(out: Path) -> None:
     print(f"wrote {path}")
 
 
+def reduce_overhead(out: Path) -> None:
+    from torch import nn
+
+    from easyquant import QuantConfig, QuantLinear
+
+    torch.manual_seed(0)
+    layers = []
+    for i in range(8):
+        n, k = (11008, 4096) if i % 2 == 0 else (4096, 11008)
+        linear = nn.Linear(k, n, bias=False, device="cuda", dtype=torch.float16)
+        layers.append(QuantLinear.from_linear(linear, QuantConfig(method="rtn")).cuda())
+    stack = nn.Sequential(*layers)
+    fp16 = nn.Sequential(*[nn.Linear(q.in_features, q.out_features, bias=False, device="cuda",
+                                     dtype=torch.float16) for q in layers])  # fmt: skip
+    x = torch.randn(1, 4096, device="cuda", dtype=torch.float16)
+
+    def wall_us(fn, calls: int = 200) -> float:
+        for _ in range(3):
+            fn()
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+        return (time.perf_counter() - start) / calls * 1e6
+
+    with torch.no_grad():
+        eager_out = stack(x).clone()
+        eager = wall_us(lambda: stack(x))
+        fp16_eager = wall_us(lambda: fp16(x))
+        compiled = torch.compile(stack, mode="reduce-overhead")
+        fp16_compiled = torch.compile(fp16, mode="reduce-overhead")
+        got = compiled(x).clone()
+        graphs = wall_us(lambda: compiled(x))
+        fp16_graphs = wall_us(lambda: fp16_compiled(x))
+        got = compiled(x).clone()
+    diff = float((got.float() - eager_out.float()).abs().max())
+    row = {
+        "layers": "8 x (4096 -> 11008 -> 4096 alternating), batch 1, fp16",
+        "quant_eager_us": round(eager, 1),
+        "quant_reduce_overhead_us": round(graphs, 1),
+        "fp16_eager_us": round(fp16_eager, 1),
+        "fp16_reduce_overhead_us": round(fp16_graphs, 1),
+        "max_abs_diff_compiled_vs_eager": diff,
+    }
+    print(row, flush=True)
+    note = (
+        "Eight QuantLinear layers (4-bit RTN codes) eager and under torch.compile(mode="
+        "'reduce-overhead'), against the same stack of fp16 nn.Linear: wall time per forward "
+        "(synchronised, 200 calls) and the largest difference of the compiled output."
+    )
+    path = write_result("reduce-overhead", "cuda", {"note": note, "rows": [row]}, out)
+    print(f"wrote {path}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT") or bk.RESULTS))
     parser.add_argument("--layer", action="store_true", help="a whole layer's host time instead")
+    parser.add_argument(
+        "--reduce-overhead", action="store_true", help="torch.compile(mode='reduce-overhead')"
+    )
     args = parser.parse_args()
     bk.warm_up("cuda")
     if args.layer:
         layer_host_time(args.out)
+        return
+    if args.reduce_overhead:
+        reduce_overhead(args.out)
         return
     per_us = bk.spin_cycles_per_us()
     fixed_us = bk.SLEEP_CYCLES / per_us
