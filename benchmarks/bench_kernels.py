@@ -20,6 +20,7 @@ Prints a table and writes ``<device>-<date>-kernels.json`` (device, versions, co
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import time
 from collections.abc import Callable
@@ -127,20 +128,31 @@ FLUSH_MODE = "write"
 # the sporadic slow cases of stops 13-15, e.g. 14336x4096 at batch 16 once timed 194.7 us
 # against 34.0).
 SLEEP_CYCLES = 200_000
-_SPIN_CYCLES_PER_US: list[float] = []
 
 
+@functools.cache
 def spin_cycles_per_us() -> float:
     """``torch.cuda._sleep`` cycles per microsecond on this GPU (measured once)."""
-    if not _SPIN_CYCLES_PER_US:
-        events = [torch.cuda.Event(enable_timing=True) for _ in range(2)]
-        torch.cuda._sleep(1_000_000)  # (the first spin also pays the clock's ramp-up)
-        events[0].record()
-        torch.cuda._sleep(2_000_000)
-        events[1].record()
+    events = [torch.cuda.Event(enable_timing=True) for _ in range(2)]
+    torch.cuda._sleep(1_000_000)  # (the first spin also pays the clock's ramp-up)
+    events[0].record()
+    torch.cuda._sleep(2_000_000)
+    events[1].record()
+    torch.cuda.synchronize()
+    return 2_000_000 / (events[0].elapsed_time(events[1]) * 1e3)
+
+
+def host_issue_us(fn: Callable[[], object], calls: int, spin: int = SLEEP_CYCLES) -> list[float]:
+    """The host's time to issue ``fn`` (microseconds, sorted), each call made while the GPU
+    spins for ``spin`` cycles, so that no call waits for the GPU."""
+    times = []
+    for _ in range(calls):
+        torch.cuda._sleep(spin)
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e6)
         torch.cuda.synchronize()
-        _SPIN_CYCLES_PER_US.append(2_000_000 / (events[0].elapsed_time(events[1]) * 1e3))
-    return _SPIN_CYCLES_PER_US[0]
+    return sorted(times)
 
 
 def gpu_time_us(fn: Callable[[], object], rep_ms: float = 100.0, adaptive: bool = True) -> float:
@@ -159,18 +171,10 @@ def gpu_time_us(fn: Callable[[], object], rep_ms: float = 100.0, adaptive: bool 
     flush_sum = torch.empty((), dtype=torch.int64, device=flush.device)
     fn()
     torch.cuda.synchronize()
-    host_us = []  # the host's time to issue one call, with the GPU busy (spinning)
-    for _ in range(5):
-        torch.cuda._sleep(SLEEP_CYCLES)
-        start = time.perf_counter()
-        fn()
-        host_us.append((time.perf_counter() - start) * 1e6)
-    torch.cuda.synchronize()
-    spin = (
-        max(SLEEP_CYCLES, int(4 * max(host_us) * spin_cycles_per_us()))
-        if adaptive
-        else SLEEP_CYCLES
-    )
+    spin = SLEEP_CYCLES
+    if adaptive:
+        longest = host_issue_us(fn, 5)[-1]
+        spin = max(SLEEP_CYCLES, int(4 * longest * spin_cycles_per_us()))
     probe = [torch.cuda.Event(enable_timing=True) for _ in range(2)]
     probe[0].record()
     for _ in range(5):

@@ -36,17 +36,6 @@ CASES = [(14336, 4096), (4096, 11008), (11008, 4096), (4096, 4096)]
 BATCHES = (1, 16, 32, 64)
 
 
-def host_times(fn, calls: int = 200) -> list[float]:
-    times = []
-    for _ in range(calls):
-        torch.cuda._sleep(2_000_000)
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e6)
-        torch.cuda.synchronize()
-    return sorted(times)
-
-
 def per_call_us(fn, calls: int = 300) -> float:
     """Host microseconds per call, the GPU kept busy (so no call waits for it)."""
     fn()
@@ -188,7 +177,7 @@ def main() -> None:
 
             fn()
             torch.cuda.synchronize()
-            host = host_times(fn)
+            host = bk.host_issue_us(fn, 200, spin=2_000_000)
             adaptive = bk.gpu_time_us(fn)
             fixed = bk.gpu_time_us(fn, adaptive=False)
             row = {

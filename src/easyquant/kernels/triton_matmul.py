@@ -1380,8 +1380,9 @@ def long_k_split(n: int, k: int, m: int) -> int:
 
 
 def small_config(n: int, k: int, m: int, bits: int) -> DotConfig:
-    if bits == 4 and long_k_split(n, k, m) > 1:
-        return DotConfig(64, 16, 256, long_k_split(n, k, m), xt=True, planes=True, packed=True)
+    split = long_k_split(n, k, m)
+    if bits == 4 and split > 1:
+        return DotConfig(64, 16, 256, split, xt=True, planes=True, packed=True)
     if n >= 8192:  # enough row blocks of 64: the word-plane kernel streams best (4 bits, fp16 /
         # bf16: planes decoded in pairs, 4-13% faster on the H100, stop 13)
         return DotConfig(block_n=64, block_m=16, block_k=256, xt=True, planes=True, packed=True)
@@ -1397,10 +1398,12 @@ def mid_config(n: int, k: int, m: int) -> DotConfig:
     56.6 -> 44.1 us, 53746x14336 452.6 -> 396.5; 11008-22016 rows tie: stop 13's
     …-explore-mid.json and stop 15's …-explore-split.json agree)."""
     split = long_k_split(n, k, m)
-    if split > 1 or (n > 12288 and m > 32):
-        block_m = 32 if m <= 32 else 64
+    if m > 64 or (m > 32 and (split > 1 or n > 12288)):
+        block_m = 64
+    elif m <= 32 and n <= 4096 and split == 1:
+        block_m = 16
     else:
-        block_m = 16 if n <= 4096 and m <= 32 else 32 if m <= 64 else 64
+        block_m = 32
     return DotConfig(64, block_m, 256, split, xt=True, planes=True, packed=True)
 
 
@@ -1486,8 +1489,10 @@ def default_config(weight: Weight, m: int) -> GemvConfig | DotConfig | None:
         config = measured_config("small", n, k, device) if bits == 4 else None
         config = config or small_config(n, k, m, bits)
         return config if fits(weight, config) else DotConfig(32, 16, 128)
-    if bits == 4 and m <= MID_BATCH and fits(weight, mid_config(n, k, m)):
-        return mid_config(n, k, m)
+    if bits == 4 and m <= MID_BATCH:
+        config = mid_config(n, k, m)
+        if fits(weight, config):
+            return config
     if DEQUANT_LARGE:
         return None
     config = large_config(n, k, m, bits)
