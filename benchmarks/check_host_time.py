@@ -9,7 +9,8 @@ median GPU time with the old fixed spin (``SLEEP_CYCLES``, ~155 us on the H100) 
 adaptive one. Where the host's time reaches the spin, the timed region waits for the host.
 
 ``--layer``: the steady-state host time per call of a whole layer as eager PyTorch runs it
-(``nn.Linear`` in fp16 against ``QuantLinear`` on the fused kernels, 11008x4096, batch 1 and 16:
+(``nn.Linear`` in fp16 against ``QuantLinear`` on the fused kernels, and against ``QuantLinear``
+with ``EASYQUANT_DIRECT_LAUNCH=0``; 11008x4096, batch 1 and 16:
 300 calls queued back to back behind a long GPU spin, so that the host never waits for the
 GPU), and where ``QuantLinear``'s time goes (cProfile, the top functions by own time).
 
@@ -63,12 +64,19 @@ def layer_host_time(out: Path) -> None:
     n, k = 11008, 4096
     linear = nn.Linear(k, n, bias=False, device="cuda", dtype=torch.float16)
     layer = QuantLinear.from_linear(linear, QuantConfig(method="rtn")).cuda()
+    # the same codes with the kernels launched through Triton on every call (the layer's
+    # plans still cached: easyquant.kernels.launch reads the switch at each Triton launch)
+    bound = QuantLinear.from_linear(linear, QuantConfig(method="rtn")).cuda()
     rows, profiles = [], {}
     for m in (1, 16):
         x = torch.randn(1, m, k, device="cuda", dtype=torch.float16)
         with torch.no_grad():
             fp16 = per_call_us(lambda x=x: linear(x))
             quant = per_call_us(lambda x=x: layer(x))
+            os.environ["EASYQUANT_DIRECT_LAUNCH"] = "0"
+            through_triton = per_call_us(lambda x=x: bound(x))
+            del os.environ["EASYQUANT_DIRECT_LAUNCH"]
+            same = torch.equal(layer(x), bound(x))
             profiler = cProfile.Profile()
             profiler.enable()
             for _ in range(500):
@@ -79,14 +87,18 @@ def layer_host_time(out: Path) -> None:
         pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(15)
         profiles[f"batch {m}"] = text.getvalue()
         row = {"shape": f"{n}x{k}", "batch": m, "nn_linear_fp16_us": round(fp16, 1),
-               "quant_linear_us": round(quant, 1)}  # fmt: skip
+               "quant_linear_us": round(quant, 1),
+               "quant_linear_through_triton_us": round(through_triton, 1),
+               "same_output": same}  # fmt: skip
         rows.append(row)
         print(row, flush=True)
         print(text.getvalue(), flush=True)
     note = (
         "Host time per call of one layer in eager PyTorch, steady state (300 calls queued "
         "behind a GPU spin): nn.Linear fp16 against QuantLinear on the fused kernels (4-bit "
-        "RTN codes), and cProfile's top functions of 500 QuantLinear calls."
+        "RTN codes; through_triton: with EASYQUANT_DIRECT_LAUNCH=0, each kernel launched "
+        "through Triton's JITFunction.run; same_output: the two layers' outputs equal), and "
+        "cProfile's top functions of 500 QuantLinear calls."
     )
     path = write_result("host-time-layer", "cuda", {"note": note, "rows": rows,
                                                      "profiles": profiles}, out)  # fmt: skip

@@ -416,3 +416,54 @@ def test_quant_linear_on_the_kernels_matches_the_torch_path(device):
         got = layer.set_backend("triton")(x)
         assert got.shape == (*shape[:-1], 40)
         assert_close(got, expected.double(), torch.float32)
+
+
+def test_quant_linear_plans_follow_the_input_and_the_layer(device, monkeypatch):
+    """Eager calls run a plan cached per input signature, whose kernels are launched directly
+    (past Triton's binder) from their second call on CUDA: every call must still match the
+    torch path, for inputs that differ in shape, strides, alignment and dtype, and after the
+    layer's tensors change (rebuilt outlier table, assigned buffer, bias changed in place)."""
+    from easyquant import QuantConfig, QuantLinear, quantize_tensor
+    from easyquant.kernels.launch import KernelLaunch
+    from tests.conftest import student_t
+
+    direct = []
+    original = KernelLaunch._direct
+    monkeypatch.setattr(
+        KernelLaunch, "_direct", lambda self, *args: direct.append(1) or original(self, *args)
+    )
+    k = 96
+    layer = QuantLinear(quantize_tensor(student_t(40, k, seed=3), QuantConfig(steps=5)),
+                        torch.randn(40)).to(device)  # fmt: skip
+    gen = torch.Generator().manual_seed(0)
+
+    def inputs(dtype):
+        flat = torch.randn(3 * 5 * k + 1, generator=gen).to(device, dtype)
+        yield flat[: 5 * k].view(1, 5, k)  # aligned
+        yield flat[1 : 1 + 3 * k].view(3, k)  # not 16-byte aligned
+        yield flat[: k * 4].view(k, 4).t()  # stride along K is not 1
+        yield flat[:k]  # one row, 1-D
+        yield flat[: 2 * 5 * k].view(2, 5, k)[:, -1]  # last position of each sequence
+
+    def check(x):
+        expected = layer.set_backend("torch")(x).double()
+        layer.set_backend("triton")
+        for _ in range(2):
+            assert_close(layer(x), expected, x.dtype)
+
+    for dtype in (torch.float32, torch.float16):
+        for x in inputs(dtype):
+            check(x)
+    assert bool(direct) == (device == "cuda")
+    x = next(inputs(torch.float16))
+    layer.build_outlier_table(slots=0)  # every outlier in the overflow list
+    check(x)
+    layer.scales = layer.scales * 2
+    check(x)
+    with torch.no_grad():
+        layer.bias.add_(1.0)
+    check(x)
+    monkeypatch.setattr(tm, "MAX_LAYER_PLANS", 2)
+    for x in inputs(torch.float32):
+        layer(x)
+    assert len(layer.kernel_plans.plans) <= 2

@@ -31,13 +31,17 @@ from __future__ import annotations
 
 import functools
 import json
+import operator
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import torch
 import triton
 import triton.language as tl
+
+from easyquant.kernels.launch import KernelLaunch, Slot
 
 # Which stored bit widths each kernel decodes (the reference torch path covers everything else).
 SUPPORTED_BITS = (2, 3, 4, 8)
@@ -49,6 +53,11 @@ GEMV_WORD_CODES = {2: 16, 3: 32, 4: 8, 8: 4}
 # SLOT_ALIGN); the rows above it keep their extra entries in the CSR overflow list.
 SLOT_QUANTILE = 0.9
 SLOT_ALIGN = 8
+# The tensors each launch takes per call (``KernelLaunch`` slots): the input, the bias (or a
+# stand-in pointer where there is none), the output.
+X, BIAS, OUT = Slot(0), Slot(1), Slot(2)
+# A matmul with everything but x ``[M, K]`` and the bias bound (``matmul_plan``).
+Plan = Callable[[torch.Tensor, "torch.Tensor | None"], torch.Tensor]
 
 
 # ---- decoding helpers ---------------------------------------------------------------------------
@@ -849,17 +858,33 @@ def transposed_x(x: torch.Tensor, m: int) -> torch.Tensor:
     """x ``[rows, K]`` (unit stride along K) as the column-major ``[m, K]`` view of one new
     ``[K, m]`` buffer, rows past ``rows`` zero: one kernel where a transpose then a pad took two
     (2-4 us more per call on the H100)."""
-    rows, k = x.shape
-    if m == rows or m > 256 or x.stride(1) != 1:  # (wide batches: torch's copies)
-        xt = torch.nn.functional.pad(x.t(), (0, m - rows)) if m != rows else x.t().contiguous()
-        return xt.t()
-    out = torch.empty(k, m, device=x.device, dtype=x.dtype)
+    return transpose_plan(x.shape[0], x.shape[1], m, x.stride(0), x.stride(1), x.dtype)(x)
+
+
+def transpose_plan(
+    rows: int, k: int, m: int, stride_xm: int, stride_xk: int, dtype: torch.dtype
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``transposed_x`` for every x of this shape, strides and dtype."""
+    if m == rows or m > 256 or stride_xk != 1:  # (wide batches: torch's copies)
+
+        def torch_copy(x: torch.Tensor) -> torch.Tensor:
+            xt = torch.nn.functional.pad(x.t(), (0, m - rows)) if m != rows else x.t().contiguous()
+            return xt.t()
+
+        return torch_copy
     m_p2 = triton.next_power_of_2(m)
     block_k = max(16, 4096 // m_p2)
-    _transpose_pad_kernel[(triton.cdiv(k, block_k),)](
-        x, out, rows, k, x.stride(0), m, M_P2=m_p2, BLOCK_K=block_k
-    )
-    return out.t()
+    launch = KernelLaunch(
+        _transpose_pad_kernel, (triton.cdiv(k, block_k),),
+        (X, OUT, rows, k, stride_xm, m), dict(M_P2=m_p2, BLOCK_K=block_k),
+    )  # fmt: skip
+
+    def kernel_copy(x: torch.Tensor) -> torch.Tensor:
+        out = torch.empty(k, m, device=x.device, dtype=dtype)
+        launch(x, None, out)
+        return out.t()
+
+    return kernel_copy
 
 
 # ---- large batch: dense weight for cuBLAS --------------------------------------------------------
@@ -1129,56 +1154,93 @@ def gemv(
 ) -> torch.Tensor:
     """``x @ W.T (+ bias)`` on the CUDA cores; x one row ``[K]`` (out ``[N]``) or a few
     ``[M, K]`` (out ``[M, N]``: each batch row streams the codes again, through L2)."""
+    rows = x if x.dim() == 2 else x[None]
+    if rows.stride(-1) != 1:
+        rows = rows.contiguous()
+    plan = gemv_plan(weight, rows.shape[0], rows.stride(0), x.dtype, bias is not None, config)
+    out = plan(rows, bias)
+    return out if x.dim() == 2 else out[0]
+
+
+def gemv_plan(
+    weight: Weight,
+    m: int,
+    stride_xm: int,
+    dtype: torch.dtype,
+    has_bias: bool,
+    config: GemvConfig = GemvConfig(),
+) -> Plan:
+    """``gemv`` for every x ``[m, K]`` of this row stride and dtype."""
     block_w = gemv_block_w(weight, config.block_w)
     if block_w is None:
         raise ValueError("this weight does not fit the GEMV's int32 word view")
     n, k = weight.out_features, weight.in_features
-    rows = x if x.dim() == 2 else x[None]
-    if rows.stride(-1) != 1:
-        rows = rows.contiguous()
-    m = rows.shape[0]
-    split_k = config.split_k
-    if split_k > 1:
-        out = torch.zeros(m, n, device=x.device, dtype=torch.float32)
-    else:
-        out = torch.empty(m, n, device=x.device, dtype=x.dtype)
     words = weight.qweight.view(torch.int32)
     table = weight.outliers
-    grid = (triton.cdiv(n, config.block_n) * m, split_k)
-    _gemv_kernel[grid](
-        rows,
-        words,
-        weight.scales,
-        *table.tensors(),
-        bias if bias is not None else weight.scales,
-        out,
-        m,
-        n,
-        k,
-        words.stride(0),
-        weight.scales.stride(0),
-        rows.stride(0),
-        out.stride(0),
-        GROUP=weight.group_size,
-        BITS=weight.bits,
-        HAS_BIAS=bias is not None,
-        SLOTS=table.slots,
-        SLOTS_P2=_slots_p2(table),
-        HAS_OVERFLOW=table.overflow > 0,
-        ORDER=config.order,
-        BLOCK_N=config.block_n,
-        BLOCK_W=block_w,
-        SPLIT_K=split_k,
-        OUT_CHUNK=8,
-        PACKED=packed_gemv(weight, x.dtype, config),
-        XVEC=config.xvec,
-        EVICT=eviction(config.evict_first),
-        INTERPRET=interpreting(),
-        num_warps=config.num_warps,
-        num_stages=config.num_stages,
+    launch = KernelLaunch(
+        _gemv_kernel,
+        (triton.cdiv(n, config.block_n) * m, config.split_k),
+        (
+            X,
+            words,
+            weight.scales,
+            *table.tensors(),
+            BIAS,
+            OUT,
+            m,
+            n,
+            k,
+            words.stride(0),
+            weight.scales.stride(0),
+            stride_xm,
+            n,
+        ),
+        dict(
+            GROUP=weight.group_size,
+            BITS=weight.bits,
+            HAS_BIAS=has_bias,
+            SLOTS=table.slots,
+            SLOTS_P2=_slots_p2(table),
+            HAS_OVERFLOW=table.overflow > 0,
+            ORDER=config.order,
+            BLOCK_N=config.block_n,
+            BLOCK_W=block_w,
+            SPLIT_K=config.split_k,
+            OUT_CHUNK=8,
+            PACKED=packed_gemv(weight, dtype, config),
+            XVEC=config.xvec,
+            EVICT=eviction(config.evict_first),
+            INTERPRET=interpreting(),
+            num_warps=config.num_warps,
+            num_stages=config.num_stages,
+        ),
     )
-    out = out.to(x.dtype) if split_k > 1 else out
-    return out if x.dim() == 2 else out[0]
+    return _launch_plan(launch, weight, m, m, dtype, config.split_k, lambda x: x)
+
+
+def _launch_plan(
+    launch: KernelLaunch,
+    weight: Weight,
+    rows: int,
+    m: int,
+    dtype: torch.dtype,
+    split_k: int,
+    prepare: Callable[[torch.Tensor], torch.Tensor],
+) -> Plan:
+    """The plan around one matmul launch: x prepared (copied, padded), a new ``[m, N]`` output
+    (zeroed fp32 for split K's atomics, then cast), the first ``rows`` rows returned."""
+    n, device, stand_in = weight.out_features, weight.qweight.device, weight.scales
+    accumulate = torch.float32 if split_k > 1 else dtype
+    new_out = torch.zeros if split_k > 1 else torch.empty
+
+    def run(x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        out = new_out(m, n, device=device, dtype=accumulate)
+        launch(prepare(x), stand_in if bias is None else bias, out)
+        if split_k > 1:
+            out = out.to(dtype)
+        return out if m == rows else out[:rows]
+
+    return run
 
 
 def eviction(evict_first: bool) -> str:
@@ -1202,61 +1264,76 @@ def dot_matmul(
     of ``block_m`` is zero-padded to one: with M a multiple of 16 (which Triton specialises) the
     batch masks are uniform and x's loads vectorise; unpadded, batches of 2-8 ran 1.5-10x slower
     than 16 on the H100 (stop 13, results/…-2026-11-23-explore-rows-unpadded.json)."""
-    rows, k = x.shape
-    m = -(-rows // config.block_m) * config.block_m
-    n = weight.out_features
-    planes = config.planes
+    plan = dot_plan(weight, x.shape[0], x.stride(0), x.stride(1), x.dtype, bias is not None, config)
+    return plan(x, bias)
+
+
+def dot_plan(
+    weight: Weight,
+    rows: int,
+    stride_xm: int,
+    stride_xk: int,
+    dtype: torch.dtype,
+    has_bias: bool,
+    config: DotConfig = DotConfig(),
+) -> Plan:
+    """``dot_matmul`` for every x ``[rows, K]`` of these strides and dtype."""
     if not fits(weight, config):
         raise ValueError(f"{config} does not fit this weight (word view, group tiles)")
-    if planes:
-        block = gemv_block_w(weight, config.block_k // GEMV_WORD_CODES[weight.bits])
-    else:
-        block = dot_block_k(weight, config.block_k)
-    split_k = config.split_k
-    if split_k > 1:
-        out = torch.zeros(m, n, device=x.device, dtype=torch.float32)
-    else:
-        out = torch.empty(m, n, device=x.device, dtype=x.dtype)
+    n, k = weight.out_features, weight.in_features
+    m = -(-rows // config.block_m) * config.block_m
+    prepare: Callable[[torch.Tensor], torch.Tensor]
     if config.xt:  # same values, column-major (x[m, k] at k * M + m), padded in the same pass
-        x = transposed_x(x, m)
+        prepare = transpose_plan(rows, k, m, stride_xm, stride_xk, dtype)
+        stride_xm, stride_xk = 1, m
     elif m != rows:
-        x = torch.nn.functional.pad(x, (0, 0, 0, m - rows))
+
+        def prepare(x: torch.Tensor) -> torch.Tensor:
+            return torch.nn.functional.pad(x, (0, 0, 0, m - rows))
+
+        stride_xm, stride_xk = k, 1
+    else:
+
+        def prepare(x: torch.Tensor) -> torch.Tensor:
+            return x
+
     table = weight.outliers
-    grid = (triton.cdiv(n, config.block_n) * triton.cdiv(m, config.block_m), split_k)
+    grid = (triton.cdiv(n, config.block_n) * triton.cdiv(m, config.block_m), config.split_k)
     common = dict(
         GROUP=weight.group_size,
         BITS=weight.bits,
-        ACT=ACT_CODES[x.dtype],
-        HAS_BIAS=bias is not None,
+        ACT=ACT_CODES[dtype],
+        HAS_BIAS=has_bias,
         SLOTS=table.slots,
         HAS_OVERFLOW=table.overflow > 0,
         BLOCK_N=config.block_n,
         BLOCK_M=config.block_m,
-        SPLIT_K=split_k,
+        SPLIT_K=config.split_k,
         SLOT_CHUNK=config.slot_chunk,
         OUT_CHUNK=config.out_chunk,
         EMULATE_BF16=interpreting(),
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )
-    bias_arg = bias if bias is not None else weight.scales
-    if planes:
+    if config.planes:
         words = weight.qweight.view(torch.int32)
-        _dot_planes_kernel[grid](
-            x, words, weight.scales, *table.tensors(), bias_arg, out, m, n, k, words.stride(0),
-            x.stride(0), x.stride(1), weight.scales.stride(0), out.stride(0),
-            BLOCK_W=block, EVICT=eviction(config.evict_first),
-            PACKED=config.packed and weight.bits == 4 and x.dtype != torch.float32, **common,
+        block = gemv_block_w(weight, config.block_k // GEMV_WORD_CODES[weight.bits])
+        launch = KernelLaunch(
+            _dot_planes_kernel, grid,
+            (X, words, weight.scales, *table.tensors(), BIAS, OUT, m, n, k, words.stride(0),
+             stride_xm, stride_xk, weight.scales.stride(0), n),
+            dict(BLOCK_W=block, EVICT=eviction(config.evict_first),
+                 PACKED=config.packed and weight.bits == 4 and dtype != torch.float32, **common),
         )  # fmt: skip
     else:
         q = weight.qweight
-        _dot_kernel[grid](
-            x, q, weight.scales, *table.tensors(), bias_arg, out, m, n, k, q.shape[1],
-            x.stride(0), x.stride(1), q.stride(0), weight.scales.stride(0), out.stride(0),
-            BLOCK_K=block, **common,
+        launch = KernelLaunch(
+            _dot_kernel, grid,
+            (X, q, weight.scales, *table.tensors(), BIAS, OUT, m, n, k, q.shape[1], stride_xm,
+             stride_xk, q.stride(0), weight.scales.stride(0), n),
+            dict(BLOCK_K=dot_block_k(weight, config.block_k), **common),
         )  # fmt: skip
-    out = out.to(x.dtype) if split_k > 1 else out
-    return out if m == rows else out[:rows]
+    return _launch_plan(launch, weight, rows, m, dtype, config.split_k, prepare)
 
 
 # The dense weight's programs (block_n, block_k, warps, stages): one row of 4096 columns each for
@@ -1280,36 +1357,40 @@ def dequantize(
     """The dense weight ``[N, K]`` in ``dtype`` (outliers written in), as the reference. With
     ``rows > N`` the result has ``rows`` rows, the ones past N left unwritten (padding). The
     program shape (``block_n`` and the rest) defaults to DENSE_PER_ROW / DENSE_GROUPED."""
+    return dequantize_plan(weight, dtype, rows, block_n, block_k, num_warps, num_stages)()
+
+
+def dequantize_plan(
+    weight: Weight,
+    dtype: torch.dtype,
+    rows: int | None = None,
+    block_n: int | None = None,
+    block_k: int = 0,
+    num_warps: int = 0,
+    num_stages: int = 0,
+) -> Callable[[], torch.Tensor]:
+    """``dequantize`` with these arguments, as a call that writes a new dense weight."""
     if block_n is None:
         block_n, block_k, num_warps, num_stages = (
             DENSE_GROUPED if weight.group_size else DENSE_PER_ROW
         )
     n, k = weight.out_features, weight.in_features
-    out = torch.empty(rows or n, k, device=weight.qweight.device, dtype=dtype)
-    table = weight.outliers
-    _dequant_kernel[(triton.cdiv(n, block_n),)](
-        weight.qweight,
-        weight.scales,
-        *table.tensors(),
-        out,
-        n,
-        k,
-        weight.qweight.shape[1],
-        weight.qweight.stride(0),
-        weight.scales.stride(0),
-        out.stride(0),
-        GROUP=weight.group_size,
-        BITS=weight.bits,
-        SLOTS=table.slots,
-        SLOTS_P2=_slots_p2(table),
-        HAS_OVERFLOW=table.overflow > 0,
-        BLOCK_N=block_n,
-        BLOCK_K=block_k,
-        OUT_CHUNK=8,
-        num_warps=num_warps,
-        num_stages=num_stages,
-    )
-    return out
+    q, table = weight.qweight, weight.outliers
+    launch = KernelLaunch(
+        _dequant_kernel, (triton.cdiv(n, block_n),),
+        (q, weight.scales, *table.tensors(), OUT, n, k, q.shape[1], q.stride(0),
+         weight.scales.stride(0), k),
+        dict(GROUP=weight.group_size, BITS=weight.bits, SLOTS=table.slots,
+             SLOTS_P2=_slots_p2(table), HAS_OVERFLOW=table.overflow > 0, BLOCK_N=block_n,
+             BLOCK_K=block_k, OUT_CHUNK=8, num_warps=num_warps, num_stages=num_stages),
+    )  # fmt: skip
+
+    def run() -> torch.Tensor:
+        out = torch.empty(rows or n, k, device=q.device, dtype=dtype)
+        launch(None, None, out)
+        return out
+
+    return run
 
 
 # cuBLAS takes a slow path when the output's row length N is not a multiple of 8 (53746x14336:
@@ -1326,13 +1407,28 @@ def dequant_matmul(
 ) -> torch.Tensor:
     """Large batch: the dense weight (rows padded to a multiple of ``pad``; ``program``:
     ``dequantize``'s program shape, default its own), then cuBLAS."""
+    return dequant_matmul_plan(weight, x.dtype, pad, program)(x, bias)
+
+
+def dequant_matmul_plan(
+    weight: Weight,
+    dtype: torch.dtype,
+    pad: int = PAD_ROWS,
+    program: tuple[int, int, int, int] | tuple[()] = (),
+) -> Plan:
+    """``dequant_matmul`` for every x of this dtype."""
     n = weight.out_features
     rows = -(-n // pad) * pad
-    dense = dequantize(weight, x.dtype, rows, *program)
-    if rows == n:
-        return torch.nn.functional.linear(x, dense, bias)
-    out = (x @ dense.t())[:, :n]
-    return out + bias if bias is not None else out.contiguous()
+    dense_weight = dequantize_plan(weight, dtype, rows, *program)
+
+    def run(x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        dense = dense_weight()
+        if rows == n:
+            return torch.nn.functional.linear(x, dense, bias)
+        out = (x @ dense.t())[:, :n]
+        return out + bias if bias is not None else out.contiguous()
+
+    return run
 
 
 # ---- dispatch ------------------------------------------------------------------------------------
@@ -1537,12 +1633,20 @@ def candidates(weight: Weight, m: int) -> list[GemvConfig | DotConfig | None]:
     return [c for c in found if c is None or fits(weight, c)]
 
 
-def _run(weight: Weight, x: torch.Tensor, bias, config: GemvConfig | DotConfig | None):
+def plan_for(
+    weight: Weight, x: torch.Tensor, has_bias: bool, config: GemvConfig | DotConfig | None
+) -> Plan:
+    """The plan of ``config`` (None: dequantize + cuBLAS) for x's shape, strides and dtype (x
+    ``[M, K]`` with unit stride along K)."""
     if config is None:
-        return dequant_matmul(weight, x, bias)
+        return dequant_matmul_plan(weight, x.dtype)
     if isinstance(config, GemvConfig):
-        return gemv(weight, x, bias, config)
-    return dot_matmul(weight, x, bias, config)
+        return gemv_plan(weight, x.shape[0], x.stride(0), x.dtype, has_bias, config)
+    return dot_plan(weight, x.shape[0], x.stride(0), x.stride(1), x.dtype, has_bias, config)
+
+
+def _run(weight: Weight, x: torch.Tensor, bias, config: GemvConfig | DotConfig | None):
+    return plan_for(weight, x, bias is not None, config)(x, bias)
 
 
 def tuned_config(weight: Weight, x: torch.Tensor, bias) -> GemvConfig | DotConfig | None:
@@ -1588,11 +1692,19 @@ def tuned_config(weight: Weight, x: torch.Tensor, bias) -> GemvConfig | DotConfi
     return best
 
 
-def matmul(weight: Weight, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """``x [M, K] @ W.T + bias``, picking the kernel by batch size."""
+def matmul_plan(weight: Weight, x: torch.Tensor, bias: torch.Tensor | None) -> Plan:
+    """The plan ``matmul`` runs for x's shape, strides and dtype (x ``[M, K]``, unit stride
+    along K)."""
     use_tuner = AUTOTUNE and x.is_cuda and not interpreting()
     config = tuned_config(weight, x, bias) if use_tuner else default_config(weight, x.shape[0])
-    return _run(weight, x, bias, config)
+    return plan_for(weight, x, bias is not None, config)
+
+
+def matmul(weight: Weight, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``x [M, K] @ W.T + bias``, picking the kernel by batch size."""
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    return matmul_plan(weight, x, bias)(x, bias)
 
 
 # ---- the op QuantLinear calls --------------------------------------------------------------------
@@ -1673,18 +1785,72 @@ def layer_weight(layer: torch.nn.Module) -> Weight:
 
 def quant_linear_forward(layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``QuantLinear.forward`` on the fused kernels: through the custom op while torch.compile
-    traces, else directly (the op's dispatch costs host time per call, which eager decoding and
-    prefill pay 224 times per token for a 7B model)."""
+    traces, else through the layer's cached plans (the op's dispatch, the config lookup and
+    Triton's argument binding cost host time per call, which eager decoding and prefill pay 224
+    times per token for a 7B model)."""
     if x.dtype not in ACT_CODES:
         raise ValueError(f"QuantLinear takes float16, bfloat16 or float32 input, got {x.dtype}")
-    forward = quant_linear_op if torch.compiler.is_compiling() else _forward
-    return forward(
-        x,
-        layer.qweight,
-        layer.scales,
-        *layer.outlier_table(),
-        layer.bias,
-        layer.bits,
-        layer.group_size or 0,
-        layer.in_features,
-    )
+    if torch.compiler.is_compiling():
+        return quant_linear_op(
+            x,
+            layer.qweight,
+            layer.scales,
+            *layer.outlier_table(),
+            layer.bias,
+            layer.bits,
+            layer.group_size or 0,
+            layer.in_features,
+        )
+    plans = layer.kernel_plans
+    if plans is None:
+        plans = layer.kernel_plans = LayerPlans()
+    return plans(layer, x)
+
+
+# Plans a layer keeps (past this many x signatures, as in prefill at many lengths, it starts over).
+MAX_LAYER_PLANS = 64
+
+
+class LayerPlans:
+    """A ``QuantLinear``'s plans by x's signature (shape, strides, dtype, 16-byte alignment),
+    each built once, so that an eager call skips the config lookup and, after its kernels' first
+    launch, Triton's argument binding (``easyquant.kernels.launch``). All are dropped when the
+    layer's tensors are not the ones they were built on (``.to()``, a rebuilt outlier table, an
+    assigned buffer)."""
+
+    def __init__(self) -> None:
+        self.tensors: tuple[torch.Tensor | None, ...] = ()
+        self.plans: dict[tuple, Callable[[torch.Tensor], torch.Tensor]] = {}
+
+    def __call__(self, layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+        tensors = layer.kernel_tensors()
+        if len(tensors) != len(self.tensors) or not all(map(operator.is_, tensors, self.tensors)):
+            self.tensors, self.plans = tensors, {}
+        key = (x.shape, x.stride(), x.dtype, x.data_ptr() % 16 == 0)
+        plan = self.plans.get(key)
+        if plan is None:
+            if len(self.plans) >= MAX_LAYER_PLANS:
+                self.plans.clear()
+            plan = self.plans[key] = layer_plan(layer, x)
+        return plan(x)
+
+
+def layer_plan(layer: torch.nn.Module, x: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``QuantLinear.forward`` for every x of this shape, strides and dtype."""
+    k, n = layer.in_features, layer.out_features
+    shape = (*x.shape[:-1], n)
+    x2 = x.reshape(-1, k)
+    unit_stride = x2.stride(-1) == 1
+    if not unit_stride:
+        x2 = x2.contiguous()
+    bias = layer.bias
+    plan = matmul_plan(layer_weight(layer), x2, None if bias is None else bias.to(x.dtype))
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, k)
+        if not unit_stride:
+            x2 = x2.contiguous()
+        bias = layer.bias  # (read per call: it may be changed in place)
+        return plan(x2, None if bias is None else bias.to(x.dtype)).reshape(shape)
+
+    return run

@@ -63,6 +63,9 @@ class QuantLinear(nn.Module):
         self.backend = "auto"
         # Decided once here, not per call: forward stays free of imports for torch.compile.
         self.fused_supported = kernel_supports(self.bits, self.group_size, self.in_features)
+        # The fused kernels' plans by input signature (easyquant.kernels.triton_matmul.LayerPlans,
+        # made on the first eager call; they check kernel_tensors() before each use).
+        self.kernel_plans: object | None = None
         self.build_outlier_table()
         self.register_load_state_dict_post_hook(_rebuild_outlier_table)
 
@@ -99,6 +102,11 @@ class QuantLinear(nn.Module):
     def outlier_table(self) -> tuple[torch.Tensor, ...]:
         """The kernel-side outlier tensors, in ``TABLE_KEYS`` order."""
         return tuple(getattr(self, key) for key in TABLE_KEYS)
+
+    def kernel_tensors(self) -> tuple[torch.Tensor | None, ...]:
+        """The tensors the kernels read (buffers, then the bias), compared by identity with
+        those a cached plan was built on."""
+        return (*self._buffers.values(), self._parameters.get("bias"))
 
     def set_backend(self, backend: str) -> QuantLinear:
         if backend not in self.backends:
