@@ -162,6 +162,18 @@ def decode_speed(
         sync(device)
         return time.perf_counter() - start
 
+    def step_ms(steps: int, replay) -> list[float]:
+        """Each step's wall time, synchronised (its median resists the host's hiccups, which
+        moved eager totals of the same model by 20-30% between runs on the H100 machine)."""
+        restart()
+        times = []
+        for _ in range(steps):
+            begin = time.perf_counter()
+            replay()
+            sync(device)
+            times.append(1e3 * (time.perf_counter() - begin))
+        return sorted(times)
+
     def tokens(steps: int, replay) -> list[int]:
         restart()
         picked = []
@@ -182,6 +194,7 @@ def decode_speed(
         step()
     check = min(16, new_tokens)
     eager_seconds = run(check, step)
+    eager_steps = step_ms(2 * check, step)
     eager_tokens = tokens(check, step)
     mode = "eager"
     replay = step
@@ -207,6 +220,8 @@ def decode_speed(
         "first_tokens": picked[:8],
         "same_tokens_as_eager": picked == eager_tokens,
         "eager_ms_per_token": round(1e3 * eager_seconds / check, 3),
+        # median of 2 x 16 eager steps, each timed alone (synchronised)
+        "eager_step_ms_median": round(eager_steps[len(eager_steps) // 2], 3),
         **({"kernels_us_per_token": kernels} if kernels else {}),
     }
 
