@@ -15,8 +15,9 @@ with ``EASYQUANT_DIRECT_LAUNCH=0``; 11008x4096, batch 1 and 16:
 GPU), and where ``QuantLinear``'s time goes (cProfile, the top functions by own time).
 
 ``--reduce-overhead``: a stack of eight ``QuantLinear`` layers (4096 -> 11008 -> 4096, batch 1)
-eager and under ``torch.compile(mode="reduce-overhead")`` (CUDA graphs through torch's cudagraph
-trees): the same outputs, and the wall time per forward of each (synchronised, 200 calls).
+eager, under ``torch.compile`` (default mode) and under ``torch.compile(mode="reduce-overhead")``
+(CUDA graphs through torch's cudagraph trees): the same outputs, and the wall time per forward of
+each (synchronised, 200 calls).
 """
 
 from __future__ import annotations
@@ -135,6 +136,11 @@ def reduce_overhead(out: Path) -> None:
         eager_out = stack(x).clone()
         eager = wall_us(lambda: stack(x))
         fp16_eager = wall_us(lambda: fp16(x))
+        plain = torch.compile(stack)  # default mode: no CUDA graphs, the host issues each op
+        fp16_plain = torch.compile(fp16)
+        plain_diff = float((plain(x).float() - eager_out.float()).abs().max())
+        default_us = wall_us(lambda: plain(x))
+        fp16_default_us = wall_us(lambda: fp16_plain(x))
         compiled = torch.compile(stack, mode="reduce-overhead")
         fp16_compiled = torch.compile(fp16, mode="reduce-overhead")
         got = compiled(x).clone()
@@ -148,13 +154,17 @@ def reduce_overhead(out: Path) -> None:
         "quant_reduce_overhead_us": round(graphs, 1),
         "fp16_eager_us": round(fp16_eager, 1),
         "fp16_reduce_overhead_us": round(fp16_graphs, 1),
+        "quant_compile_default_us": round(default_us, 1),
+        "fp16_compile_default_us": round(fp16_default_us, 1),
         "max_abs_diff_compiled_vs_eager": diff,
+        "max_abs_diff_compile_default_vs_eager": plain_diff,
     }
     print(row, flush=True)
     note = (
-        "Eight QuantLinear layers (4-bit RTN codes) eager and under torch.compile(mode="
-        "'reduce-overhead'), against the same stack of fp16 nn.Linear: wall time per forward "
-        "(synchronised, 200 calls) and the largest difference of the compiled output."
+        "Eight QuantLinear layers (4-bit RTN codes) eager, under torch.compile (default mode: "
+        "no CUDA graphs) and under torch.compile(mode='reduce-overhead'), against the same "
+        "stack of fp16 nn.Linear: wall time per forward (synchronised, 200 calls) and the "
+        "largest differences of the compiled outputs."
     )
     path = write_result("reduce-overhead", "cuda", {"note": note, "rows": [row]}, out)
     print(f"wrote {path}")

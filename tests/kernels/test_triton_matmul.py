@@ -467,3 +467,23 @@ def test_quant_linear_plans_follow_the_input_and_the_layer(device, monkeypatch):
     for x in inputs(torch.float32):
         layer(x)
     assert len(layer.kernel_plans.plans) <= 2
+
+
+def test_plans_are_shared_by_layout_and_hold_no_tensor(device, monkeypatch):
+    """The op path's plans (torch.compile) are cached by layout: two layers of one layout share
+    a plan (an outlier table of other sizes is another layout), each call runs on the tensors it
+    is given, and an input of another alignment or batch gets its own plan."""
+    monkeypatch.setattr(tm, "_PLANS", {})
+    first = random_weight(40, 256, 4, None, seed=1, device=device)
+    second = replace(first, qweight=first.qweight.clone(), scales=first.scales * 2)
+    for m in (1, 5):
+        flat = fresh_x(1, m * 256 + 1, torch.float16, device, seed=m)[0]
+        aligned, shifted = flat[: m * 256].view(m, 256), flat[1:].view(m, 256)
+        plan = tm.layout_plan(first, aligned, None)
+        assert tm.layout_plan(second, aligned, None) is plan
+        assert tm.layout_plan(first, shifted, None) is not plan
+        for weight in (first, second, first):
+            for x in (aligned, shifted):
+                out = tm.layout_plan(weight, x, None)(weight, x, None)
+                assert_close(out, reference(weight, x, None), torch.float16)
+    assert len(tm._PLANS) == 4

@@ -40,8 +40,8 @@ def test_compiled_fused_siblings_run_the_kernel_once_per_group(monkeypatch):
     compiled = torch.compile(model)
     compiled(x)  # compile
     calls = []
-    real = tm.matmul
-    monkeypatch.setattr(tm, "matmul", lambda *a: calls.append(1) or real(*a))
+    real = tm._forward  # the op's body
+    monkeypatch.setattr(tm, "_forward", lambda *a: calls.append(1) or real(*a))
     out = compiled(x)
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
     assert len(calls) == 1  # three slices, one fused call

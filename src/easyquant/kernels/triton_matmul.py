@@ -54,10 +54,13 @@ GEMV_WORD_CODES = {2: 16, 3: 32, 4: 8, 8: 4}
 SLOT_QUANTILE = 0.9
 SLOT_ALIGN = 8
 # The tensors each launch takes per call (``KernelLaunch`` slots): the input, the bias (or a
-# stand-in pointer where there is none), the output.
-X, BIAS, OUT = Slot(0), Slot(1), Slot(2)
-# A matmul with everything but x ``[M, K]`` and the bias bound (``matmul_plan``).
-Plan = Callable[[torch.Tensor, "torch.Tensor | None"], torch.Tensor]
+# stand-in pointer where there is none), the output, then the layer's: codes (as stored, or as
+# int32 words), scales and the six tensors of the outlier table.
+X, BIAS, OUT, CODES, SCALES = Slot(0), Slot(1), Slot(2), Slot(3), Slot(4)
+TABLE = tuple(Slot(5 + i) for i in range(6))
+# A matmul with everything but the layer's tensors, x ``[M, K]`` and the bias bound
+# (``matmul_plan``): it holds no tensor, so one plan serves every layer of the same layout.
+Plan = Callable[["Weight", torch.Tensor, "torch.Tensor | None"], torch.Tensor]
 
 
 # ---- decoding helpers ---------------------------------------------------------------------------
@@ -1158,7 +1161,7 @@ def gemv(
     if rows.stride(-1) != 1:
         rows = rows.contiguous()
     plan = gemv_plan(weight, rows.shape[0], rows.stride(0), x.dtype, bias is not None, config)
-    out = plan(rows, bias)
+    out = plan(weight, rows, bias)
     return out if x.dim() == 2 else out[0]
 
 
@@ -1170,7 +1173,8 @@ def gemv_plan(
     has_bias: bool,
     config: GemvConfig = GemvConfig(),
 ) -> Plan:
-    """``gemv`` for every x ``[m, K]`` of this row stride and dtype."""
+    """``gemv`` for every x ``[m, K]`` of this row stride and dtype, and every weight of this
+    one's layout."""
     block_w = gemv_block_w(weight, config.block_w)
     if block_w is None:
         raise ValueError("this weight does not fit the GEMV's int32 word view")
@@ -1182,9 +1186,9 @@ def gemv_plan(
         (triton.cdiv(n, config.block_n) * m, config.split_k),
         (
             X,
-            words,
-            weight.scales,
-            *table.tensors(),
+            CODES,
+            SCALES,
+            *TABLE,
             BIAS,
             OUT,
             m,
@@ -1215,7 +1219,7 @@ def gemv_plan(
             num_stages=config.num_stages,
         ),
     )
-    return _launch_plan(launch, weight, m, m, dtype, config.split_k, lambda x: x)
+    return _launch_plan(launch, weight, m, m, dtype, config.split_k, lambda x: x, words=True)
 
 
 def _launch_plan(
@@ -1226,16 +1230,21 @@ def _launch_plan(
     dtype: torch.dtype,
     split_k: int,
     prepare: Callable[[torch.Tensor], torch.Tensor],
+    words: bool,
 ) -> Plan:
     """The plan around one matmul launch: x prepared (copied, padded), a new ``[m, N]`` output
-    (zeroed fp32 for split K's atomics, then cast), the first ``rows`` rows returned."""
-    n, device, stand_in = weight.out_features, weight.qweight.device, weight.scales
+    (zeroed fp32 for split K's atomics, then cast), the first ``rows`` rows returned. ``words``:
+    the kernel reads the codes as int32 words."""
+    n = weight.out_features
     accumulate = torch.float32 if split_k > 1 else dtype
     new_out = torch.zeros if split_k > 1 else torch.empty
 
-    def run(x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        out = new_out(m, n, device=device, dtype=accumulate)
-        launch(prepare(x), stand_in if bias is None else bias, out)
+    def run(weight: Weight, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        out = new_out(m, n, device=x.device, dtype=accumulate)
+        codes = weight.qweight.view(torch.int32) if words else weight.qweight
+        scales = weight.scales
+        bias = scales if bias is None else bias
+        launch(prepare(x), bias, out, codes, scales, *weight.outliers.tensors())
         if split_k > 1:
             out = out.to(dtype)
         return out if m == rows else out[:rows]
@@ -1265,7 +1274,7 @@ def dot_matmul(
     batch masks are uniform and x's loads vectorise; unpadded, batches of 2-8 ran 1.5-10x slower
     than 16 on the H100 (stop 13, results/…-2026-11-23-explore-rows-unpadded.json)."""
     plan = dot_plan(weight, x.shape[0], x.stride(0), x.stride(1), x.dtype, bias is not None, config)
-    return plan(x, bias)
+    return plan(weight, x, bias)
 
 
 def dot_plan(
@@ -1277,7 +1286,8 @@ def dot_plan(
     has_bias: bool,
     config: DotConfig = DotConfig(),
 ) -> Plan:
-    """``dot_matmul`` for every x ``[rows, K]`` of these strides and dtype."""
+    """``dot_matmul`` for every x ``[rows, K]`` of these strides and dtype, and every weight of
+    this one's layout."""
     if not fits(weight, config):
         raise ValueError(f"{config} does not fit this weight (word view, group tiles)")
     n, k = weight.out_features, weight.in_features
@@ -1320,7 +1330,7 @@ def dot_plan(
         block = gemv_block_w(weight, config.block_k // GEMV_WORD_CODES[weight.bits])
         launch = KernelLaunch(
             _dot_planes_kernel, grid,
-            (X, words, weight.scales, *table.tensors(), BIAS, OUT, m, n, k, words.stride(0),
+            (X, CODES, SCALES, *TABLE, BIAS, OUT, m, n, k, words.stride(0),
              stride_xm, stride_xk, weight.scales.stride(0), n),
             dict(BLOCK_W=block, EVICT=eviction(config.evict_first),
                  PACKED=config.packed and weight.bits == 4 and dtype != torch.float32, **common),
@@ -1329,11 +1339,11 @@ def dot_plan(
         q = weight.qweight
         launch = KernelLaunch(
             _dot_kernel, grid,
-            (X, q, weight.scales, *table.tensors(), BIAS, OUT, m, n, k, q.shape[1], stride_xm,
+            (X, CODES, SCALES, *TABLE, BIAS, OUT, m, n, k, q.shape[1], stride_xm,
              stride_xk, q.stride(0), weight.scales.stride(0), n),
             dict(BLOCK_K=dot_block_k(weight, config.block_k), **common),
         )  # fmt: skip
-    return _launch_plan(launch, weight, rows, m, dtype, config.split_k, prepare)
+    return _launch_plan(launch, weight, rows, m, dtype, config.split_k, prepare, config.planes)
 
 
 # The dense weight's programs (block_n, block_k, warps, stages): one row of 4096 columns each for
@@ -1357,7 +1367,7 @@ def dequantize(
     """The dense weight ``[N, K]`` in ``dtype`` (outliers written in), as the reference. With
     ``rows > N`` the result has ``rows`` rows, the ones past N left unwritten (padding). The
     program shape (``block_n`` and the rest) defaults to DENSE_PER_ROW / DENSE_GROUPED."""
-    return dequantize_plan(weight, dtype, rows, block_n, block_k, num_warps, num_stages)()
+    return dequantize_plan(weight, dtype, rows, block_n, block_k, num_warps, num_stages)(weight)
 
 
 def dequantize_plan(
@@ -1368,8 +1378,9 @@ def dequantize_plan(
     block_k: int = 0,
     num_warps: int = 0,
     num_stages: int = 0,
-) -> Callable[[], torch.Tensor]:
-    """``dequantize`` with these arguments, as a call that writes a new dense weight."""
+) -> Callable[[Weight], torch.Tensor]:
+    """``dequantize`` with these arguments, as a call that writes a new dense weight (of any
+    weight of this one's layout)."""
     if block_n is None:
         block_n, block_k, num_warps, num_stages = (
             DENSE_GROUPED if weight.group_size else DENSE_PER_ROW
@@ -1378,16 +1389,16 @@ def dequantize_plan(
     q, table = weight.qweight, weight.outliers
     launch = KernelLaunch(
         _dequant_kernel, (triton.cdiv(n, block_n),),
-        (q, weight.scales, *table.tensors(), OUT, n, k, q.shape[1], q.stride(0),
+        (CODES, SCALES, *TABLE, OUT, n, k, q.shape[1], q.stride(0),
          weight.scales.stride(0), k),
         dict(GROUP=weight.group_size, BITS=weight.bits, SLOTS=table.slots,
              SLOTS_P2=_slots_p2(table), HAS_OVERFLOW=table.overflow > 0, BLOCK_N=block_n,
              BLOCK_K=block_k, OUT_CHUNK=8, num_warps=num_warps, num_stages=num_stages),
     )  # fmt: skip
 
-    def run() -> torch.Tensor:
-        out = torch.empty(rows or n, k, device=q.device, dtype=dtype)
-        launch(None, None, out)
+    def run(weight: Weight) -> torch.Tensor:
+        out = torch.empty(rows or n, k, device=weight.qweight.device, dtype=dtype)
+        launch(None, None, out, weight.qweight, weight.scales, *weight.outliers.tensors())
         return out
 
     return run
@@ -1407,7 +1418,7 @@ def dequant_matmul(
 ) -> torch.Tensor:
     """Large batch: the dense weight (rows padded to a multiple of ``pad``; ``program``:
     ``dequantize``'s program shape, default its own), then cuBLAS."""
-    return dequant_matmul_plan(weight, x.dtype, pad, program)(x, bias)
+    return dequant_matmul_plan(weight, x.dtype, pad, program)(weight, x, bias)
 
 
 def dequant_matmul_plan(
@@ -1421,8 +1432,8 @@ def dequant_matmul_plan(
     rows = -(-n // pad) * pad
     dense_weight = dequantize_plan(weight, dtype, rows, *program)
 
-    def run(x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        dense = dense_weight()
+    def run(weight: Weight, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        dense = dense_weight(weight)
         if rows == n:
             return torch.nn.functional.linear(x, dense, bias)
         out = (x @ dense.t())[:, :n]
@@ -1646,7 +1657,7 @@ def plan_for(
 
 
 def _run(weight: Weight, x: torch.Tensor, bias, config: GemvConfig | DotConfig | None):
-    return plan_for(weight, x, bias is not None, config)(x, bias)
+    return plan_for(weight, x, bias is not None, config)(weight, x, bias)
 
 
 def tuned_config(weight: Weight, x: torch.Tensor, bias) -> GemvConfig | DotConfig | None:
@@ -1704,7 +1715,7 @@ def matmul(weight: Weight, x: torch.Tensor, bias: torch.Tensor | None) -> torch.
     """``x [M, K] @ W.T + bias``, picking the kernel by batch size."""
     if x.stride(-1) != 1:
         x = x.contiguous()
-    return matmul_plan(weight, x, bias)(x, bias)
+    return matmul_plan(weight, x, bias)(weight, x, bias)
 
 
 # ---- the op QuantLinear calls --------------------------------------------------------------------
@@ -1734,7 +1745,40 @@ def _forward(
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     bias_x = None if bias is None else bias.to(x.dtype)
-    return matmul(weight, x2, bias_x).reshape(*lead, weight.out_features)
+    out = layout_plan(weight, x2, bias_x)(weight, x2, bias_x)
+    return out.reshape(*lead, weight.out_features)
+
+
+# Plans by layout, shared by every layer of one layout (``layout_plan``); past this many layouts
+# (as in prefill at many lengths) the cache starts over.
+MAX_PLANS = 256
+_PLANS: dict[tuple, Plan] = {}
+
+
+def _layout(t: torch.Tensor) -> tuple:
+    # what Triton specialises a tensor argument on (dtype, 16-byte alignment), and what a plan
+    # bakes in (shape, strides)
+    return (t.shape, t.stride(), t.dtype, t.data_ptr() % 16 == 0)
+
+
+def layout_plan(weight: Weight, x: torch.Tensor, bias: torch.Tensor | None) -> Plan:
+    """``matmul_plan``, cached by the layout of x, the bias and the layer's tensors: a plan's
+    kernels are launched directly from their second call on (``easyquant.kernels.launch``),
+    which is valid for any tensors of the layout it was built for."""
+    tensors = (x, weight.qweight, weight.scales, *weight.outliers.tensors())
+    key = (
+        weight.bits,
+        weight.group_size,
+        weight.in_features,
+        None if bias is None else _layout(bias),
+        *map(_layout, tensors),
+    )
+    plan = _PLANS.get(key)
+    if plan is None:
+        if len(_PLANS) >= MAX_PLANS:
+            _PLANS.clear()
+        plan = _PLANS[key] = matmul_plan(weight, x, bias)
+    return plan
 
 
 @torch.library.custom_op("easyquant::quant_linear", mutates_args=())
@@ -1812,45 +1856,51 @@ MAX_LAYER_PLANS = 64
 
 
 class LayerPlans:
-    """A ``QuantLinear``'s plans by x's signature (shape, strides, dtype, 16-byte alignment),
-    each built once, so that an eager call skips the config lookup and, after its kernels' first
-    launch, Triton's argument binding (``easyquant.kernels.launch``). All are dropped when the
-    layer's tensors are not the ones they were built on (``.to()``, a rebuilt outlier table, an
-    assigned buffer)."""
+    """A ``QuantLinear``'s kernel view and plans by x's signature (shape, strides, dtype, 16-byte
+    alignment), each built once, so that an eager call skips the config lookup and, after its
+    kernels' first launch, Triton's argument binding (``easyquant.kernels.launch``). Rebuilt when
+    the layer's tensors are not the ones the view holds (``.to()``, a rebuilt outlier table, an
+    assigned buffer). No plan holds a tensor, and the view holds only the layer's buffers."""
 
     def __init__(self) -> None:
         self.tensors: tuple[torch.Tensor | None, ...] = ()
-        self.plans: dict[tuple, Callable[[torch.Tensor], torch.Tensor]] = {}
+        self.weight: Weight | None = None
+        self.plans: dict[tuple, Plan] = {}
 
     def __call__(self, layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
         tensors = layer.kernel_tensors()
-        if len(tensors) != len(self.tensors) or not all(map(operator.is_, tensors, self.tensors)):
+        weight = self.weight
+        if (
+            weight is None
+            or len(tensors) != len(self.tensors)
+            or not all(map(operator.is_, tensors, self.tensors))
+        ):
             self.tensors, self.plans = tensors, {}
+            weight = self.weight = layer_weight(layer)
         key = (x.shape, x.stride(), x.dtype, x.data_ptr() % 16 == 0)
         plan = self.plans.get(key)
         if plan is None:
             if len(self.plans) >= MAX_LAYER_PLANS:
                 self.plans.clear()
-            plan = self.plans[key] = layer_plan(layer, x)
-        return plan(x)
+            plan = self.plans[key] = layer_plan(weight, layer.bias, x)
+        # (the bias read per call: it may be changed in place, and no plan keeps a tensor)
+        return plan(weight, x, layer.bias)
 
 
-def layer_plan(layer: torch.nn.Module, x: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+def layer_plan(weight: Weight, bias: torch.Tensor | None, x: torch.Tensor) -> Plan:
     """``QuantLinear.forward`` for every x of this shape, strides and dtype."""
-    k, n = layer.in_features, layer.out_features
+    k, n = weight.in_features, weight.out_features
     shape = (*x.shape[:-1], n)
     x2 = x.reshape(-1, k)
     unit_stride = x2.stride(-1) == 1
     if not unit_stride:
         x2 = x2.contiguous()
-    bias = layer.bias
-    plan = matmul_plan(layer_weight(layer), x2, None if bias is None else bias.to(x.dtype))
+    plan = matmul_plan(weight, x2, None if bias is None else bias.to(x.dtype))
 
-    def run(x: torch.Tensor) -> torch.Tensor:
+    def run(weight: Weight, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         x2 = x.reshape(-1, k)
         if not unit_stride:
             x2 = x2.contiguous()
-        bias = layer.bias  # (read per call: it may be changed in place)
-        return plan(x2, None if bias is None else bias.to(x.dtype)).reshape(shape)
+        return plan(weight, x2, None if bias is None else bias.to(x.dtype)).reshape(shape)
 
     return run
