@@ -34,7 +34,7 @@ import json
 import operator
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
@@ -54,10 +54,10 @@ GEMV_WORD_CODES = {2: 16, 3: 32, 4: 8, 8: 4}
 SLOT_QUANTILE = 0.9
 SLOT_ALIGN = 8
 # The tensors each launch takes per call (``KernelLaunch`` slots): the input, the bias (or a
-# stand-in pointer where there is none), the output, then the layer's: codes (as stored, or as
-# int32 words), scales and the six tensors of the outlier table.
-X, BIAS, OUT, CODES, SCALES = Slot(0), Slot(1), Slot(2), Slot(3), Slot(4)
-TABLE = tuple(Slot(5 + i) for i in range(6))
+# stand-in pointer where there is none), the output, then the layer's (``Weight.launch_args``):
+# codes as stored and as int32 words, scales and the six tensors of the outlier table.
+X, BIAS, OUT, CODES, WORDS, SCALES = (Slot(i) for i in range(6))
+TABLE = tuple(Slot(6 + i) for i in range(6))
 # A matmul with everything but the layer's tensors, x ``[M, K]`` and the bias bound
 # (``matmul_plan``): it holds no tensor, so one plan serves every layer of the same layout.
 Plan = Callable[["Weight", torch.Tensor, "torch.Tensor | None"], torch.Tensor]
@@ -1054,6 +1054,16 @@ class Weight:
     bits: int
     group_size: int  # 0: one scale per output row
     in_features: int
+    # the tensors every launch takes, made once (``KernelLaunch`` slots CODES to TABLE)
+    launch_args: tuple[torch.Tensor, ...] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        try:
+            words = self.qweight.view(torch.int32)
+        except RuntimeError:  # (a layout the word kernels do not take: see gemv_block_w)
+            words = self.qweight
+        args = (self.qweight, words, self.scales, *self.outliers.tensors())
+        object.__setattr__(self, "launch_args", args)
 
     @classmethod
     def from_csr(
@@ -1186,7 +1196,7 @@ def gemv_plan(
         (triton.cdiv(n, config.block_n) * m, config.split_k),
         (
             X,
-            CODES,
+            WORDS,
             SCALES,
             *TABLE,
             BIAS,
@@ -1219,7 +1229,7 @@ def gemv_plan(
             num_stages=config.num_stages,
         ),
     )
-    return _launch_plan(launch, weight, m, m, dtype, config.split_k, lambda x: x, words=True)
+    return _launch_plan(launch, weight, m, m, dtype, config.split_k, lambda x: x)
 
 
 def _launch_plan(
@@ -1230,21 +1240,17 @@ def _launch_plan(
     dtype: torch.dtype,
     split_k: int,
     prepare: Callable[[torch.Tensor], torch.Tensor],
-    words: bool,
 ) -> Plan:
     """The plan around one matmul launch: x prepared (copied, padded), a new ``[m, N]`` output
-    (zeroed fp32 for split K's atomics, then cast), the first ``rows`` rows returned. ``words``:
-    the kernel reads the codes as int32 words."""
+    (zeroed fp32 for split K's atomics, then cast), the first ``rows`` rows returned."""
     n = weight.out_features
     accumulate = torch.float32 if split_k > 1 else dtype
     new_out = torch.zeros if split_k > 1 else torch.empty
 
     def run(weight: Weight, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         out = new_out(m, n, device=x.device, dtype=accumulate)
-        codes = weight.qweight.view(torch.int32) if words else weight.qweight
-        scales = weight.scales
-        bias = scales if bias is None else bias
-        launch(prepare(x), bias, out, codes, scales, *weight.outliers.tensors())
+        bias = weight.scales if bias is None else bias
+        launch(prepare(x), bias, out, *weight.launch_args)
         if split_k > 1:
             out = out.to(dtype)
         return out if m == rows else out[:rows]
@@ -1330,7 +1336,7 @@ def dot_plan(
         block = gemv_block_w(weight, config.block_k // GEMV_WORD_CODES[weight.bits])
         launch = KernelLaunch(
             _dot_planes_kernel, grid,
-            (X, CODES, SCALES, *TABLE, BIAS, OUT, m, n, k, words.stride(0),
+            (X, WORDS, SCALES, *TABLE, BIAS, OUT, m, n, k, words.stride(0),
              stride_xm, stride_xk, weight.scales.stride(0), n),
             dict(BLOCK_W=block, EVICT=eviction(config.evict_first),
                  PACKED=config.packed and weight.bits == 4 and dtype != torch.float32, **common),
@@ -1343,7 +1349,7 @@ def dot_plan(
              stride_xk, q.stride(0), weight.scales.stride(0), n),
             dict(BLOCK_K=dot_block_k(weight, config.block_k), **common),
         )  # fmt: skip
-    return _launch_plan(launch, weight, rows, m, dtype, config.split_k, prepare, config.planes)
+    return _launch_plan(launch, weight, rows, m, dtype, config.split_k, prepare)
 
 
 # The dense weight's programs (block_n, block_k, warps, stages): one row of 4096 columns each for
@@ -1398,7 +1404,7 @@ def dequantize_plan(
 
     def run(weight: Weight) -> torch.Tensor:
         out = torch.empty(rows or n, k, device=weight.qweight.device, dtype=dtype)
-        launch(None, None, out, weight.qweight, weight.scales, *weight.outliers.tensors())
+        launch(None, None, out, *weight.launch_args)
         return out
 
     return run
