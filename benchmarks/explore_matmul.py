@@ -465,6 +465,13 @@ def time_shape(
             record(n, k, rows, "none", "transposed_x", [m], us, float("nan"))
             us = bench(lambda x=x, m=m: torch.nn.functional.pad(x.t(), (0, m - x.shape[0])))
             record(n, k, rows, "none", "F.pad-of-x^T", [m], us, float("nan"))
+        for m in (16, 32, 64, 128):  # no padding: the kernel against torch's copy (stop 16)
+            x = torch.randn(m, k, device=device, dtype=torch.float16)
+            for kernel in (True, False):
+                plan = tm.transpose_plan(m, k, m, k, 1, x.dtype, kernel=kernel)
+                us = bench(lambda x=x, plan=plan: plan(x))
+                name = "transposed_x" if kernel else "x^T.contiguous()"
+                record(n, k, m, "none", name, [m], us, float("nan"))
     if "batches" in kinds:  # what QuantLinear runs, by batch size
         w = weights[(n, k, "default")]
         for m in DEFAULT_BATCHES:

@@ -377,6 +377,9 @@ def test_transposed_x_pads_the_batch_with_zeros(device):
         xt = tm.transposed_x(x, m)
         assert xt.shape == (m, 40) and xt.stride() == (1, m)
         assert torch.equal(xt[:rows], x) and not xt[rows:].any()
+        for kernel in (True, False):  # either copy, forced
+            plan = tm.transpose_plan(rows, 40, m, 40, 1, x.dtype, kernel=kernel and m <= 256)
+            assert torch.equal(plan(x), xt)
 
 
 def test_dot_kernel_pads_a_ragged_batch(device):

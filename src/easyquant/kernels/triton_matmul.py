@@ -864,11 +864,24 @@ def transposed_x(x: torch.Tensor, m: int) -> torch.Tensor:
     return transpose_plan(x.shape[0], x.shape[1], m, x.stride(0), x.stride(1), x.dtype)(x)
 
 
+# Unpadded batches (m == rows) also take the transpose kernel (else torch's copy).
+TRANSPOSE_UNPADDED = False
+
+
 def transpose_plan(
-    rows: int, k: int, m: int, stride_xm: int, stride_xk: int, dtype: torch.dtype
+    rows: int,
+    k: int,
+    m: int,
+    stride_xm: int,
+    stride_xk: int,
+    dtype: torch.dtype,
+    kernel: bool | None = None,
 ) -> Callable[[torch.Tensor], torch.Tensor]:
-    """``transposed_x`` for every x of this shape, strides and dtype."""
-    if m == rows or m > 256 or stride_xk != 1:  # (wide batches: torch's copies)
+    """``transposed_x`` for every x of this shape, strides and dtype (``kernel``: force the
+    Triton kernel or torch's copy; None: the default)."""
+    if kernel is None:
+        kernel = m <= 256 and stride_xk == 1 and (m != rows or TRANSPOSE_UNPADDED)
+    if not kernel:  # (wide batches: torch's copies)
 
         def torch_copy(x: torch.Tensor) -> torch.Tensor:
             xt = torch.nn.functional.pad(x.t(), (0, m - rows)) if m != rows else x.t().contiguous()
