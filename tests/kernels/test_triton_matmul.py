@@ -470,6 +470,12 @@ def test_quant_linear_plans_follow_the_input_and_the_layer(device, monkeypatch):
     for x in inputs(torch.float32):
         layer(x)
     assert len(layer.kernel_plans.plans) <= 2
+    import copy
+    import pickle
+
+    for twin in (pickle.loads(pickle.dumps(layer)), copy.deepcopy(layer)):  # plans left behind
+        assert twin.kernel_plans is None
+        assert torch.equal(twin(x), layer(x))
 
 
 def test_plans_are_shared_by_layout_and_hold_no_tensor(device, monkeypatch):

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from triton import knobs
 
 
 @dataclass(frozen=True)
@@ -93,8 +94,6 @@ class KernelLaunch:
             self.compiled = compiled
 
     def _direct(self, compiled: Any, device: int, bound: list) -> None:
-        from triton import knobs
-
         stream = torch._C._cuda_getCurrentRawStream(device)
         enter, leave = knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook
         # launch metadata only for a profiler's hooks, as Triton builds it (else it costs host

@@ -103,6 +103,12 @@ class QuantLinear(nn.Module):
         """The kernel-side outlier tensors, in ``TABLE_KEYS`` order."""
         return tuple(getattr(self, key) for key in TABLE_KEYS)
 
+    def __getstate__(self) -> dict:
+        # the plans hold compiled kernels and closures (not picklable): a copy makes its own
+        state = self.__dict__.copy()
+        state["kernel_plans"] = None
+        return state
+
     def kernel_tensors(self) -> tuple[torch.Tensor | None, ...]:
         """The tensors the kernels read (buffers, then the bias), compared by identity with
         those a cached plan was built on."""
