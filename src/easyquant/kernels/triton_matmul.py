@@ -1384,24 +1384,21 @@ def dequantize(
     """The dense weight ``[N, K]`` in ``dtype`` (outliers written in), as the reference. With
     ``rows > N`` the result has ``rows`` rows, the ones past N left unwritten (padding). The
     program shape (``block_n`` and the rest) defaults to DENSE_PER_ROW / DENSE_GROUPED."""
-    return dequantize_plan(weight, dtype, rows, block_n, block_k, num_warps, num_stages)(weight)
+    program = () if block_n is None else (block_n, block_k, num_warps, num_stages)
+    return dequantize_plan(weight, dtype, rows, program)(weight)
 
 
 def dequantize_plan(
     weight: Weight,
     dtype: torch.dtype,
     rows: int | None = None,
-    block_n: int | None = None,
-    block_k: int = 0,
-    num_warps: int = 0,
-    num_stages: int = 0,
+    program: tuple[int, int, int, int] | tuple[()] = (),
 ) -> Callable[[Weight], torch.Tensor]:
-    """``dequantize`` with these arguments, as a call that writes a new dense weight (of any
-    weight of this one's layout)."""
-    if block_n is None:
-        block_n, block_k, num_warps, num_stages = (
-            DENSE_GROUPED if weight.group_size else DENSE_PER_ROW
-        )
+    """``dequantize`` with these arguments (``program``: block_n, block_k, warps, stages), as a
+    call that writes a new dense weight (of any weight of this one's layout)."""
+    block_n, block_k, num_warps, num_stages = program or (
+        DENSE_GROUPED if weight.group_size else DENSE_PER_ROW
+    )
     n, k = weight.out_features, weight.in_features
     q, table = weight.qweight, weight.outliers
     launch = KernelLaunch(
@@ -1447,7 +1444,7 @@ def dequant_matmul_plan(
     """``dequant_matmul`` for every x of this dtype."""
     n = weight.out_features
     rows = -(-n // pad) * pad
-    dense_weight = dequantize_plan(weight, dtype, rows, *program)
+    dense_weight = dequantize_plan(weight, dtype, rows, program)
 
     def run(weight: Weight, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         dense = dense_weight(weight)
