@@ -79,6 +79,13 @@ def gemv_candidates(bits: int = 4, sweep: str = "stop12") -> list[tm.GemvConfig]
             for bn, bw, w, s, xv in EVICT
             for ev in (False, True)
         ]
+    if bits == 2:  # the fp32 decode's fallbacks, then the f16x2 word dot of 2-bit codes (stop 16)
+        fp32 = [(4, 256, 1, 2), (16, 128, 2, 3)]
+        pairs = [(8, 128, 2, 3), (4, 128, 1, 3), (8, 256, 4, 2), (16, 128, 2, 3), (4, 256, 1, 2),
+                 (8, 64, 2, 3), (16, 64, 4, 3), (8, 128, 4, 2)]  # fmt: skip
+        return [G(bn, bw, w, s) for bn, bw, w, s in fp32] + [
+            G(bn, bw, w, s, packed=True) for bn, bw, w, s in pairs
+        ]
     if bits == 3:  # the fp32 decode's fallbacks, then the f16x2 triple dot (few registers first)
         fp32 = [(4, 256, 1, 2), (16, 128, 2, 3)]
         triple = [(4, 128, 4, 1), (2, 128, 4, 1), (4, 64, 2, 1), (2, 64, 2, 1), (8, 128, 8, 1)]
@@ -263,7 +270,7 @@ def main() -> None:
         help="how the L2 is cleared before each timed call (bench_kernels.FLUSH_MODE)",
     )
     parser.add_argument(
-        "--bits", type=int, choices=(3, 4), default=4, help="code width of the timed weights"
+        "--bits", type=int, choices=(2, 3, 4), default=4, help="code width of the timed weights"
     )
     parser.add_argument(
         "--sweep",
@@ -281,7 +288,7 @@ def main() -> None:
     global SWEEP
     SWEEP = args.sweep
     if args.bits != 4 and (args.write_table or args.kinds != ["gemv"]):
-        parser.error("--bits 3 times the GEMV only (--kinds gemv) and writes no table")
+        parser.error(f"--bits {args.bits} times the GEMV only (--kinds gemv) and writes no table")
     tm.SLOT_QUANTILE = args.slot_quantile
     bench_kernels.FLUSH_MODE = args.flush
     from bench_kernels import copy_bandwidth, random_parts, random_weight, warm_up

@@ -209,10 +209,11 @@ def test_gemv_matches_reference(bits, group, n, k, device):
 
 @pytest.mark.parametrize(("bits", "group", "n", "k"), [
     (4, None, 45, 256), (4, 32, 37, 96), (4, 64, 20, 512), (3, None, 33, 256), (3, 64, 21, 192),
+    (2, None, 29, 256), (2, 32, 19, 160),
 ])  # fmt: skip
 def test_packed_gemv_matches_reference(bits, group, n, k, device):
-    """The f16x2 word (4 bits) and triple (3 bits) dots with fp16 / bf16 x, with and without
-    overflow and split K; on the CPU their interpreter stand-ins, on a GPU the PTX."""
+    """The f16x2 word (4 and 2 bits) and triple (3 bits) dots with fp16 / bf16 x, with and
+    without overflow and split K; on the CPU their interpreter stand-ins, on a GPU the PTX."""
     configs = [
         (None, tm.GemvConfig(block_n=16, block_w=4, packed=True)),
         (2, tm.GemvConfig(block_n=8, block_w=2, order=2, split_k=2, packed=True)),
@@ -232,7 +233,7 @@ def test_packed_gemv_matches_reference(bits, group, n, k, device):
     x = (fresh_x(1, k, torch.float32, device, seed=n + 3) * 10000).clamp(-30000, 30000).half()
     out = tm.gemv(weight, x[0], None, configs[0][1])
     assert_close(out[None], reference(weight, x, None), torch.float16)
-    other = random_weight(n, k, 2, group, seed=n, device=device)
+    other = random_weight(n, k, 8, group, seed=n, device=device)
     assert not tm.packed_gemv(other, torch.float16, configs[0][1])
     assert not tm.packed_gemv(weight, torch.float32, configs[0][1])
 

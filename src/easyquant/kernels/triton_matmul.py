@@ -314,6 +314,91 @@ def _word_dot_f16x2(word, p0, p1, p2, p3, INTERPRET: tl.constexpr):
         return bits.to(tl.float32, bitcast=True)
 
 
+# ---- batch 1, 2-bit codes with fp16 / bf16 activations: the same paired math ------------------
+# One int32 word holds the codes of columns 16w .. 16w+15 (bits 2j, 2j+1: column 16w + j). Codes j
+# and j + 8 sit 16 bits apart, so one lop3 with the mask 3 << 2i (both halves) drops codes i and
+# i + 8 into two fp16 mantissas as 1024 + 4^i u, and one fp16x2 FMA per mask makes ((u - 2) / 8)
+# exactly; a shift by 8 does the same for codes 4..7 and 12..15. Eight pairs per word (stop 16).
+# Each half's sum of eight products stays within 2 max|x|, as for 4 bits.
+_F16X2_WORD2_DOT = tl.constexpr(
+    """
+{
+.reg .b32 t, h0, h1, h2, h3, p, m0, c0, m1, c1, m2, c2, m3, c3;
+.reg .f16 lo, hi;
+.reg .f32 flo, fhi, s;
+mov.b32 m0, 0x30003000;
+mov.b32 c0, 0xD802D802;
+mov.b32 m1, 0x28002800;
+mov.b32 c1, 0xD008D008;
+mov.b32 m2, 0x20002000;
+mov.b32 c2, 0xC820C820;
+mov.b32 m3, 0x18001800;
+mov.b32 c3, 0xC080C080;
+lop3.b32 h0, $1, 0x00030003, 0x64006400, 0xEA;
+lop3.b32 h1, $1, 0x000C000C, 0x64006400, 0xEA;
+lop3.b32 h2, $1, 0x00300030, 0x64006400, 0xEA;
+lop3.b32 h3, $1, 0x00C000C0, 0x64006400, 0xEA;
+fma.rn.f16x2 h0, h0, m0, c0;
+fma.rn.f16x2 h1, h1, m1, c1;
+fma.rn.f16x2 h2, h2, m2, c2;
+fma.rn.f16x2 h3, h3, m3, c3;
+mul.rn.f16x2 p, h0, $2;
+fma.rn.f16x2 p, h1, $3, p;
+fma.rn.f16x2 p, h2, $4, p;
+fma.rn.f16x2 p, h3, $5, p;
+shr.u32 t, $1, 8;
+lop3.b32 h0, t, 0x00030003, 0x64006400, 0xEA;
+lop3.b32 h1, t, 0x000C000C, 0x64006400, 0xEA;
+lop3.b32 h2, t, 0x00300030, 0x64006400, 0xEA;
+lop3.b32 h3, t, 0x00C000C0, 0x64006400, 0xEA;
+fma.rn.f16x2 h0, h0, m0, c0;
+fma.rn.f16x2 h1, h1, m1, c1;
+fma.rn.f16x2 h2, h2, m2, c2;
+fma.rn.f16x2 h3, h3, m3, c3;
+fma.rn.f16x2 p, h0, $6, p;
+fma.rn.f16x2 p, h1, $7, p;
+fma.rn.f16x2 p, h2, $8, p;
+fma.rn.f16x2 p, h3, $9, p;
+mov.b32 {lo, hi}, p;
+cvt.f32.f16 flo, lo;
+cvt.f32.f16 fhi, hi;
+add.f32 s, flo, fhi;
+mov.b32 $0, s;
+}
+"""
+)
+# (fp16: 0x3000 = 1/8, 0xD802 = -128.25; 0x2800 = 1/32, 0xD008 = -32.25; 0x2000 = 1/128, 0xC820 =
+# -8.25; 0x1800 = 1/512, 0xC080 = -2.25: (1024 + 4^i u) / (8 4^i) - 128 / 4^i - 1/4 = (u - 2) / 8.)
+
+
+@triton.jit
+def _x_word2_pairs(x_ptr, k0, K: tl.constexpr, BLOCK_W: tl.constexpr):
+    """The eight x pairs ``(x[16w + j], x[16w + j + 8])`` ``[1, BLOCK_W]`` of one GEMV step."""
+    cols = k0 + 16 * tl.arange(0, BLOCK_W)
+    ok = cols < K
+    pairs = ()
+    for j in tl.static_range(8):
+        pairs = pairs + (_x_pair_at(x_ptr, cols, ok, j, j + 8),)  # noqa: RUF005
+    return pairs
+
+
+@triton.jit
+def _word2_dot_f16x2(word, pairs, INTERPRET: tl.constexpr):
+    """``sum_j ((u_j - 2) / 8) * x_j`` over the sixteen 2-bit codes of each int32 word, as fp32."""
+    if INTERPRET:  # the CPU interpreter cannot run PTX: the same values in fp32
+        total = tl.zeros(word.shape, dtype=tl.float32)
+        for j in tl.static_range(8):
+            total += _pair_term((word >> (2 * j)) & 3, (word >> (16 + 2 * j)) & 3, pairs[j], 2)
+        return total * 0.125
+    else:
+        args = [word, pairs[0], pairs[1], pairs[2], pairs[3], pairs[4], pairs[5], pairs[6],
+                pairs[7]]  # fmt: skip
+        bits = tl.inline_asm_elementwise(
+            _F16X2_WORD2_DOT, "=r" + ",r" * 9, args, dtype=tl.int32, is_pure=True, pack=1
+        )
+        return bits.to(tl.float32, bitcast=True)
+
+
 # ---- batch 1, 3-bit codes with fp16 / bf16 activations: the same paired math ------------------
 # A triple of int32 words holds 32 codes, code k at bit 3k of the 96-bit little-endian integer
 # (codes 10 and 21 straddle words). A 32-bit window of it starting at bit b (one funnel shift)
@@ -552,7 +637,7 @@ def _gemv_kernel(
     BLOCK_W: tl.constexpr,  # words (3 bits: word triples) per row per step
     SPLIT_K: tl.constexpr,
     OUT_CHUNK: tl.constexpr,
-    PACKED: tl.constexpr,  # 4 / 3 bits, fp16/bf16 x: the f16x2 word (triple) dot
+    PACKED: tl.constexpr,  # 4 / 3 / 2 bits, fp16/bf16 x: the f16x2 word (triple) dot
     XVEC: tl.constexpr,  # packed 4 bits: x read as one 16-byte vector per word
     EVICT: tl.constexpr,  # the code words' L2 eviction policy ("" or "evict_first")
     INTERPRET: tl.constexpr,
@@ -560,6 +645,8 @@ def _gemv_kernel(
     # codes per word group and int32 words per group
     PER: tl.constexpr = 32 if BITS == 3 else 32 // BITS
     WPG: tl.constexpr = 3 if BITS == 3 else 1
+    # the paired dots compute (u - offset) / 16 (4, 3 bits) or / 8 (2 bits)
+    UNSCALE: tl.constexpr = 8.0 if BITS == 2 else 16.0
     BLOCK_K: tl.constexpr = BLOCK_W * PER
     GROUPS: tl.constexpr = (K + PER - 1) // PER
     STEPS: tl.constexpr = (GROUPS + BLOCK_W - 1) // BLOCK_W
@@ -596,6 +683,8 @@ def _gemv_kernel(
         w0, w1, w2 = _load_words(qrow, row_ok, step, GROUPS, WPG, BITS, BLOCK_W, EVICT)
         if PACKED and BITS == 3:
             pairs = _x_triple_pairs(x_ptr, k0, K, BLOCK_W)
+        elif PACKED and BITS == 2:
+            pairs = _x_word2_pairs(x_ptr, k0, K, BLOCK_W)
         elif PACKED:
             p0, p1, p2, p3 = _x_step_pairs(x_ptr, k0, K, BLOCK_W, XVEC)
         if GROUP > 0:
@@ -604,10 +693,12 @@ def _gemv_kernel(
         if PACKED:
             if BITS == 3:
                 part = _triple_dot_f16x2(w0, w1, w2, pairs, INTERPRET)
+            elif BITS == 2:
+                part = _word2_dot_f16x2(w0, pairs, INTERPRET)
             else:
                 part = _word_dot_f16x2(w0, p0, p1, p2, p3, INTERPRET)
             if GROUP > 0:
-                part = part * (16.0 * s)[:, None]
+                part = part * (UNSCALE * s)[:, None]
             acc += part
         else:
             if GROUP > 0:
@@ -624,7 +715,7 @@ def _gemv_kernel(
                     xsum += xk
     total = tl.sum(acc, axis=1)
     if GROUP == 0 and PACKED:
-        total *= 16.0 * tl.load(s_ptr + rows * stride_s, mask=row_ok, other=0.0).to(tl.float32)
+        total *= UNSCALE * tl.load(s_ptr + rows * stride_s, mask=row_ok, other=0.0).to(tl.float32)
     elif GROUP == 0:
         # sum((1 + u/2^B) x) = sum(x) + sum(u x)/2^B and q = u - 2^(B-1)
         x_total = tl.sum(xsum, axis=0)
@@ -1275,9 +1366,9 @@ def eviction(evict_first: bool) -> str:
 
 
 def packed_gemv(weight: Weight, dtype: torch.dtype, config: GemvConfig) -> bool:
-    """Does ``config`` run the f16x2 word (triple) dot here? (4- and 3-bit codes and fp16 / bf16
-    x only; bf16 x is rounded to fp16 for it, which keeps more mantissa bits than bf16 has.)"""
-    return config.packed and weight.bits in (3, 4) and dtype in (torch.float16, torch.bfloat16)
+    """Does ``config`` run the f16x2 word (triple) dot here? (4-, 3- and 2-bit codes and fp16 /
+    bf16 x only; bf16 x is rounded to fp16 for it, which keeps more mantissa bits than bf16 has.)"""
+    return config.packed and weight.bits in (2, 3, 4) and dtype in (torch.float16, torch.bfloat16)
 
 
 def dot_matmul(
