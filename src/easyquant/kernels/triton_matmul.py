@@ -1562,7 +1562,7 @@ DEQUANT_LARGE = True
 # Fallbacks where the measured table (below) has no entry; picked from the same H100 sweeps
 # (benchmarks/notes-matmul-kernels.md, v5).
 def gemv_config(n: int, k: int, bits: int) -> GemvConfig:
-    if bits == 2:  # the f16x2 word dot of 2-bit codes (stop 16, results/…-explore-2bit-f59319d.json)
+    if bits == 2:  # the f16x2 word dot (stop 16, results/…-explore-2bit-f59319d.json)
         if n <= 8192:
             return GemvConfig(block_n=8, block_w=128, num_warps=4, num_stages=2, packed=True)
         return GemvConfig(block_n=16, block_w=128, num_warps=2, num_stages=3, packed=True)
