@@ -221,36 +221,44 @@ def _gemv_plane(w0, w1, w2, k: tl.constexpr, BITS: tl.constexpr):
 # kernels.md, stop 12). The codes are scaled by 1/16 so that each half's sum of four products
 # stays within 2 max|x| (fp16 can overflow only where some |x| > 32752); each word's sum goes to
 # fp32 before it is accumulated, and the fp32 total is multiplied by 16.
+def _word_dot_asm(masks: list[tuple[int, int, int]]) -> str:
+    """PTX of the f16x2 word dot: ``masks`` (lop3 mask, fp16 multiplier, fp16 offset) per code
+    position group, applied to the word and to the word shifted right by 8; the pairs of x are
+    operands $2.. in that order."""
+    n = len(masks)
+    h = [f"h{i}" for i in range(2 * n)]
+    consts = [f"m{i}, c{i}" for i in range(n)]
+    lines = [
+        "{",
+        f".reg .b32 t, {', '.join(h)}, p, {', '.join(consts)};",
+        ".reg .f16 lo, hi;",
+        ".reg .f32 flo, fhi, s;",
+    ]
+    for i, (_, mul, add) in enumerate(masks):
+        lines += [f"mov.b32 m{i}, 0x{mul:04X}{mul:04X};", f"mov.b32 c{i}, 0x{add:04X}{add:04X};"]
+    for i, (mask, _, _) in enumerate(masks):
+        lines.append(f"lop3.b32 h{i}, $1, 0x{mask:08X}, 0x64006400, 0xEA;")
+    lines.append("shr.u32 t, $1, 8;")
+    for i, (mask, _, _) in enumerate(masks):
+        lines.append(f"lop3.b32 h{n + i}, t, 0x{mask:08X}, 0x64006400, 0xEA;")
+    for i in range(2 * n):
+        lines.append(f"fma.rn.f16x2 h{i}, h{i}, m{i % n}, c{i % n};")
+    lines.append("mul.rn.f16x2 p, h0, $2;")
+    for i in range(1, 2 * n):
+        lines.append(f"fma.rn.f16x2 p, h{i}, ${i + 2}, p;")
+    lines += [
+        "mov.b32 {lo, hi}, p;",
+        "cvt.f32.f16 flo, lo;",
+        "cvt.f32.f16 fhi, hi;",
+        "add.f32 s, flo, fhi;",
+        "mov.b32 $0, s;",
+        "}",
+    ]
+    return "\n".join(lines) + "\n"
+
+
 _F16X2_WORD_DOT = tl.constexpr(
-    """
-{
-.reg .b32 t, h0, h1, h2, h3, p, m0, c0, m1, c1;
-.reg .f16 lo, hi;
-.reg .f32 flo, fhi, s;
-mov.b32 m0, 0x2C002C00;
-mov.b32 c0, 0xD408D408;
-mov.b32 m1, 0x1C001C00;
-mov.b32 c1, 0xC480C480;
-lop3.b32 h0, $1, 0x000F000F, 0x64006400, 0xEA;
-lop3.b32 h1, $1, 0x00F000F0, 0x64006400, 0xEA;
-shr.u32 t, $1, 8;
-lop3.b32 h2, t, 0x000F000F, 0x64006400, 0xEA;
-lop3.b32 h3, t, 0x00F000F0, 0x64006400, 0xEA;
-fma.rn.f16x2 h0, h0, m0, c0;
-fma.rn.f16x2 h1, h1, m1, c1;
-fma.rn.f16x2 h2, h2, m0, c0;
-fma.rn.f16x2 h3, h3, m1, c1;
-mul.rn.f16x2 p, h0, $2;
-fma.rn.f16x2 p, h1, $3, p;
-fma.rn.f16x2 p, h2, $4, p;
-fma.rn.f16x2 p, h3, $5, p;
-mov.b32 {lo, hi}, p;
-cvt.f32.f16 flo, lo;
-cvt.f32.f16 fhi, hi;
-add.f32 s, flo, fhi;
-mov.b32 $0, s;
-}
-"""
+    _word_dot_asm([(0x000F000F, 0x2C00, 0xD408), (0x00F000F0, 0x1C00, 0xC480)])
 )
 # (lop3's 0xEA is (a & b) | c; 0x2C00 = 1/16, 0xD408 = -64.5, 0x1C00 = 1/256, 0xC480 = -4.5 in
 # fp16: (1024 + u) / 16 - 64.5 = (1024 + 16 u) / 256 - 4.5 = (u - 8) / 16.)
@@ -321,65 +329,11 @@ def _word_dot_f16x2(word, p0, p1, p2, p3, INTERPRET: tl.constexpr):
 # exactly; a shift by 8 does the same for codes 4..7 and 12..15. Eight pairs per word (stop 16).
 # Each half's sum of eight products stays within 2 max|x|, as for 4 bits.
 _F16X2_WORD2_DOT = tl.constexpr(
-    """
-{
-.reg .b32 t, h0, h1, h2, h3, p, m0, c0, m1, c1, m2, c2, m3, c3;
-.reg .f16 lo, hi;
-.reg .f32 flo, fhi, s;
-mov.b32 m0, 0x30003000;
-mov.b32 c0, 0xD802D802;
-mov.b32 m1, 0x28002800;
-mov.b32 c1, 0xD008D008;
-mov.b32 m2, 0x20002000;
-mov.b32 c2, 0xC820C820;
-mov.b32 m3, 0x18001800;
-mov.b32 c3, 0xC080C080;
-lop3.b32 h0, $1, 0x00030003, 0x64006400, 0xEA;
-lop3.b32 h1, $1, 0x000C000C, 0x64006400, 0xEA;
-lop3.b32 h2, $1, 0x00300030, 0x64006400, 0xEA;
-lop3.b32 h3, $1, 0x00C000C0, 0x64006400, 0xEA;
-fma.rn.f16x2 h0, h0, m0, c0;
-fma.rn.f16x2 h1, h1, m1, c1;
-fma.rn.f16x2 h2, h2, m2, c2;
-fma.rn.f16x2 h3, h3, m3, c3;
-mul.rn.f16x2 p, h0, $2;
-fma.rn.f16x2 p, h1, $3, p;
-fma.rn.f16x2 p, h2, $4, p;
-fma.rn.f16x2 p, h3, $5, p;
-shr.u32 t, $1, 8;
-lop3.b32 h0, t, 0x00030003, 0x64006400, 0xEA;
-lop3.b32 h1, t, 0x000C000C, 0x64006400, 0xEA;
-lop3.b32 h2, t, 0x00300030, 0x64006400, 0xEA;
-lop3.b32 h3, t, 0x00C000C0, 0x64006400, 0xEA;
-fma.rn.f16x2 h0, h0, m0, c0;
-fma.rn.f16x2 h1, h1, m1, c1;
-fma.rn.f16x2 h2, h2, m2, c2;
-fma.rn.f16x2 h3, h3, m3, c3;
-fma.rn.f16x2 p, h0, $6, p;
-fma.rn.f16x2 p, h1, $7, p;
-fma.rn.f16x2 p, h2, $8, p;
-fma.rn.f16x2 p, h3, $9, p;
-mov.b32 {lo, hi}, p;
-cvt.f32.f16 flo, lo;
-cvt.f32.f16 fhi, hi;
-add.f32 s, flo, fhi;
-mov.b32 $0, s;
-}
-"""
-)
+    _word_dot_asm([(0x00030003, 0x3000, 0xD802), (0x000C000C, 0x2800, 0xD008),
+                   (0x00300030, 0x2000, 0xC820), (0x00C000C0, 0x1800, 0xC080)])
+)  # fmt: skip
 # (fp16: 0x3000 = 1/8, 0xD802 = -128.25; 0x2800 = 1/32, 0xD008 = -32.25; 0x2000 = 1/128, 0xC820 =
 # -8.25; 0x1800 = 1/512, 0xC080 = -2.25: (1024 + 4^i u) / (8 4^i) - 128 / 4^i - 1/4 = (u - 2) / 8.)
-
-
-@triton.jit
-def _x_word2_pairs(x_ptr, k0, K: tl.constexpr, BLOCK_W: tl.constexpr):
-    """The eight x pairs ``(x[16w + j], x[16w + j + 8])`` ``[1, BLOCK_W]`` of one GEMV step."""
-    cols = k0 + 16 * tl.arange(0, BLOCK_W)
-    ok = cols < K
-    pairs = ()
-    for j in tl.static_range(8):
-        pairs = pairs + (_x_pair_at(x_ptr, cols, ok, j, j + 8),)  # noqa: RUF005
-    return pairs
 
 
 @triton.jit
@@ -473,14 +427,20 @@ _TRIPLE_HI = tl.constexpr(tuple(hi for _, _, hi in _TRIPLE_PAIRS))
 
 
 @triton.jit
-def _x_triple_pairs(x_ptr, k0, K: tl.constexpr, BLOCK_W: tl.constexpr):
-    """The 16 x pairs ``[1, BLOCK_W]`` of _TRIPLE_PAIRS for the word triples of one GEMV step."""
-    cols = k0 + 32 * tl.arange(0, BLOCK_W)
+def _x_pairs(x_ptr, k0, K: tl.constexpr, BLOCK_W: tl.constexpr, BITS: tl.constexpr):
+    """The x pairs ``[1, BLOCK_W]`` of one GEMV step: 3 bits, the 16 of _TRIPLE_PAIRS per word
+    triple (32 columns); 2 bits, ``(x[16w + j], x[16w + j + 8])`` for j < 8 per word."""
+    PER: tl.constexpr = 32 if BITS == 3 else 16
+    PAIRS: tl.constexpr = 16 if BITS == 3 else 8
+    cols = k0 + PER * tl.arange(0, BLOCK_W)
     ok = cols < K
     pairs = ()
-    for i in tl.static_range(16):
-        # Triton's frontend takes no starred unpacking
-        pairs = pairs + (_x_pair_at(x_ptr, cols, ok, _TRIPLE_LO[i], _TRIPLE_HI[i]),)  # noqa: RUF005
+    for i in tl.static_range(PAIRS):
+        # (Triton's frontend takes no starred unpacking)
+        if BITS == 3:
+            pairs = pairs + (_x_pair_at(x_ptr, cols, ok, _TRIPLE_LO[i], _TRIPLE_HI[i]),)  # noqa: RUF005
+        else:
+            pairs = pairs + (_x_pair_at(x_ptr, cols, ok, i, i + 8),)  # noqa: RUF005
     return pairs
 
 
@@ -681,10 +641,8 @@ def _gemv_kernel(
         step = pid_k * PER_SPLIT + i
         k0 = step * BLOCK_K
         w0, w1, w2 = _load_words(qrow, row_ok, step, GROUPS, WPG, BITS, BLOCK_W, EVICT)
-        if PACKED and BITS == 3:
-            pairs = _x_triple_pairs(x_ptr, k0, K, BLOCK_W)
-        elif PACKED and BITS == 2:
-            pairs = _x_word2_pairs(x_ptr, k0, K, BLOCK_W)
+        if PACKED and BITS < 4:
+            pairs = _x_pairs(x_ptr, k0, K, BLOCK_W, BITS)
         elif PACKED:
             p0, p1, p2, p3 = _x_step_pairs(x_ptr, k0, K, BLOCK_W, XVEC)
         if GROUP > 0:
