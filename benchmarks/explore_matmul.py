@@ -79,18 +79,16 @@ def gemv_candidates(bits: int = 4, sweep: str = "stop12") -> list[tm.GemvConfig]
             for bn, bw, w, s, xv in EVICT
             for ev in (False, True)
         ]
-    if bits == 2:  # the fp32 decode's fallbacks, then the f16x2 word dot of 2-bit codes (stop 16)
+    if bits in (2, 3):  # the fp32 decode's fallbacks, then the f16x2 dots: 3 bits the triple
+        # dot (few registers first), 2 bits the word dot (stop 16)
         fp32 = [(4, 256, 1, 2), (16, 128, 2, 3)]
-        pairs = [(8, 128, 2, 3), (4, 128, 1, 3), (8, 256, 4, 2), (16, 128, 2, 3), (4, 256, 1, 2),
-                 (8, 64, 2, 3), (16, 64, 4, 3), (8, 128, 4, 2)]  # fmt: skip
+        packed = {
+            3: [(4, 128, 4, 1), (2, 128, 4, 1), (4, 64, 2, 1), (2, 64, 2, 1), (8, 128, 8, 1)],
+            2: [(8, 128, 2, 3), (4, 128, 1, 3), (8, 256, 4, 2), (16, 128, 2, 3), (4, 256, 1, 2),
+                (8, 64, 2, 3), (16, 64, 4, 3), (8, 128, 4, 2)],
+        }[bits]  # fmt: skip
         return [G(bn, bw, w, s) for bn, bw, w, s in fp32] + [
-            G(bn, bw, w, s, packed=True) for bn, bw, w, s in pairs
-        ]
-    if bits == 3:  # the fp32 decode's fallbacks, then the f16x2 triple dot (few registers first)
-        fp32 = [(4, 256, 1, 2), (16, 128, 2, 3)]
-        triple = [(4, 128, 4, 1), (2, 128, 4, 1), (4, 64, 2, 1), (2, 64, 2, 1), (8, 128, 8, 1)]
-        return [G(bn, bw, w, s) for bn, bw, w, s in fp32] + [
-            G(bn, bw, w, s, packed=True) for bn, bw, w, s in triple
+            G(bn, bw, w, s, packed=True) for bn, bw, w, s in packed
         ]
     # (block_n, block_w, warps, stages): the fp32 decode's winners of stop 10 (notes, v5)
     fp32_decode = [(16, 128, 2, 3), (4, 256, 1, 2)]

@@ -89,7 +89,7 @@ class KernelLaunch:
                 self._direct(compiled, device, self._filled(self.bound, tensors))
                 return
         compiled = self.fn[self.grid](*self._filled(self.args, tensors), **self.kwargs)
-        if self.compiled is None and _direct_launch_enabled() and _launchable(compiled):
+        if self.compiled is None and _launchable(compiled) and _direct_launch_enabled():
             self.device = torch.cuda.current_device()
             self.compiled = compiled
 

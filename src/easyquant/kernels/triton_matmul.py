@@ -1114,14 +1114,18 @@ class Weight:
     bits: int
     group_size: int  # 0: one scale per output row
     in_features: int
-    # the tensors every launch takes, made once (``KernelLaunch`` slots CODES to TABLE)
+    # the codes as int32 words (the codes themselves where the word view does not apply: see
+    # gemv_block_w), and the tensors every launch takes (``KernelLaunch`` slots CODES to TABLE),
+    # made once
+    words: torch.Tensor = field(init=False, repr=False, compare=False)
     launch_args: tuple[torch.Tensor, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         try:
             words = self.qweight.view(torch.int32)
-        except RuntimeError:  # (a layout the word kernels do not take: see gemv_block_w)
+        except RuntimeError:
             words = self.qweight
+        object.__setattr__(self, "words", words)
         args = (self.qweight, words, self.scales, *self.outliers.tensors())
         object.__setattr__(self, "launch_args", args)
 
@@ -1249,7 +1253,6 @@ def gemv_plan(
     if block_w is None:
         raise ValueError("this weight does not fit the GEMV's int32 word view")
     n, k = weight.out_features, weight.in_features
-    words = weight.qweight.view(torch.int32)
     table = weight.outliers
     launch = KernelLaunch(
         _gemv_kernel,
@@ -1264,7 +1267,7 @@ def gemv_plan(
             m,
             n,
             k,
-            words.stride(0),
+            weight.words.stride(0),
             weight.scales.stride(0),
             stride_xm,
             n,
@@ -1289,12 +1292,16 @@ def gemv_plan(
             num_stages=config.num_stages,
         ),
     )
-    return _launch_plan(launch, weight, m, m, dtype, config.split_k, lambda x: x)
+    return _launch_plan(launch, n, m, m, dtype, config.split_k, _as_is)
+
+
+def _as_is(x: torch.Tensor) -> torch.Tensor:
+    return x
 
 
 def _launch_plan(
     launch: KernelLaunch,
-    weight: Weight,
+    n: int,
     rows: int,
     m: int,
     dtype: torch.dtype,
@@ -1303,7 +1310,6 @@ def _launch_plan(
 ) -> Plan:
     """The plan around one matmul launch: x prepared (copied, padded), a new ``[m, N]`` output
     (zeroed fp32 for split K's atomics, then cast), the first ``rows`` rows returned."""
-    n = weight.out_features
     accumulate = torch.float32 if split_k > 1 else dtype
     new_out = torch.zeros if split_k > 1 else torch.empty
 
@@ -1369,10 +1375,7 @@ def dot_plan(
 
         stride_xm, stride_xk = k, 1
     else:
-
-        def prepare(x: torch.Tensor) -> torch.Tensor:
-            return x
-
+        prepare = _as_is
     table = weight.outliers
     grid = (triton.cdiv(n, config.block_n) * triton.cdiv(m, config.block_m), config.split_k)
     common = dict(
@@ -1392,11 +1395,10 @@ def dot_plan(
         num_stages=config.num_stages,
     )
     if config.planes:
-        words = weight.qweight.view(torch.int32)
         block = gemv_block_w(weight, config.block_k // GEMV_WORD_CODES[weight.bits])
         launch = KernelLaunch(
             _dot_planes_kernel, grid,
-            (X, WORDS, SCALES, *TABLE, BIAS, OUT, m, n, k, words.stride(0),
+            (X, WORDS, SCALES, *TABLE, BIAS, OUT, m, n, k, weight.words.stride(0),
              stride_xm, stride_xk, weight.scales.stride(0), n),
             dict(BLOCK_W=block, EVICT=eviction(config.evict_first),
                  PACKED=config.packed and weight.bits == 4 and dtype != torch.float32, **common),
@@ -1409,7 +1411,7 @@ def dot_plan(
              stride_xk, q.stride(0), weight.scales.stride(0), n),
             dict(BLOCK_K=dot_block_k(weight, config.block_k), **common),
         )  # fmt: skip
-    return _launch_plan(launch, weight, rows, m, dtype, config.split_k, prepare)
+    return _launch_plan(launch, n, rows, m, dtype, config.split_k, prepare)
 
 
 # The dense weight's programs (block_n, block_k, warps, stages): one row of 4096 columns each for
