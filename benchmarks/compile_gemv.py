@@ -2,7 +2,7 @@
 
     python benchmarks/compile_gemv.py [--bits 4] [--packed] [--xvec] [--group 0] \
         [--evict-first] [--config 8,128,2,3 ...]
-    python benchmarks/compile_gemv.py --planes [--packed] [--bf16] [--config 64,256,4,3 ...]
+    python benchmarks/compile_gemv.py --planes [--packed [--joined]] [--bf16] [--config 64,256,4,3 ...]
 
 Triton's wheel carries ptxas and cuobjdump, so a kernel that would fail to build on the GPU
 fails here too, and its registers per thread (which set the occupancy) and load widths can be
@@ -62,9 +62,9 @@ def build(fn, signature: dict, constants: dict, divisible: list[str], warps: int
     return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
 
 
-def compile_planes(packed: bool, act: int, config: tuple[int, ...]):
+def compile_planes(packed: bool, act: int, config: tuple[int, ...], joined: bool = False):
     """The batch-16 word-plane kernel (4 bits, per-channel scales, xt), as the GEMV above;
-    ``config`` is block_n,block_k,num_warps,num_stages."""
+    ``config`` is block_n,block_k,num_warps,num_stages (``joined``: x in pair order)."""
     block_n, block_k, warps, stages = config
     fn = tm._dot_planes_kernel
     dtype = "*fp16" if act == 1 else "*bf16"
@@ -75,7 +75,7 @@ def compile_planes(packed: bool, act: int, config: tuple[int, ...]):
         stride_xm=1,  # x^T's batch side is contiguous (xt), which the JIT specialises as 1
         K=4096, GROUP=0, BITS=4, ACT=act, HAS_BIAS=False, SLOTS=32, HAS_OVERFLOW=True,
         BLOCK_N=block_n, BLOCK_M=16, BLOCK_W=block_k // 8, SPLIT_K=1, SLOT_CHUNK=8, OUT_CHUNK=8,
-        EMULATE_BF16=False, EVICT="", PACKED=packed,
+        EMULATE_BF16=False, EVICT="", PACKED=packed, JOINED=joined,
     )  # fmt: skip
     divisible = [*POINTERS, "N", "row_words", "stride_xk", "stride_om"]
     return build(fn, signature, constants, divisible, warps, stages)
@@ -116,11 +116,14 @@ def main() -> None:
         "block_n,block_k,warps,stages; --packed: planes in pairs; --bf16)",
     )
     parser.add_argument("--bf16", action="store_true", help="--planes: bf16 activations")
+    parser.add_argument(
+        "--joined", action="store_true", help="--planes --packed: planes j, j + 4 as one product"
+    )
     args = parser.parse_args()
     if args.planes:
         for text in args.config:
             config = tuple(int(v) for v in text.split(","))
-            kernel = compile_planes(args.packed, 2 if args.bf16 else 1, config)
+            kernel = compile_planes(args.packed, 2 if args.bf16 else 1, config, args.joined)
             print(f"{text}: {registers(kernel)} registers, {sass_lines(kernel)} SASS instructions",
                   flush=True)  # fmt: skip
         return

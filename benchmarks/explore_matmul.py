@@ -113,7 +113,19 @@ WIDE_PLANES = [(64, 256, 4, 3), (128, 256, 4, 3), (128, 256, 8, 3), (64, 512, 4,
 SPLITS = (1, 2, 3, 4, 6, 8)
 
 
+# --sweep joined (stop 17): each pair of planes (j, j + 4) one product of 2 block_w columns against
+# x copied in pair order, loaded unmasked (cp.async), against the packed kernel of the table
+JOINED = [(64, 256, 4, 3), (64, 128, 4, 3), (64, 512, 4, 3), (64, 256, 4, 4), (128, 256, 8, 3),
+          (64, 512, 4, 2)]  # fmt: skip
+
+
 def small_candidates(sweep: str = "stop12") -> list[tm.DotConfig]:
+    if sweep == "joined":
+        return [D(64, 16, 256, 1, 4, 3, xt=True, planes=True, packed=True)] + [
+            D(bn, 16, bk, sk, w, s, xt=True, planes=True, packed=True, joined=True)
+            for bn, bk, w, s in JOINED
+            for sk in (1, 2)
+        ]
     if sweep == "split":
         return (
             [D(64, 16, 256, sk, 4, 3, xt=True, planes=True, packed=True) for sk in SPLITS]
@@ -272,13 +284,14 @@ def main() -> None:
     )
     parser.add_argument(
         "--sweep",
-        choices=("stop12", "wide", "evict", "packed", "dequant", "split"),
+        choices=("stop12", "wide", "evict", "packed", "dequant", "split", "joined"),
         default="stop12",
         help="candidates: stop 12's; (stop 13) wide: one-step GEMV row blocks and larger "
         "word-plane blocks; evict: the winners with the codes' loads evict_first; packed: the "
         "word-plane winners with planes decoded in pairs (4 bits); (stop 14) dequant: more "
         "dense-weight kernel configs, and the same bytes written / copied by torch; (stop 15) "
-        "split: the tensor-core winners with split K",
+        "split: the tensor-core winners with split K; (stop 17) joined: planes j and j + 4 as "
+        "one product against x copied in pair order",
     )
     args = parser.parse_args()
     if args.sweep != "stop12" and args.bits != 4:
@@ -544,6 +557,13 @@ MID_TILES = [(64, 16, 4), (64, 32, 4), (64, 64, 4), (128, 64, 8), (128, 128, 8)]
 
 
 def mid_candidates(m: int) -> list[tm.DotConfig]:
+    if SWEEP == "joined":
+        return [
+            D(bn, bm, 256, 1, w, 3, xt=True, planes=True, packed=True, joined=jn)
+            for bn, bm, w in MID_TILES[:4]
+            for jn in (False, True)
+            if bm <= max(m, 16)
+        ]
     if SWEEP == "split":
         return [
             D(bn, bm, 256, sk, w, 3, xt=True, planes=True, packed=True)

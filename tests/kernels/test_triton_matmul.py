@@ -150,13 +150,17 @@ def test_word_plane_kernel_matches_reference(bits, n, k, device):
             assert_close(out, reference(weight, x, None), dtype)
 
 
-@pytest.mark.parametrize(("group", "n", "k"), [(None, 45, 256), (128, 37, 384), (256, 20, 512)])
+@pytest.mark.parametrize(("group", "n", "k"), [(None, 45, 296), (128, 37, 384), (256, 20, 512)])
 def test_packed_word_plane_kernel_matches_reference(group, n, k, device):
     """Planes decoded in pairs (4 bits, fp16 / bf16 x): on the CPU the one-plane decode, on a GPU
-    the PTX; with and without overflow and split K."""
+    the PTX; with and without overflow and split K; each pair of planes one product against x
+    copied in pair order (``joined``), K not a whole number of steps."""
+    joined = tm.DotConfig(16, 16, 128, xt=True, planes=True, packed=True, joined=True)
     for slots, config in ((None, tm.DotConfig(16, 16, 128, planes=True, packed=True)),
                           (1, tm.DotConfig(32, 16, 128, split_k=2, xt=True, planes=True,
-                                           packed=True))):  # fmt: skip
+                                           packed=True)),
+                          (None, joined), (2, replace(joined, block_n=32, split_k=3)),
+                          (1, replace(joined, block_k=256))):  # fmt: skip
         weight = random_weight(n, k, 4, group, seed=n, device=device, slots=slots)
         assert tm.fits(weight, config)
         for dtype, m in ((torch.float16, 16), (torch.bfloat16, 5), (torch.float32, 3)):

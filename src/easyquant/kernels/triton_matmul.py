@@ -500,10 +500,11 @@ def _table_2d(
     rows, row_ok, ms, m_ok, stride_xm, stride_xk, pid_k,
     SLOTS: tl.constexpr, HAS_OVERFLOW: tl.constexpr, SPLIT_K: tl.constexpr,
     SLOT_CHUNK: tl.constexpr, OUT_CHUNK: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_M: tl.constexpr,
+    BLOCK_M: tl.constexpr, PAIR_W: tl.constexpr = 0,
 ):  # fmt: skip
     """``sum_j v[n, j] * x[m, col[n, j]]`` ``[BLOCK_N, BLOCK_M]`` over this K split's share of
-    the slots (chunk c goes to split c % SPLIT_K) and, in split 0, the overflow entries."""
+    the slots (chunk c goes to split c % SPLIT_K) and, in split 0, the overflow entries
+    (``PAIR_W``: x is the pair-ordered copy)."""
     res = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     xm = x_ptr + ms[None, None, :].to(tl.int64) * stride_xm
     if SLOTS > 0:
@@ -515,6 +516,8 @@ def _table_2d(
                 ok = row_ok[:, None] & (j < SLOTS)[None, :]
                 p = rows[:, None].to(tl.int64) * SLOTS + j[None, :]
                 col = tl.load(ecol_ptr + p, mask=ok, other=0).to(tl.int64)
+                if PAIR_W > 0:
+                    col = _pair_position(col, PAIR_W)
                 v = tl.load(eval_ptr + p, mask=ok, other=0.0).to(tl.float32)
                 g_ok = ok & (j[None, :] < e_cnt[:, None])
                 xg = tl.load(
@@ -534,6 +537,8 @@ def _table_2d(
             o_ok = oj[None, :] < o_count[:, None]
             op = o_start[:, None] + oj[None, :]
             ocol = tl.load(ocol_ptr + op, mask=o_ok, other=0).to(tl.int64)
+            if PAIR_W > 0:
+                ocol = _pair_position(ocol, PAIR_W)
             ov = tl.load(oval_ptr + op, mask=o_ok, other=0.0).to(tl.float32)
             oxg = tl.load(
                 xm + ocol[:, :, None] * stride_xk,
@@ -794,6 +799,17 @@ def _x_plane(xrow, first, m_ok, K: tl.constexpr, stride_xk, BLOCK_W: tl.constexp
 
 
 @triton.jit
+def _pair_position(col, PAIR_W: tl.constexpr):
+    """Where column ``col`` of x sits in the pair-ordered copy (``transpose_plan(pair_w=...)``):
+    step s (8 PAIR_W columns) holds planes j and j + 4 of its PAIR_W words at rows
+    ``8 PAIR_W s + 2 PAIR_W j + 2 w + h`` for column ``8 PAIR_W s + 8 w + j + 4 h``: the order in
+    which ``tl.join`` puts the two planes' codes."""
+    r = col % (8 * PAIR_W)
+    t = r % 8
+    return col - r + 2 * PAIR_W * (t % 4) + 2 * (r // 8) + t // 4
+
+
+@triton.jit
 def _dot_planes_kernel(
     x_ptr,
     q_ptr,  # int32 view of qweight [N, row_words]
@@ -829,6 +845,7 @@ def _dot_planes_kernel(
     EMULATE_BF16: tl.constexpr,
     EVICT: tl.constexpr,  # the code words' L2 eviction policy ("" or "evict_first")
     PACKED: tl.constexpr,  # 4 bits, fp16 / bf16 x: two planes per lop3 + FMA (PTX)
+    JOINED: tl.constexpr = False,  # PACKED: x is the pair-ordered copy, planes j, j + 4 one dot
 ):
     """The tensor-core product one code position at a time: plane ``k`` of a step is the tile of
     columns ``k0 + PER * w + k``, multiplied with the matching (strided) rows of ``x^T``."""
@@ -855,7 +872,14 @@ def _dot_planes_kernel(
         k0 = step * BLOCK_K
         w0, w1, w2 = _load_words(qrow, row_ok, step, GROUPS, WPG, BITS, BLOCK_W, EVICT)
         part = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-        if PACKED:  # 4 bits, fp16 / bf16: planes j and j + 4 from one lop3 + one FMA
+        if PACKED and JOINED:  # planes j and j + 4 as one product of 2 BLOCK_W columns
+            for j in tl.static_range(4):
+                w_lo, w_hi = _plane_pair(w0, j, ACT, EMULATE_BF16)
+                w_pair = tl.reshape(tl.join(w_lo, w_hi), [BLOCK_N, 2 * BLOCK_W])
+                q = k0 + 2 * BLOCK_W * j + tl.arange(0, 2 * BLOCK_W)
+                x_pair = tl.load(xrow + q[:, None] * stride_xk)  # (the copy is padded)
+                part = _mma(w_pair, x_pair, part, ACT, EMULATE_BF16)
+        elif PACKED:  # 4 bits, fp16 / bf16: planes j and j + 4 from one lop3 + one FMA
             for j in tl.static_range(4):
                 w_lo, w_hi = _plane_pair(w0, j, ACT, EMULATE_BF16)  # (EMULATE_BF16: interpreting)
                 x_lo = _x_plane(xrow, k0 + j, m_ok, K, stride_xk, BLOCK_W, PER)
@@ -880,6 +904,7 @@ def _dot_planes_kernel(
             x_ptr, ecol_ptr, eval_ptr, ecnt_ptr, oind_ptr, ocol_ptr, oval_ptr,
             rows, row_ok, ms, m_ok, stride_xm, stride_xk, pid_k,
             SLOTS, HAS_OVERFLOW, SPLIT_K, SLOT_CHUNK, OUT_CHUNK, BLOCK_N, BLOCK_M,
+            BLOCK_W if JOINED else 0,
         )  # fmt: skip
     if HAS_BIAS:
         bias = tl.load(bias_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
@@ -894,16 +919,24 @@ def _dot_planes_kernel(
 
 # ---- the tensor-core kernels' x: transposed and zero-padded in one pass ------------------------
 @triton.jit
-def _transpose_pad_kernel(x_ptr, out_ptr, rows, K, stride_xm, m_pad, M_P2: tl.constexpr,
-                          BLOCK_K: tl.constexpr):  # fmt: skip
-    """``out [K, m_pad]`` (row-major) = x^T with the batch zero-padded from ``rows`` to m_pad
-    (M_P2: m_pad's next power of two)."""
-    ks = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+def _transpose_pad_kernel(x_ptr, out_ptr, rows, K, stride_xm, m_pad, out_rows,
+                          M_P2: tl.constexpr, BLOCK_K: tl.constexpr,
+                          PAIR_W: tl.constexpr):  # fmt: skip
+    """``out [out_rows, m_pad]`` (row-major) = x^T with the batch zero-padded from ``rows`` to
+    m_pad (M_P2: m_pad's next power of two) and rows past K zero; ``PAIR_W`` > 0: rows in the
+    pair order of ``_pair_position``."""
+    ps = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+    if PAIR_W > 0:  # the inverse of _pair_position
+        r = ps % (8 * PAIR_W)
+        q = r % (2 * PAIR_W)
+        ks = ps - r + 8 * (q // 2) + r // (2 * PAIR_W) + 4 * (q % 2)
+    else:
+        ks = ps
     ms = tl.arange(0, M_P2)
-    ok = (ks < K)[:, None]
-    v = tl.load(x_ptr + ms[None, :] * stride_xm + ks[:, None], mask=ok & (ms < rows)[None, :],
-                other=0.0)  # fmt: skip
-    tl.store(out_ptr + ks[:, None] * m_pad + ms[None, :], v, mask=ok & (ms < m_pad)[None, :])
+    v = tl.load(x_ptr + ms[None, :] * stride_xm + ks[:, None],
+                mask=(ks < K)[:, None] & (ms < rows)[None, :], other=0.0)  # fmt: skip
+    tl.store(out_ptr + ps[:, None] * m_pad + ms[None, :], v,
+             mask=(ps < out_rows)[:, None] & (ms < m_pad)[None, :])  # fmt: skip
 
 
 def transposed_x(x: torch.Tensor, m: int) -> torch.Tensor:
@@ -921,13 +954,19 @@ def transpose_plan(
     stride_xk: int,
     dtype: torch.dtype,
     kernel: bool | None = None,
+    pair_w: int = 0,
+    out_rows: int | None = None,
 ) -> Callable[[torch.Tensor], torch.Tensor]:
     """``transposed_x`` for every x of this shape, strides and dtype (``kernel``: force the
     Triton kernel or torch's copy; None: the kernel up to 256 batch rows, padded or not: on the
     H100 4.8 against torch's 5.4 us at 16 rows of 4096, 5.7 against 7.6 at 128, stop 16,
-    results/…-2026-11-23-explore-transpose-f1056f2.json)."""
+    results/…-2026-11-23-explore-transpose-f1056f2.json). ``pair_w`` > 0: the copy's rows in
+    the joined word-plane kernel's pair order, ``out_rows`` of them (rows past K zero)."""
+    out_rows = k if out_rows is None else out_rows
     if kernel is None:
-        kernel = m <= 256 and stride_xk == 1
+        kernel = (m <= 256 or pair_w > 0) and stride_xk == 1
+    if pair_w > 0 and not kernel:
+        raise ValueError("the pair-ordered copy of x needs the kernel and x unit-stride along K")
     if not kernel:  # (wide batches: torch's copies)
 
         def torch_copy(x: torch.Tensor) -> torch.Tensor:
@@ -938,12 +977,13 @@ def transpose_plan(
     m_p2 = triton.next_power_of_2(m)
     block_k = max(16, 4096 // m_p2)
     launch = KernelLaunch(
-        _transpose_pad_kernel, (triton.cdiv(k, block_k),),
-        (X, OUT, rows, k, stride_xm, m), dict(M_P2=m_p2, BLOCK_K=block_k),
+        _transpose_pad_kernel, (triton.cdiv(out_rows, block_k),),
+        (X, OUT, rows, k, stride_xm, m, out_rows),
+        dict(M_P2=m_p2, BLOCK_K=block_k, PAIR_W=pair_w),
     )  # fmt: skip
 
     def kernel_copy(x: torch.Tensor) -> torch.Tensor:
-        out = torch.empty(k, m, device=x.device, dtype=dtype)
+        out = torch.empty(out_rows, m, device=x.device, dtype=dtype)
         launch(x, None, out)
         return out.t()
 
@@ -1217,6 +1257,7 @@ class DotConfig:
     out_chunk: int = 8  # overflow entries per step
     evict_first: bool = False  # word-plane kernel: the codes' L2 lines first to go
     packed: bool = False  # word-plane kernel, 4 bits, fp16 / bf16 x: planes decoded in pairs
+    joined: bool = False  # packed, xt: each pair of planes one product, x copied in pair order
 
 
 def _slots_p2(table: OutlierTable) -> int:
@@ -1365,8 +1406,15 @@ def dot_plan(
     n, k = weight.out_features, weight.in_features
     m = -(-rows // config.block_m) * config.block_m
     prepare: Callable[[torch.Tensor], torch.Tensor]
+    packed = config.planes and config.packed and weight.bits == 4 and dtype != torch.float32
+    block_w = gemv_block_w(weight, config.block_k // GEMV_WORD_CODES[weight.bits])
+    joined = packed and config.joined and config.xt and block_w is not None
     if config.xt:  # same values, column-major (x[m, k] at k * M + m), padded in the same pass
-        prepare = transpose_plan(rows, k, m, stride_xm, stride_xk, dtype)
+        pair_w, out_rows = 0, k
+        if joined:  # every split's steps, padded: the kernel reads them unmasked
+            per_split = triton.cdiv(triton.cdiv(triton.cdiv(k, 8), block_w), config.split_k)
+            pair_w, out_rows = block_w, per_split * config.split_k * 8 * block_w
+        prepare = transpose_plan(rows, k, m, stride_xm, stride_xk, dtype, None, pair_w, out_rows)
         stride_xm, stride_xk = 1, m
     elif m != rows:
 
@@ -1395,13 +1443,12 @@ def dot_plan(
         num_stages=config.num_stages,
     )
     if config.planes:
-        block = gemv_block_w(weight, config.block_k // GEMV_WORD_CODES[weight.bits])
         launch = KernelLaunch(
             _dot_planes_kernel, grid,
             (X, WORDS, SCALES, *TABLE, BIAS, OUT, m, n, k, weight.words.stride(0),
              stride_xm, stride_xk, weight.scales.stride(0), n),
-            dict(BLOCK_W=block, EVICT=eviction(config.evict_first),
-                 PACKED=config.packed and weight.bits == 4 and dtype != torch.float32, **common),
+            dict(BLOCK_W=block_w, EVICT=eviction(config.evict_first), PACKED=packed,
+                 JOINED=joined, **common),
         )  # fmt: skip
     else:
         q = weight.qweight
