@@ -122,13 +122,10 @@ JOINED = [(64, 256, 4, 3), (64, 128, 4, 3), (64, 512, 4, 3), (64, 256, 4, 4), (1
 def small_candidates(sweep: str = "stop12") -> list[tm.DotConfig]:
     if sweep == "joined":
         table = D(64, 16, 256, 1, 4, 3, xt=True, planes=True, packed=True, table=0)
-        return [table, replace(table, table=1), replace(table, table=2)] + [
-            D(64, 16, bk, sk, 4, st, xt=True, planes=True, packed=True, joined=True, table=t,
-              slot_chunk=sc)
-            for bk, sk, st in ((512, 1, 3), (256, 1, 4), (512, 2, 3))
-            for t in (0, 1, 2)
-            for sc in (8, 16)
-            if not (t == 0 and sc == 16)
+        return [table, replace(table, table=3)] + [
+            D(64, 16, bk, sk, 4, st, xt=True, planes=True, packed=True, joined=True, table=t)
+            for bk, sk, st in ((512, 1, 3), (256, 1, 4), (512, 2, 3), (256, 4, 3), (256, 6, 3))
+            for t in (0, 3, 4)
         ]  # fmt: skip
     if sweep == "split":
         return (

@@ -863,6 +863,13 @@ def _pair_position(col, PAIR_W: tl.constexpr):
 
 
 @triton.jit
+def _prefetch_l2(ptrs):
+    """(Experiment) ask the L2 for the 128-byte lines at ``ptrs`` (PTX ``prefetch``)."""
+    tl.inline_asm_elementwise("prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l", [ptrs],
+                              dtype=tl.int32, is_pure=False, pack=1)  # fmt: skip
+
+
+@triton.jit
 def _dot_planes_kernel(
     x_ptr,
     q_ptr,  # int32 view of qweight [N, row_words]
@@ -899,7 +906,8 @@ def _dot_planes_kernel(
     EVICT: tl.constexpr,  # the code words' L2 eviction policy ("" or "evict_first")
     PACKED: tl.constexpr,  # 4 bits, fp16 / bf16 x: two planes per lop3 + FMA (PTX)
     JOINED: tl.constexpr = False,  # PACKED: x is the pair-ordered copy, planes j, j + 4 one dot
-    TABLE: tl.constexpr = 1,  # (experiment) 0: stop 16's 3-D gather, 1: per entry, 2: first
+    TABLE: tl.constexpr = 1,  # (experiment) 0: stop 16's 3-D gather, 1: per entry, 2: first,
+    # 3 / 4: 0 / 1 with the block's slots prefetched to L2 first
 ):
     """The tensor-core product one code position at a time: plane ``k`` of a step is the tile of
     columns ``k0 + PER * w + k``, multiplied with the matching (strided) rows of ``x^T``."""
@@ -921,6 +929,10 @@ def _dot_planes_kernel(
     qrow = q_ptr + rows[:, None].to(tl.int64) * row_words
     xrow = x_ptr + ms[None, :].to(tl.int64) * stride_xm
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    if SLOTS > 0 and TABLE >= 3 and not EMULATE_BF16:  # (experiment) the block's slots to L2
+        lines = pid_n * BLOCK_N * SLOTS + 64 * tl.arange(0, (BLOCK_N * SLOTS) // 64)
+        _prefetch_l2(ecol_ptr + lines)
+        _prefetch_l2(eval_ptr + lines)
     if (SLOTS > 0 or HAS_OVERFLOW) and TABLE == 2:  # (experiment: the table before the loop)
         first = _table_2d(
             x_ptr, ecol_ptr, eval_ptr, ecnt_ptr, oind_ptr, ocol_ptr, oval_ptr,
@@ -960,8 +972,8 @@ def _dot_planes_kernel(
     if GROUP == 0:
         s_row = tl.load(s_ptr + rows * stride_s, mask=row_ok, other=0.0)
         acc = acc * s_row.to(tl.float32)[:, None]
-    if (SLOTS > 0 or HAS_OVERFLOW) and TABLE < 2:
-        if TABLE == 0:
+    if (SLOTS > 0 or HAS_OVERFLOW) and TABLE != 2:
+        if TABLE == 0 or TABLE == 3:
             acc += _table_3d(
                 x_ptr, ecol_ptr, eval_ptr, ecnt_ptr, oind_ptr, ocol_ptr, oval_ptr,
                 rows, row_ok, ms, m_ok, stride_xm, stride_xk, pid_k,
