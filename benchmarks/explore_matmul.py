@@ -28,7 +28,7 @@ import json
 import multiprocessing as mp
 import os
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -115,18 +115,16 @@ SPLITS = (1, 2, 3, 4, 6, 8)
 
 # --sweep joined (stop 17): each pair of planes (j, j + 4) one product of 2 block_w columns against
 # x copied in pair order, loaded unmasked (cp.async), against the packed kernel of the table
-JOINED = [(64, 256, 4, 3), (64, 128, 4, 3), (64, 512, 4, 3), (64, 256, 4, 4), (128, 256, 8, 3),
-          (64, 512, 4, 2)]  # fmt: skip
+# (block_k, split_k, stages; 64 rows, 4 warps)
+JOINED = [(512, 1, 3), (256, 1, 4), (512, 2, 3), (256, 4, 3), (256, 6, 3)]
 
 
 def small_candidates(sweep: str = "stop12") -> list[tm.DotConfig]:
     if sweep == "joined":
-        table = D(64, 16, 256, 1, 4, 3, xt=True, planes=True, packed=True, table=0)
-        return [table, replace(table, table=3)] + [
-            D(64, 16, bk, sk, 4, st, xt=True, planes=True, packed=True, joined=True, table=t)
-            for bk, sk, st in ((512, 1, 3), (256, 1, 4), (512, 2, 3), (256, 4, 3), (256, 6, 3))
-            for t in (0, 3, 4)
-        ]  # fmt: skip
+        return [D(64, 16, 256, sk, 4, 3, xt=True, planes=True, packed=True) for sk in (1, 4, 6)] + [
+            D(64, 16, bk, sk, 4, st, xt=True, planes=True, packed=True, joined=True)
+            for bk, sk, st in JOINED
+        ]
     if sweep == "split":
         return (
             [D(64, 16, 256, sk, 4, 3, xt=True, planes=True, packed=True) for sk in SPLITS]

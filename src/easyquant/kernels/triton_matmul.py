@@ -504,59 +504,6 @@ def _table_2d(
 ):  # fmt: skip
     """``sum_j v[n, j] * x[m, col[n, j]]`` ``[BLOCK_N, BLOCK_M]`` over this K split's share of
     the slots (chunk c goes to split c % SPLIT_K) and, in split 0, the overflow entries
-    (``PAIR_W``: x is the pair-ordered copy). One entry of every row at a time, so that each row
-    gathers one contiguous run of x^T (a vector load where x is transposed); each chunk's
-    entries are unrolled, so that their loads are in flight together."""
-    res = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-    xm = x_ptr + ms[None, :].to(tl.int64) * stride_xm
-    if SLOTS > 0:
-        e_cnt = tl.load(ecnt_ptr + rows, mask=row_ok, other=0)
-        slot_row = ecol_ptr + rows.to(tl.int64) * SLOTS
-        value_row = eval_ptr + rows.to(tl.int64) * SLOTS
-        # a run-time loop over chunks: unrolled, every chunk's gathers would be live at once
-        for c in range((SLOTS + SLOT_CHUNK - 1) // SLOT_CHUNK):
-            if c % SPLIT_K == pid_k:
-                for i in tl.static_range(SLOT_CHUNK):
-                    j = c * SLOT_CHUNK + i
-                    ok = row_ok & (j < e_cnt)  # (counts are at most SLOTS)
-                    res += _gathered(xm, slot_row + j, value_row + j, ok, m_ok, stride_xk,
-                                     PAIR_W)  # fmt: skip
-    if HAS_OVERFLOW:
-        o_start = tl.load(oind_ptr + rows, mask=row_ok, other=0)
-        o_count = tl.load(oind_ptr + rows + 1, mask=row_ok, other=0) - o_start
-        o_count = tl.where(pid_k == 0, o_count, 0)
-        most = tl.max(o_count, axis=0)
-        j0 = 0
-        while j0 < most:
-            for i in tl.static_range(OUT_CHUNK):
-                ok = j0 + i < o_count
-                res += _gathered(xm, ocol_ptr + o_start + j0 + i, oval_ptr + o_start + j0 + i,
-                                 ok, m_ok, stride_xk, PAIR_W)  # fmt: skip
-            j0 += OUT_CHUNK
-    return res
-
-
-@triton.jit
-def _gathered(xm, col_ptrs, value_ptrs, ok, m_ok, stride_xk, PAIR_W: tl.constexpr):
-    """``v[n] * x[m, col[n]]`` ``[rows, batch]`` for one table entry of each row (``ok``)."""
-    col = tl.load(col_ptrs, mask=ok, other=0).to(tl.int64)
-    if PAIR_W > 0:
-        col = _pair_position(col, PAIR_W)
-    v = tl.load(value_ptrs, mask=ok, other=0.0).to(tl.float32)
-    xg = tl.load(xm + col[:, None] * stride_xk, mask=ok[:, None] & m_ok[None, :], other=0.0)
-    return v[:, None] * xg.to(tl.float32)
-
-
-@triton.jit
-def _table_3d(
-    x_ptr, ecol_ptr, eval_ptr, ecnt_ptr, oind_ptr, ocol_ptr, oval_ptr,
-    rows, row_ok, ms, m_ok, stride_xm, stride_xk, pid_k,
-    SLOTS: tl.constexpr, HAS_OVERFLOW: tl.constexpr, SPLIT_K: tl.constexpr,
-    SLOT_CHUNK: tl.constexpr, OUT_CHUNK: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_M: tl.constexpr, PAIR_W: tl.constexpr = 0,
-):  # fmt: skip
-    """``sum_j v[n, j] * x[m, col[n, j]]`` ``[BLOCK_N, BLOCK_M]`` over this K split's share of
-    the slots (chunk c goes to split c % SPLIT_K) and, in split 0, the overflow entries
     (``PAIR_W``: x is the pair-ordered copy)."""
     res = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     xm = x_ptr + ms[None, None, :].to(tl.int64) * stride_xm
@@ -863,13 +810,6 @@ def _pair_position(col, PAIR_W: tl.constexpr):
 
 
 @triton.jit
-def _prefetch_l2(ptrs):
-    """(Experiment) ask the L2 for the 128-byte lines at ``ptrs`` (PTX ``prefetch``)."""
-    tl.inline_asm_elementwise("prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l", [ptrs],
-                              dtype=tl.int32, is_pure=False, pack=1)  # fmt: skip
-
-
-@triton.jit
 def _dot_planes_kernel(
     x_ptr,
     q_ptr,  # int32 view of qweight [N, row_words]
@@ -906,8 +846,6 @@ def _dot_planes_kernel(
     EVICT: tl.constexpr,  # the code words' L2 eviction policy ("" or "evict_first")
     PACKED: tl.constexpr,  # 4 bits, fp16 / bf16 x: two planes per lop3 + FMA (PTX)
     JOINED: tl.constexpr = False,  # PACKED: x is the pair-ordered copy, planes j, j + 4 one dot
-    TABLE: tl.constexpr = 1,  # (experiment) 0: stop 16's 3-D gather, 1: per entry, 2: first,
-    # 3 / 4: 0 / 1 with the block's slots prefetched to L2 first
 ):
     """The tensor-core product one code position at a time: plane ``k`` of a step is the tile of
     columns ``k0 + PER * w + k``, multiplied with the matching (strided) rows of ``x^T``."""
@@ -929,17 +867,6 @@ def _dot_planes_kernel(
     qrow = q_ptr + rows[:, None].to(tl.int64) * row_words
     xrow = x_ptr + ms[None, :].to(tl.int64) * stride_xm
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-    if SLOTS > 0 and TABLE >= 3 and not EMULATE_BF16:  # (experiment) the block's slots to L2
-        lines = pid_n * BLOCK_N * SLOTS + 64 * tl.arange(0, (BLOCK_N * SLOTS) // 64)
-        _prefetch_l2(ecol_ptr + lines)
-        _prefetch_l2(eval_ptr + lines)
-    if (SLOTS > 0 or HAS_OVERFLOW) and TABLE == 2:  # (experiment: the table before the loop)
-        first = _table_2d(
-            x_ptr, ecol_ptr, eval_ptr, ecnt_ptr, oind_ptr, ocol_ptr, oval_ptr,
-            rows, row_ok, ms, m_ok, stride_xm, stride_xk, pid_k,
-            SLOTS, HAS_OVERFLOW, SPLIT_K, SLOT_CHUNK, OUT_CHUNK, BLOCK_N, BLOCK_M,
-            BLOCK_W if JOINED else 0,
-        )  # fmt: skip
     for i in range(PER_SPLIT):
         step = pid_k * PER_SPLIT + i
         k0 = step * BLOCK_K
@@ -972,23 +899,13 @@ def _dot_planes_kernel(
     if GROUP == 0:
         s_row = tl.load(s_ptr + rows * stride_s, mask=row_ok, other=0.0)
         acc = acc * s_row.to(tl.float32)[:, None]
-    if (SLOTS > 0 or HAS_OVERFLOW) and TABLE != 2:
-        if TABLE == 0 or TABLE == 3:
-            acc += _table_3d(
-                x_ptr, ecol_ptr, eval_ptr, ecnt_ptr, oind_ptr, ocol_ptr, oval_ptr,
-                rows, row_ok, ms, m_ok, stride_xm, stride_xk, pid_k,
-                SLOTS, HAS_OVERFLOW, SPLIT_K, SLOT_CHUNK, OUT_CHUNK, BLOCK_N, BLOCK_M,
-                BLOCK_W if JOINED else 0,
-            )  # fmt: skip
-        else:
-            acc += _table_2d(
-                x_ptr, ecol_ptr, eval_ptr, ecnt_ptr, oind_ptr, ocol_ptr, oval_ptr,
-                rows, row_ok, ms, m_ok, stride_xm, stride_xk, pid_k,
-                SLOTS, HAS_OVERFLOW, SPLIT_K, SLOT_CHUNK, OUT_CHUNK, BLOCK_N, BLOCK_M,
-                BLOCK_W if JOINED else 0,
-            )  # fmt: skip
-    if (SLOTS > 0 or HAS_OVERFLOW) and TABLE == 2:
-        acc += first
+    if SLOTS > 0 or HAS_OVERFLOW:
+        acc += _table_2d(
+            x_ptr, ecol_ptr, eval_ptr, ecnt_ptr, oind_ptr, ocol_ptr, oval_ptr,
+            rows, row_ok, ms, m_ok, stride_xm, stride_xk, pid_k,
+            SLOTS, HAS_OVERFLOW, SPLIT_K, SLOT_CHUNK, OUT_CHUNK, BLOCK_N, BLOCK_M,
+            BLOCK_W if JOINED else 0,
+        )  # fmt: skip
     if HAS_BIAS:
         bias = tl.load(bias_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
         acc += tl.where(pid_k == 0, bias, 0.0)[:, None]
@@ -1341,7 +1258,6 @@ class DotConfig:
     evict_first: bool = False  # word-plane kernel: the codes' L2 lines first to go
     packed: bool = False  # word-plane kernel, 4 bits, fp16 / bf16 x: planes decoded in pairs
     joined: bool = False  # packed, xt: each pair of planes one product, x copied in pair order
-    table: int = 1  # (experiment) the outliers: 0 stop 16's gather, 1 one entry per row, 2 first
 
 
 def _slots_p2(table: OutlierTable) -> int:
@@ -1532,7 +1448,7 @@ def dot_plan(
             (X, WORDS, SCALES, *TABLE, BIAS, OUT, m, n, k, weight.words.stride(0),
              stride_xm, stride_xk, weight.scales.stride(0), n),
             dict(BLOCK_W=block_w, EVICT=eviction(config.evict_first), PACKED=packed,
-                 JOINED=joined, TABLE=config.table, **common),
+                 JOINED=joined, **common),
         )  # fmt: skip
     else:
         q = weight.qweight
