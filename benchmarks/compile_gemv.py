@@ -2,7 +2,8 @@
 
     python benchmarks/compile_gemv.py [--bits 4] [--packed] [--xvec] [--group 0] \
         [--evict-first] [--config 8,128,2,3 ...]
-    python benchmarks/compile_gemv.py --planes [--packed [--joined]] [--bf16] [--config 64,256,4,3 ...]
+    python benchmarks/compile_gemv.py --planes [--packed [--joined]] [--bf16] \
+        [--config 64,256,4,3 ...]
 
 Triton's wheel carries ptxas and cuobjdump, so a kernel that would fail to build on the GPU
 fails here too, and its registers per thread (which set the occupancy) and load widths can be

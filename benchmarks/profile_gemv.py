@@ -41,7 +41,8 @@ def main() -> None:
         ]
         for name, call in calls:
             call()  # compile outside the profiled range
-            print(name, "" if "fp16" in name else tm.default_config(with_outliers, args.batch), flush=True)
+            config = "" if "fp16" in name else tm.default_config(with_outliers, args.batch)
+            print(name, config, flush=True)
         cases += calls
     torch.cuda.synchronize()
     torch.cuda.profiler.start()
