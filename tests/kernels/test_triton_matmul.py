@@ -150,6 +150,25 @@ def test_word_plane_kernel_matches_reference(bits, n, k, device):
             assert_close(out, reference(weight, x, None), dtype)
 
 
+def test_pair_ordered_copy_of_x(device):
+    """The joined kernel's copy of x: column ``8 W s + 8 w + j + 4 h`` at row
+    ``8 W s + 2 W j + 2 w + h``, the batch padded, rows past K zero."""
+    rows, k, m, pair_w, out_rows = 5, 296, 16, 16, 384
+    x = fresh_x(rows, k, torch.float16, device, seed=3)
+    copy = tm.transpose_plan(rows, k, m, k, 1, x.dtype, None, pair_w, out_rows)(x).t()
+    assert copy.shape == (out_rows, m)
+    col = torch.arange(k)
+    step, r = col // (8 * pair_w), col % (8 * pair_w)
+    w, t = r // 8, r % 8
+    row = 8 * pair_w * step + 2 * pair_w * (t % 4) + 2 * w + t // 4
+    assert len(set(row.tolist())) == k
+    expected = torch.zeros(out_rows, m, dtype=x.dtype)
+    expected[row, :rows] = x.cpu().t()
+    assert torch.equal(copy.cpu(), expected)
+    with pytest.raises(ValueError, match="pair-ordered"):
+        tm.transpose_plan(rows, k, m, 1, rows, x.dtype, None, pair_w, out_rows)
+
+
 @pytest.mark.parametrize(("group", "n", "k"), [(None, 45, 296), (128, 37, 384), (256, 20, 512)])
 def test_packed_word_plane_kernel_matches_reference(group, n, k, device):
     """Planes decoded in pairs (4 bits, fp16 / bf16 x): on the CPU the one-plane decode, on a GPU

@@ -1406,8 +1406,10 @@ def dot_plan(
     n, k = weight.out_features, weight.in_features
     m = -(-rows // config.block_m) * config.block_m
     prepare: Callable[[torch.Tensor], torch.Tensor]
+    block_w = None
+    if config.planes:
+        block_w = gemv_block_w(weight, config.block_k // GEMV_WORD_CODES[weight.bits])
     packed = config.planes and config.packed and weight.bits == 4 and dtype != torch.float32
-    block_w = gemv_block_w(weight, config.block_k // GEMV_WORD_CODES[weight.bits])
     joined = packed and config.joined and config.xt and block_w is not None
     if config.xt:  # same values, column-major (x[m, k] at k * M + m), padded in the same pass
         pair_w, out_rows = 0, k
