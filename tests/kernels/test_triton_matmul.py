@@ -150,6 +150,37 @@ def test_word_plane_kernel_matches_reference(bits, n, k, device):
             assert_close(out, reference(weight, x, None), dtype)
 
 
+def test_layers_without_outliers_take_the_joined_kernel_at_small_batch(device):
+    """An empty outlier table turns the packed word-plane config into the joined one (same split,
+    4 stages unsplit); a table with entries keeps it; GEMV batches are untouched."""
+    for joined in (True, False):
+        weight = (
+            outlier_free_weight(8192, 64) if joined else random_weight(8192, 64, 4, None, 2, "cpu")
+        )
+        config = tm.default_config(weight, 16)
+        assert isinstance(config, tm.DotConfig) and config.planes and config.packed
+        assert config.joined is joined
+        assert config.num_stages == (4 if joined else tm.small_config(8192, 64, 16, 4).num_stages)
+        assert isinstance(tm.default_config(weight, 1), tm.GemvConfig)
+    split = tm.DotConfig(64, 16, 256, 4, xt=True, planes=True, packed=True)
+    empty = outlier_free_weight(64, 4096)
+    assert tm.outlier_free(empty, split) == replace(split, joined=True)
+    plain = tm.DotConfig(32, 16, 256, xt=True)
+    assert tm.outlier_free(empty, plain) == plain
+    empty = outlier_free_weight(64, 1032, device)  # (K not a whole number of steps)
+    x = fresh_x(16, 1032, torch.float16, device, seed=4)
+    out = tm.dot_matmul(empty, x, None, tm.outlier_free(empty, replace(split, split_k=2)))
+    assert_close(out, reference(empty, x, None), torch.float16)
+
+
+def outlier_free_weight(n: int, k: int, device: str = "cpu") -> tm.Weight:
+    codes = torch.randint(-8, 8, (n, k), generator=torch.Generator().manual_seed(n + k))
+    scales = torch.full((n, 1), 0.01).half()
+    qw = pack_quantized(codes * 0.01, codes, scales, torch.zeros(n, k, dtype=torch.bool), 4, None)
+    parts = (qw.qweight, qw.scales, qw.outlier_indptr, qw.outlier_indices, qw.outlier_values)
+    return tm.Weight.from_csr(*(t.to(device) for t in parts), 4, 0, k)
+
+
 def test_pair_ordered_copy_of_x(device):
     """The joined kernel's copy of x: column ``8 W s + 8 w + j + 4 h`` at row
     ``8 W s + 2 W j + 2 w + h``, the batch padded, rows past K zero."""

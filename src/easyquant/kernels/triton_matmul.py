@@ -1614,6 +1614,20 @@ def small_config(n: int, k: int, m: int, bits: int) -> DotConfig:
     return DotConfig(block_n=32, block_m=16, block_k=256, num_warps=2, num_stages=3, xt=True)
 
 
+def outlier_free(weight: Weight, config: DotConfig) -> DotConfig:
+    """``config``, or for a layer with an empty outlier table (RTN, no outlier threshold) the
+    joined word-plane kernel with the same split: on the H100 without outliers at batch 16 it
+    beat the packed one on all seven measured shapes, 8-23% (stop 17,
+    results/…-2026-11-23-explore-joined-e4c4306.json); 4 stages where K is not split
+    (53746x14336: 168.2 against 181.8 us, 196.9 at 3 stages, …-explore-joined-c84eedc.json)."""
+    table = weight.outliers
+    if table.slots or table.overflow or config.joined:
+        return config
+    if not (config.planes and config.packed and config.xt):
+        return config
+    return replace(config, joined=True, num_stages=4 if config.split_k == 1 else config.num_stages)
+
+
 def mid_config(n: int, k: int, m: int) -> DotConfig:
     """Batches past SMALL_BATCH (4 bits): the packed word-plane kernel, batch tiles of 32 up to
     64 rows and of 64 beyond (the H100's best at 32-128 on most shapes, …-explore-mid.json);
@@ -1713,7 +1727,7 @@ def default_config(weight: Weight, m: int) -> GemvConfig | DotConfig | None:
     if m <= SMALL_BATCH:
         config = measured_config("small", n, k, device) if bits == 4 else None
         config = config or small_config(n, k, m, bits)
-        return config if fits(weight, config) else DotConfig(32, 16, 128)
+        return outlier_free(weight, config) if fits(weight, config) else DotConfig(32, 16, 128)
     if bits == 4 and m <= MID_BATCH:
         config = mid_config(n, k, m)
         if fits(weight, config):
