@@ -167,6 +167,8 @@ def test_layers_without_outliers_take_the_joined_kernel_at_small_batch(device):
     assert tm.outlier_free(empty, split) == replace(split, joined=True)
     plain = tm.DotConfig(32, 16, 256, xt=True)
     assert tm.outlier_free(empty, plain) == plain
+    three_bit = replace(empty, bits=3)  # (the packed kernels are 4-bit; others keep their config)
+    assert tm.outlier_free(three_bit, split) == split
     empty = outlier_free_weight(64, 1032, device)  # (K not a whole number of steps)
     x = fresh_x(16, 1032, torch.float16, device, seed=4)
     out = tm.dot_matmul(empty, x, None, tm.outlier_free(empty, replace(split, split_k=2)))

@@ -1621,7 +1621,7 @@ def outlier_free(weight: Weight, config: DotConfig) -> DotConfig:
     results/…-2026-11-23-explore-joined-e4c4306.json); 4 stages where K is not split
     (53746x14336: 168.2 against 181.8 us, 196.9 at 3 stages, …-explore-joined-c84eedc.json)."""
     table = weight.outliers
-    if table.slots or table.overflow or config.joined:
+    if table.slots or table.overflow or config.joined or weight.bits != 4:  # (4 bits: measured)
         return config
     if not (config.planes and config.packed and config.xt):
         return config
