@@ -1410,7 +1410,7 @@ def dot_plan(
     if config.planes:
         block_w = gemv_block_w(weight, config.block_k // GEMV_WORD_CODES[weight.bits])
     packed = config.planes and config.packed and weight.bits == 4 and dtype != torch.float32
-    joined = packed and config.joined and config.xt and block_w is not None
+    joined = packed and config.joined and config.xt  # (fits: the word view applies)
     if config.xt:  # same values, column-major (x[m, k] at k * M + m), padded in the same pass
         pair_w, out_rows = 0, k
         if joined:  # every split's steps, padded: the kernel reads them unmasked
@@ -1621,9 +1621,8 @@ def outlier_free(weight: Weight, config: DotConfig) -> DotConfig:
     results/…-2026-11-23-explore-joined-e4c4306.json); 4 stages where K is not split
     (53746x14336: 168.2 against 181.8 us, 196.9 at 3 stages, …-explore-joined-c84eedc.json)."""
     table = weight.outliers
-    if table.slots or table.overflow or config.joined or weight.bits != 4:  # (4 bits: measured)
-        return config
-    if not (config.planes and config.packed and config.xt):
+    packed_planes = config.planes and config.packed and config.xt and weight.bits == 4
+    if table.slots or table.overflow or config.joined or not packed_planes:
         return config
     return replace(config, joined=True, num_stages=4 if config.split_k == 1 else config.num_stages)
 
