@@ -7,7 +7,8 @@
 
 Triton's wheel carries ptxas and cuobjdump, so a kernel that would fail to build on the GPU
 fails here too, and its registers per thread (which set the occupancy) and load widths can be
-read before any device time is spent. Each ``--config`` is block_n,block_w,num_warps,num_stages;
+read before any device time is spent; ``--planes`` also counts the main loop's instructions per
+step by opcode. Each ``--config`` is block_n,block_w,num_warps,num_stages;
 K = 4096, 32 outlier slots with overflow, fp16 x, pointers and sizes specialised as divisible by
 16 (as the JIT does for these shapes). Prints registers and the count of vector, 16-bit and
 shared-memory loads in the PTX.
@@ -20,6 +21,7 @@ import os
 import re
 import subprocess
 import tempfile
+from collections import Counter
 
 import triton
 from triton.backends.compiler import GPUTarget
@@ -97,6 +99,23 @@ def sass_lines(kernel) -> int:
     return len(re.findall(r"^\s+/\*[0-9a-f]{4}\*/", cuobjdump(kernel, "-sass"), flags=re.M))
 
 
+def loop_mix(kernel) -> tuple[int, dict[str, int]]:
+    """SASS instructions of the kernel's first loop (the main K loop: the body up to the first
+    backward branch) and its opcodes by count, per step and warp."""
+    ops = []  # (address, opcode, branch target or None)
+    for line in cuobjdump(kernel, "-sass").splitlines():
+        found = re.match(r"\s+/\*([0-9a-f]{4})\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_]+)", line)
+        if found:
+            branch = re.search(r"BRA (0x[0-9a-f]+)", line)
+            target = int(branch.group(1), 16) if branch else None
+            ops.append((int(found.group(1), 16), found.group(2), target))
+    for address, _, target in ops:
+        if target is not None and target < address:
+            body = [op for a, op, _ in ops if target <= a <= address]
+            return len(body), dict(Counter(body).most_common())
+    return 0, {}
+
+
 def registers(kernel) -> str:
     found = re.search(r"REG:(\d+)", cuobjdump(kernel, "-res-usage"))
     return found.group(1) if found else "?"
@@ -125,8 +144,9 @@ def main() -> None:
         for text in args.config:
             config = tuple(int(v) for v in text.split(","))
             kernel = compile_planes(args.packed, 2 if args.bf16 else 1, config, args.joined)
-            print(f"{text}: {registers(kernel)} registers, {sass_lines(kernel)} SASS instructions",
-                  flush=True)  # fmt: skip
+            count, mix = loop_mix(kernel)
+            print(f"{text}: {registers(kernel)} registers, {sass_lines(kernel)} SASS instructions; "
+                  f"main loop {count} per step: {mix}", flush=True)  # fmt: skip
         return
     for text in args.config:
         config = tuple(int(v) for v in text.split(","))
