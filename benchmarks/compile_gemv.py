@@ -7,8 +7,9 @@
 
 Triton's wheel carries ptxas and cuobjdump, so a kernel that would fail to build on the GPU
 fails here too, and its registers per thread (which set the occupancy) and load widths can be
-read before any device time is spent; ``--planes`` also counts the main loop's instructions per
-step by opcode. Each ``--config`` is block_n,block_w,num_warps,num_stages;
+read before any device time is spent; ``--planes`` also counts the instructions of the main
+loop per step and of the outlier slots' loop per chunk, by opcode. Each ``--config`` is
+block_n,block_w,num_warps,num_stages;
 K = 4096, 32 outlier slots with overflow, fp16 x, pointers and sizes specialised as divisible by
 16 (as the JIT does for these shapes). Prints registers and the count of vector, 16-bit and
 shared-memory loads in the PTX.
@@ -80,7 +81,7 @@ def compile_planes(packed: bool, act: int, config: tuple[int, ...], joined: bool
         BLOCK_N=block_n, BLOCK_M=16, BLOCK_W=block_k // 8, SPLIT_K=1, SLOT_CHUNK=8, OUT_CHUNK=8,
         EMULATE_BF16=False, EVICT="", PACKED=packed, JOINED=joined,
     )  # fmt: skip
-    divisible = [*POINTERS, "N", "row_words", "stride_xk", "stride_om"]
+    divisible = [*POINTERS, "M", "N", "row_words", "stride_xk", "stride_om"]  # M: 16 rows
     return build(fn, signature, constants, divisible, warps, stages)
 
 
@@ -99,9 +100,10 @@ def sass_lines(kernel) -> int:
     return len(re.findall(r"^\s+/\*[0-9a-f]{4}\*/", cuobjdump(kernel, "-sass"), flags=re.M))
 
 
-def loop_mix(kernel) -> tuple[int, dict[str, int]]:
-    """SASS instructions of the kernel's first loop (the main K loop: the body up to the first
-    backward branch) and its opcodes by count, per step and warp."""
+def loop_mixes(kernel) -> list[tuple[int, dict[str, int]]]:
+    """SASS instructions of each of the kernel's loops (a body runs from a backward branch's
+    target to the branch) and their opcodes by count, per trip and warp: in the word-plane
+    kernel the first is the main K loop, the next the outlier slots' chunk loop."""
     ops = []  # (address, opcode, branch target or None)
     for line in cuobjdump(kernel, "-sass").splitlines():
         found = re.match(r"\s+/\*([0-9a-f]{4})\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_]+)", line)
@@ -109,11 +111,12 @@ def loop_mix(kernel) -> tuple[int, dict[str, int]]:
             branch = re.search(r"BRA (0x[0-9a-f]+)", line)
             target = int(branch.group(1), 16) if branch else None
             ops.append((int(found.group(1), 16), found.group(2), target))
+    mixes = []
     for address, _, target in ops:
         if target is not None and target < address:
             body = [op for a, op, _ in ops if target <= a <= address]
-            return len(body), dict(Counter(body).most_common())
-    return 0, {}
+            mixes.append((len(body), dict(Counter(body).most_common())))
+    return mixes
 
 
 def registers(kernel) -> str:
@@ -144,9 +147,12 @@ def main() -> None:
         for text in args.config:
             config = tuple(int(v) for v in text.split(","))
             kernel = compile_planes(args.packed, 2 if args.bf16 else 1, config, args.joined)
-            count, mix = loop_mix(kernel)
+            (count, mix), *rest = loop_mixes(kernel) or [(0, {})]
             print(f"{text}: {registers(kernel)} registers, {sass_lines(kernel)} SASS instructions; "
                   f"main loop {count} per step: {mix}", flush=True)  # fmt: skip
+            if rest:
+                chunk, chunk_mix = rest[0]
+                print(f"  outlier slots: {chunk} per chunk of 8: {chunk_mix}", flush=True)
         return
     for text in args.config:
         config = tuple(int(v) for v in text.split(","))
