@@ -150,28 +150,21 @@ def test_word_plane_kernel_matches_reference(bits, n, k, device):
             assert_close(out, reference(weight, x, None), dtype)
 
 
-def test_layers_without_outliers_take_the_joined_kernel_at_small_batch(device):
-    """An empty outlier table turns the packed word-plane config into the joined one (same split,
-    4 stages unsplit); a table with entries keeps it; GEMV batches are untouched."""
-    for joined in (True, False):
-        weight = (
-            outlier_free_weight(8192, 64) if joined else random_weight(8192, 64, 4, None, 2, "cpu")
-        )
+def test_small_batches_of_4_bit_layers_take_the_joined_kernel(device):
+    """Off the measured table, batches up to SMALL_BATCH of 4-bit layers take the joined
+    word-plane kernel, with outliers or none (4 stages unsplit, 3 with split K); other widths
+    keep their kernel and GEMV batches the GEMV. Its numerics with an empty outlier table."""
+    for weight in (outlier_free_weight(8192, 64), random_weight(8192, 64, 4, None, 2, "cpu")):
         config = tm.default_config(weight, 16)
-        assert isinstance(config, tm.DotConfig) and config.planes and config.packed
-        assert config.joined is joined
-        assert config.num_stages == (4 if joined else tm.small_config(8192, 64, 16, 4).num_stages)
+        assert isinstance(config, tm.DotConfig) and config.packed and config.joined
+        assert (config.split_k, config.num_stages) == (1, 4)
         assert isinstance(tm.default_config(weight, 1), tm.GemvConfig)
-    split = tm.DotConfig(64, 16, 256, 4, xt=True, planes=True, packed=True)
-    empty = outlier_free_weight(64, 4096)
-    assert tm.outlier_free(empty, split) == replace(split, joined=True)
-    plain = tm.DotConfig(32, 16, 256, xt=True)
-    assert tm.outlier_free(empty, plain) == plain
-    three_bit = replace(empty, bits=3)  # (the packed kernels are 4-bit; others keep their config)
-    assert tm.outlier_free(three_bit, split) == split
+    long_k = tm.small_config(4096, 11008, 16, 4)
+    assert long_k.joined and (long_k.split_k, long_k.num_stages) == (4, 3)
+    assert not tm.small_config(8192, 64, 16, 3).joined
     empty = outlier_free_weight(64, 1032, device)  # (K not a whole number of steps)
     x = fresh_x(16, 1032, torch.float16, device, seed=4)
-    out = tm.dot_matmul(empty, x, None, tm.outlier_free(empty, replace(split, split_k=2)))
+    out = tm.dot_matmul(empty, x, None, replace(long_k, split_k=2))
     assert_close(out, reference(empty, x, None), torch.float16)
 
 

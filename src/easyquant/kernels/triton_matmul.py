@@ -1609,26 +1609,17 @@ def long_k_split(n: int, k: int, m: int) -> int:
 
 
 def small_config(n: int, k: int, m: int, bits: int) -> DotConfig:
+    """Batches up to SMALL_BATCH on shapes the measured table lacks. 4 bits: the joined
+    word-plane kernel (block_k 256, 4 stages unsplit): on the H100 with 0.5% outliers it took
+    0-1.4 us more than the fastest of eight packed and joined configs on each of the seven
+    measured shapes, and every packed config was slower (stop 18,
+    results/…-2026-11-23-explore-joined-8079b3b.json)."""
     split = long_k_split(n, k, m)
-    if bits == 4 and split > 1:
-        return DotConfig(64, 16, 256, split, xt=True, planes=True, packed=True)
-    if n >= 8192:  # enough row blocks of 64: the word-plane kernel streams best (4 bits, fp16 /
-        # bf16: planes decoded in pairs, 4-13% faster on the H100, stop 13)
-        return DotConfig(block_n=64, block_m=16, block_k=256, xt=True, planes=True, packed=True)
+    if bits == 4:
+        stages = 4 if split == 1 else 3
+        return DotConfig(64, 16, 256, split, num_stages=stages, xt=True, planes=True, packed=True,
+                         joined=True)  # fmt: skip
     return DotConfig(block_n=32, block_m=16, block_k=256, num_warps=2, num_stages=3, xt=True)
-
-
-def outlier_free(weight: Weight, config: DotConfig) -> DotConfig:
-    """``config``, or for a layer with an empty outlier table (RTN, no outlier threshold) the
-    joined word-plane kernel with the same split: on the H100 without outliers at batch 16 it
-    beat the packed one on all seven measured shapes, 8-23% (stop 17,
-    results/…-2026-11-23-explore-joined-e4c4306.json); 4 stages where K is not split
-    (53746x14336: 168.2 against 181.8 us, 196.9 at 3 stages, …-explore-joined-c84eedc.json)."""
-    table = weight.outliers
-    packed_planes = config.planes and config.packed and config.xt and weight.bits == 4
-    if table.slots or table.overflow or config.joined or not packed_planes:
-        return config
-    return replace(config, joined=True, num_stages=4 if config.split_k == 1 else config.num_stages)
 
 
 def mid_config(n: int, k: int, m: int) -> DotConfig:
@@ -1730,7 +1721,7 @@ def default_config(weight: Weight, m: int) -> GemvConfig | DotConfig | None:
     if m <= SMALL_BATCH:
         config = measured_config("small", n, k, device) if bits == 4 else None
         config = config or small_config(n, k, m, bits)
-        return outlier_free(weight, config) if fits(weight, config) else DotConfig(32, 16, 128)
+        return config if fits(weight, config) else DotConfig(32, 16, 128)
     if bits == 4 and m <= MID_BATCH:
         config = mid_config(n, k, m)
         if fits(weight, config):
