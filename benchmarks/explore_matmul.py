@@ -283,14 +283,15 @@ def main() -> None:
     )
     parser.add_argument(
         "--sweep",
-        choices=("stop12", "wide", "evict", "packed", "dequant", "split", "joined"),
+        choices=("stop12", "wide", "evict", "packed", "dequant", "split", "joined", "joined-split"),
         default="stop12",
         help="candidates: stop 12's; (stop 13) wide: one-step GEMV row blocks and larger "
         "word-plane blocks; evict: the winners with the codes' loads evict_first; packed: the "
         "word-plane winners with planes decoded in pairs (4 bits); (stop 14) dequant: more "
         "dense-weight kernel configs, and the same bytes written / copied by torch; (stop 15) "
         "split: the tensor-core winners with split K; (stop 17) joined: planes j and j + 4 as "
-        "one product against x copied in pair order",
+        "one product against x copied in pair order; (stop 18) joined-split: --kinds mid with "
+        "split K, packed and joined",
     )
     args = parser.parse_args()
     if args.sweep != "stop12" and args.bits != 4:
@@ -560,6 +561,14 @@ def mid_candidates(m: int) -> list[tm.DotConfig]:
         return [
             D(bn, bm, 256, 1, w, 3, xt=True, planes=True, packed=True, joined=jn)
             for bn, bm, w in MID_TILES[:4]
+            for jn in (False, True)
+            if bm <= max(m, 16)
+        ]
+    if SWEEP == "joined-split":  # (stop 18) the tiles of mid_config with split K, both kernels
+        return [
+            D(64, bm, 256, sk, 4, 3, xt=True, planes=True, packed=True, joined=jn)
+            for bm in (16, 32, 64)
+            for sk in (2, 4)
             for jn in (False, True)
             if bm <= max(m, 16)
         ]

@@ -205,7 +205,8 @@ def test_packed_word_plane_kernel_matches_reference(group, n, k, device):
                           (1, tm.DotConfig(32, 16, 128, split_k=2, xt=True, planes=True,
                                            packed=True)),
                           (None, joined), (2, replace(joined, block_n=32, split_k=3)),
-                          (1, replace(joined, block_k=256))):  # fmt: skip
+                          (1, replace(joined, block_k=256)),
+                          (2, replace(joined, block_m=32, split_k=2))):  # fmt: skip
         weight = random_weight(n, k, 4, group, seed=n, device=device, slots=slots)
         assert tm.fits(weight, config)
         for dtype, m in ((torch.float16, 16), (torch.bfloat16, 5), (torch.float32, 3)):

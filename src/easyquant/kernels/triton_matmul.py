@@ -1623,8 +1623,11 @@ def small_config(n: int, k: int, m: int, bits: int) -> DotConfig:
 
 
 def mid_config(n: int, k: int, m: int) -> DotConfig:
-    """Batches past SMALL_BATCH (4 bits): the packed word-plane kernel, batch tiles of 32 up to
-    64 rows and of 64 beyond (the H100's best at 32-128 on most shapes, …-explore-mid.json);
+    """Batches past SMALL_BATCH (4 bits): the joined word-plane kernel (on the H100 at batch
+    32-128 with these tiles faster than the packed one in 11 of 12 cases, by up to 12%, and
+    14336x4096 at 64 0.2 us slower; stop 18, results/…-explore-joined-mid-3b6e04c.json), batch
+    tiles of 32 up to 64 rows and of 64 beyond (the H100's best at 32-128 on most shapes,
+    …-explore-mid.json);
     layers of at most 4096 rows keep 16-wide tiles up to 32 rows (10-14% faster there: with few
     row blocks, more programs), unless a long K is split over programs (``long_k_split``); layers
     of more than 12288 rows take 64-wide tiles past 32 rows (at batch 64 on the H100 14336x4096
@@ -1637,7 +1640,7 @@ def mid_config(n: int, k: int, m: int) -> DotConfig:
         block_m = 16
     else:
         block_m = 32
-    return DotConfig(64, block_m, 256, split, xt=True, planes=True, packed=True)
+    return DotConfig(64, block_m, 256, split, xt=True, planes=True, packed=True, joined=True)
 
 
 def large_config(n: int, k: int, m: int, bits: int) -> DotConfig:
