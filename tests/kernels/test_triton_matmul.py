@@ -152,8 +152,9 @@ def test_word_plane_kernel_matches_reference(bits, n, k, device):
 
 def test_small_batches_of_4_bit_layers_take_the_joined_kernel(device):
     """Off the measured table, batches up to SMALL_BATCH of 4-bit layers take the joined
-    word-plane kernel, with outliers or none (4 stages unsplit, 3 with split K); other widths
-    keep their kernel and GEMV batches the GEMV. Its numerics with an empty outlier table."""
+    word-plane kernel, with outliers or none (4 stages unsplit, 3 with split K), and so do
+    mid_config's batches; other widths keep their kernel and GEMV batches the GEMV. Its numerics
+    with an empty outlier table."""
     for weight in (outlier_free_weight(8192, 64), random_weight(8192, 64, 4, None, 2, "cpu")):
         config = tm.default_config(weight, 16)
         assert isinstance(config, tm.DotConfig) and config.packed and config.joined
@@ -162,6 +163,9 @@ def test_small_batches_of_4_bit_layers_take_the_joined_kernel(device):
     long_k = tm.small_config(4096, 11008, 16, 4)
     assert long_k.joined and (long_k.split_k, long_k.num_stages) == (4, 3)
     assert not tm.small_config(8192, 64, 16, 3).joined
+    assert all(
+        tm.mid_config(n, k, m).joined for n, k in ((4096, 11008), (11008, 4096)) for m in (32, 128)
+    )
     empty = outlier_free_weight(64, 1032, device)  # (K not a whole number of steps)
     x = fresh_x(16, 1032, torch.float16, device, seed=4)
     out = tm.dot_matmul(empty, x, None, replace(long_k, split_k=2))

@@ -1619,7 +1619,8 @@ def small_config(n: int, k: int, m: int, bits: int) -> DotConfig:
         stages = 4 if split == 1 else 3
         return DotConfig(64, 16, 256, split, num_stages=stages, xt=True, planes=True, packed=True,
                          joined=True)  # fmt: skip
-    if n >= 8192:  # (3 bits: the word-plane config does not fit; default_config falls back)
+    if n >= 8192:  # (2 bits: the word-plane kernel a plane at a time; 3 bits: it does not fit
+        # and default_config falls back)
         return DotConfig(block_n=64, block_m=16, block_k=256, xt=True, planes=True, packed=True)
     return DotConfig(block_n=32, block_m=16, block_k=256, num_warps=2, num_stages=3, xt=True)
 
