@@ -100,10 +100,17 @@ def sass_lines(kernel) -> int:
     return len(re.findall(r"^\s+/\*[0-9a-f]{4}\*/", cuobjdump(kernel, "-sass"), flags=re.M))
 
 
+def loop_bounds(branches: list[tuple[int, int | None]]) -> list[tuple[int, int]]:
+    """(first, last) address of each loop among SASS ``(address, branch target or None)``
+    pairs: a body runs from a backward branch's target to the branch."""
+    return [(target, address) for address, target in branches
+            if target is not None and target < address]  # fmt: skip
+
+
 def loop_mixes(kernel) -> list[tuple[int, dict[str, int]]]:
-    """SASS instructions of each of the kernel's loops (a body runs from a backward branch's
-    target to the branch) and their opcodes by count, per trip and warp: in the word-plane
-    kernel the first is the main K loop, the next the outlier slots' chunk loop."""
+    """SASS instructions of each of the kernel's loops and their opcodes by count, per trip and
+    warp: in the word-plane kernel the first is the main K loop, the next the outlier slots'
+    chunk loop."""
     ops = []  # (address, opcode, branch target or None)
     for line in cuobjdump(kernel, "-sass").splitlines():
         found = re.match(r"\s+/\*([0-9a-f]{4})\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_]+)", line)
@@ -112,10 +119,9 @@ def loop_mixes(kernel) -> list[tuple[int, dict[str, int]]]:
             target = int(branch.group(1), 16) if branch else None
             ops.append((int(found.group(1), 16), found.group(2), target))
     mixes = []
-    for address, _, target in ops:
-        if target is not None and target < address:
-            body = [op for a, op, _ in ops if target <= a <= address]
-            mixes.append((len(body), dict(Counter(body).most_common())))
+    for first, last in loop_bounds([(address, target) for address, _, target in ops]):
+        body = [op for a, op, _ in ops if first <= a <= last]
+        mixes.append((len(body), dict(Counter(body).most_common())))
     return mixes
 
 

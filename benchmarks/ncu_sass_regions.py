@@ -19,6 +19,8 @@ import io
 import re
 from collections import Counter
 
+from compile_gemv import loop_bounds
+
 
 def kernels(text: str) -> list[list[list[str]]]:
     """The export's rows, one list per kernel (its header row first)."""
@@ -51,11 +53,8 @@ def regions(rows: list[list[str]]) -> list[tuple[str, float, float, Counter]]:
     header, body = rows[0], rows[1:]
     samples = header.index("Warp Stall Sampling (All Samples)")
     executed = header.index("Instructions Executed")
-    bounds = []  # (first, last) address of each loop
-    for row in body:
-        branch = re.search(r"BRA (0x[0-9a-f]+)", row[1])
-        if branch and int(branch.group(1), 16) < int(row[0], 16):
-            bounds.append((int(branch.group(1), 16), int(row[0], 16)))
+    branches = [(int(row[0], 16), re.search(r"BRA (0x[0-9a-f]+)", row[1])) for row in body]
+    bounds = loop_bounds([(a, int(b.group(1), 16) if b else None) for a, b in branches])
     names = ["before", *(f"loop {i + 1}" for i in range(len(bounds))), "between", "after"]
     totals: dict[str, list] = {name: [0.0, 0.0, Counter()] for name in names}
     for row in body:
