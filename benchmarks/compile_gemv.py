@@ -53,7 +53,15 @@ def compile_gemv(
     return build(fn, signature, constants, [*POINTERS, "N", "row_words"], warps, stages)
 
 
-def build(fn, signature: dict, constants: dict, divisible: list[str], warps: int, stages: int):
+def build(
+    fn,
+    signature: dict,
+    constants: dict,
+    divisible: list[str],
+    warps: int,
+    stages: int,
+    launch_pdl: bool = False,
+):
     """``fn`` compiled for sm_90 with these argument types, constants and divisibility hints."""
     signature = {**signature, **dict.fromkeys(constants, "constexpr")}
     source = ASTSource(
@@ -62,13 +70,16 @@ def build(fn, signature: dict, constants: dict, divisible: list[str], warps: int
         constexprs={(fn.arg_names.index(k),): v for k, v in constants.items()},
         attrs={(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in divisible},
     )
-    options = {"num_warps": warps, "num_stages": stages}
+    options = {"num_warps": warps, "num_stages": stages, "launch_pdl": launch_pdl}
     return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
 
 
-def compile_planes(packed: bool, act: int, config: tuple[int, ...], joined: bool = False):
+def compile_planes(
+    packed: bool, act: int, config: tuple[int, ...], joined: bool = False, pdl: int = 0
+):
     """The batch-16 word-plane kernel (4 bits, per-channel scales, xt), as the GEMV above;
-    ``config`` is block_n,block_k,num_warps,num_stages (``joined``: x in pair order)."""
+    ``config`` is block_n,block_k,num_warps,num_stages (``joined``: x in pair order; ``pdl``:
+    launched while x is copied, 2: codes prefetched to L2 meanwhile)."""
     block_n, block_k, warps, stages = config
     fn = tm._dot_planes_kernel
     dtype = "*fp16" if act == 1 else "*bf16"
@@ -79,10 +90,10 @@ def compile_planes(packed: bool, act: int, config: tuple[int, ...], joined: bool
         stride_xm=1,  # x^T's batch side is contiguous (xt), which the JIT specialises as 1
         K=4096, GROUP=0, BITS=4, ACT=act, HAS_BIAS=False, SLOTS=32, HAS_OVERFLOW=True,
         BLOCK_N=block_n, BLOCK_M=16, BLOCK_W=block_k // 8, SPLIT_K=1, SLOT_CHUNK=8, OUT_CHUNK=8,
-        EMULATE_BF16=False, EVICT="", PACKED=packed, JOINED=joined,
+        EMULATE_BF16=False, EVICT="", PACKED=packed, JOINED=joined, PDL=pdl,
     )  # fmt: skip
     divisible = [*POINTERS, "M", "N", "row_words", "stride_xk", "stride_om"]  # M: 16 rows
-    return build(fn, signature, constants, divisible, warps, stages)
+    return build(fn, signature, constants, divisible, warps, stages, launch_pdl=pdl > 0)
 
 
 def cuobjdump(kernel, flag: str) -> str:
@@ -148,14 +159,23 @@ def main() -> None:
     parser.add_argument(
         "--joined", action="store_true", help="--planes --packed: planes j, j + 4 as one product"
     )
+    parser.add_argument(
+        "--pdl", type=int, default=0, choices=(0, 1, 2),
+        help="--planes: launched while x is copied (1), codes prefetched to L2 meanwhile (2)",
+    )  # fmt: skip
     args = parser.parse_args()
     if args.planes:
         for text in args.config:
             config = tuple(int(v) for v in text.split(","))
-            kernel = compile_planes(args.packed, 2 if args.bf16 else 1, config, args.joined)
+            kernel = compile_planes(
+                args.packed, 2 if args.bf16 else 1, config, args.joined, args.pdl
+            )
             (count, mix), *rest = loop_mixes(kernel) or [(0, {})]
+            sass = cuobjdump(kernel, "-sass")
+            extra = {op: sass.count(op) for op in ("ACQBULK", "PREEXIT", "CCTL") if op in sass}
             print(f"{text}: {registers(kernel)} registers, {sass_lines(kernel)} SASS instructions; "
-                  f"main loop {count} per step: {mix}", flush=True)  # fmt: skip
+                  f"main loop {count} per step: {mix}" + (f"; {extra}" if extra else ""),
+                  flush=True)  # fmt: skip
             if rest:
                 chunk, chunk_mix = rest[0]
                 print(f"  outlier slots: {chunk} per chunk of 8: {chunk_mix}", flush=True)

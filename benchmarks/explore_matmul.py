@@ -28,7 +28,7 @@ import json
 import multiprocessing as mp
 import os
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -258,13 +258,15 @@ def main() -> None:
     parser.add_argument(
         "--kinds",
         nargs="+",
-        choices=("gemv", "dot", "dequant", "floor", "rows", "mid", "batches", "transpose"),
+        choices=("gemv", "dot", "dequant", "floor", "rows", "mid", "batches", "transpose", "pdl"),
         default=["gemv", "dot", "dequant"],
         help="time only these kernels (batch 1, 16, 1024; floor: a read of the codes alone; "
         "rows: the GEMV against the tensor-core kernel at batch 1-8; mid: the tensor-core kernel "
         "with wider batch tiles against dequantize + cuBLAS at batch 16-256; batches: what "
         "matmul picks by default, at batch 1-1024; transpose: the tensor-core kernels' x copy, "
-        "one Triton pass against F.pad of x^T); the table keeps the others' entries",
+        "one Triton pass against F.pad of x^T; pdl: the default tensor-core config at batch "
+        "2-128 launched plainly, while x is copied, and with its codes prefetched meanwhile); "
+        "the table keeps the others' entries",
     )
     parser.add_argument(
         "--slot-quantile",
@@ -341,6 +343,11 @@ def main() -> None:
             jobs += jobs_for(n, k, "max", 1, "gemv", gemv_candidates(args.bits, SWEEP)[:1])
         if "dequant" in kinds:
             jobs += jobs_for(n, k, "default", 1024, "dequant", dequant_candidates(SWEEP))
+        if "pdl" in kinds:
+            for m in PDL_BATCHES:
+                configs = pdl_variants(tm.default_config(weights[(n, k, "default")], m))
+                jobs += jobs_for(n, k, "default", m, "dot", configs)
+                jobs += jobs_for(n, k, "none", m, "dot", configs)
     precompile(jobs, args.workers)
 
     rows: list[dict] = []
@@ -368,6 +375,8 @@ def main() -> None:
     (args.out / "explore.json").write_text(json.dumps(rows, indent=1) + "\n")
     if args.write_table:
         write_table(rows)
+    if "pdl" in kinds:
+        print_pdl(rows)
     print("\nbest per case (outliers at the default table; none: same config, no outliers):")
     for (shape, m), group in sorted(best_rows(rows).items()):
         print(f"  {shape} b={m}: " + "  ".join(group))
@@ -421,6 +430,20 @@ def gemv_rows_limits(rows: list[dict]) -> dict[str, int]:
             limit = m
         limits[shape] = limit
     return limits
+
+
+def print_pdl(rows: list[dict]) -> None:
+    """--kinds pdl: per shape, batch and outliers, the best of the two timings of each variant."""
+    times: dict = {}
+    for r in rows:
+        if r["kind"].startswith("dot-pdl"):
+            key = (r["shape"], r["batch"], r["outliers"], r["kind"], r["fp16_us"])
+            times.setdefault(key, {}).setdefault(r["config"]["pdl"], []).append(r["us"])
+    print("\nlaunch variants (plain / while x is copied / and codes prefetched), us, fp16 us:")
+    for (shape, m, tag, kind, fp16_us), by in times.items():
+        best = "  ".join(f"{min(by[p]):.1f}" for p in sorted(by))
+        flag = "  MISMATCH" if "MISMATCH" in kind else ""
+        print(f"  {shape} b={m} {tag}: {best}  (fp16 {fp16_us}){flag}")
 
 
 def best_rows(rows: list[dict]) -> dict:
@@ -507,6 +530,20 @@ def time_shape(
             for config in mid_candidates(m):
                 us = bench(lambda x=x, c=config: tm.dot_matmul(w, x, None, c))
                 record(n, k, m, "default", "dot-mid", config, us, fp16_m)
+    if "pdl" in kinds:  # (stop 19) the matmul launched while x is copied, codes prefetched or not
+        for m in PDL_BATCHES:
+            x = torch.randn(m, k, device=device, dtype=torch.float16)
+            fp16_m = bench(lambda x=x: x @ dense.T)
+            for tag in ("default", "none"):
+                w = weights[(n, k, tag)]
+                configs = pdl_variants(tm.default_config(w, m))
+                outs = [tm.dot_matmul(w, x, None, c) for c in configs]
+                same = all(torch.equal(outs[0], o) for o in outs[1:])
+                for _ in range(2):  # twice, interleaved: the differences are a few percent
+                    for config in configs:
+                        us = bench(lambda x=x, c=config, w=w: tm.dot_matmul(w, x, None, c))
+                        record(n, k, m, tag, "dot-pdl" if same else "dot-pdl-MISMATCH",
+                               config, us, fp16_m)  # fmt: skip
     if "floor" in kinds:  # the same code bytes read by a kernel that does nothing else
         words = weights[(n, k, "none")].qweight.view(torch.int32).reshape(-1)
         out = torch.empty(triton.cdiv(words.numel(), 1024), device=device, dtype=torch.int32)
@@ -584,6 +621,17 @@ def mid_candidates(m: int) -> list[tm.DotConfig]:
         for bn, bm, w in MID_TILES
         if bm <= max(m, 16)
     ]
+
+
+# batch sizes of --kinds pdl, and its variants of a default config: launched plainly, while x is
+# copied (programmatic dependent launch), and with the codes prefetched to L2 meanwhile
+PDL_BATCHES = (2, 8, 16, 32, 64, 128)
+
+
+def pdl_variants(config) -> list[tm.DotConfig]:
+    if not isinstance(config, tm.DotConfig) or not (config.planes and config.xt):
+        return []
+    return [replace(config, pdl=p) for p in (0, 1, 2)]
 
 
 # batch sizes of --kinds rows (timed with the batch-16 default of the tensor-core kernel)

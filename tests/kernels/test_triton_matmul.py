@@ -220,6 +220,23 @@ def test_packed_word_plane_kernel_matches_reference(group, n, k, device):
             assert_close(out, reference(weight, x, bias), dtype)
 
 
+def test_launch_while_x_is_copied(device):
+    """Programmatic dependent launch (sm_90: the matmul starts while x is copied and waits for
+    the copy before reading it; ``pdl=2`` also prefetches its codes to L2 meanwhile) gives the
+    plain launch's output bit for bit, split K and a padded batch included; without it (the
+    interpreter, GPUs before sm_90) the same config is a plain launch."""
+    weight = random_weight(45, 296, 4, None, seed=3, device=device, slots=2)
+    joined = tm.DotConfig(16, 16, 128, xt=True, planes=True, packed=True, joined=True)
+    for config, m in ((joined, 16), (replace(joined, block_m=32, split_k=2, joined=False), 40)):
+        x = fresh_x(m, 296, torch.float16, device, seed=m)
+        plain = tm.dot_matmul(weight, x, None, config)
+        assert_close(plain, reference(weight, x, None), torch.float16)
+        for pdl in (1, 2):
+            assert torch.equal(tm.dot_matmul(weight, x, None, replace(config, pdl=pdl)), plain)
+    hopper = device == "cuda" and torch.cuda.get_device_capability() >= (9, 0)
+    assert tm.dependent_launch(weight) == hopper
+
+
 @pytest.mark.parametrize(("bits", "group", "n", "k"), [(4, None, 45, 256), (3, 32, 20, 64)])
 def test_gemv_takes_a_few_batch_rows(bits, group, n, k, device):
     """x [M, K] -> out [M, N], one program per row block and batch row; the fp32 decode and the

@@ -572,6 +572,39 @@ def _load_words(qrow, row_ok, step, GROUPS: tl.constexpr, WPG: tl.constexpr,
 
 
 @triton.jit
+def _wait_for_x(PDL: tl.constexpr):
+    """Programmatic dependent launch (sm_90): the program may start while the kernel before it
+    (the copy of x) still runs; ``griddepcontrol.wait`` holds it until that kernel's writes are
+    visible. Everything before the call must not read x."""
+    if PDL > 0:
+        tl.inline_asm_elementwise("griddepcontrol.wait; // $0", "=r", [], dtype=tl.int32,
+                                  is_pure=False, pack=1)  # fmt: skip
+
+
+@triton.jit
+def _let_next_start(PDL: tl.constexpr):
+    """The kernel launched after this one with programmatic dependent launch may start now
+    (its programs wait for this kernel's writes themselves)."""
+    if PDL > 0:
+        tl.inline_asm_elementwise("griddepcontrol.launch_dependents; // $0", "=r", [],
+                                  dtype=tl.int32, is_pure=False, pack=1)  # fmt: skip
+
+
+@triton.jit
+def _prefetch_words(q_ptr, rows, row_ok, row_words, first_word, words, WORDS: tl.constexpr):
+    """Asks L2 for the 128-byte lines of ``words`` int32 words from ``first_word`` of each row
+    (no registers hold them): the codes are on their way while the program waits for x."""
+    LINES: tl.constexpr = (WORDS + 31) // 32
+    CHUNK: tl.constexpr = 16
+    for c in tl.static_range(0, LINES, CHUNK):
+        w = (c + tl.arange(0, CHUNK)) * 32
+        ok = row_ok[:, None] & (w < words)[None, :]
+        at = tl.where(ok, rows[:, None].to(tl.int64) * row_words + first_word + w[None, :], 0)
+        tl.inline_asm_elementwise("prefetch.global.L2 [$1]; // $0", "=r,l", [q_ptr + at],
+                                  dtype=tl.int32, is_pure=False, pack=1)  # fmt: skip
+
+
+@triton.jit
 def _gemv_kernel(
     x_ptr,
     q_ptr,  # int32 view of qweight [N, row_words]
@@ -850,6 +883,7 @@ def _dot_planes_kernel(
     EVICT: tl.constexpr,  # the code words' L2 eviction policy ("" or "evict_first")
     PACKED: tl.constexpr,  # 4 bits, fp16 / bf16 x: two planes per lop3 + FMA (PTX)
     JOINED: tl.constexpr = False,  # PACKED: x is the pair-ordered copy, planes j, j + 4 one dot
+    PDL: tl.constexpr = 0,  # launched while x's copy runs: 1 waits for it, 2 also prefetches
 ):
     """The tensor-core product one code position at a time: plane ``k`` of a step is the tile of
     columns ``k0 + PER * w + k``, multiplied with the matching (strided) rows of ``x^T``."""
@@ -871,6 +905,11 @@ def _dot_planes_kernel(
     qrow = q_ptr + rows[:, None].to(tl.int64) * row_words
     xrow = x_ptr + ms[None, :].to(tl.int64) * stride_xm
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    if PDL == 2:  # this program's code words on their way to L2 while x is being copied
+        SPAN: tl.constexpr = PER_SPLIT * BLOCK_W * WPG
+        first = pid_k * SPAN
+        _prefetch_words(q_ptr, rows, row_ok, row_words, first, GROUPS * WPG - first, SPAN)
+    _wait_for_x(PDL)
     for i in range(PER_SPLIT):
         step = pid_k * PER_SPLIT + i
         k0 = step * BLOCK_K
@@ -925,10 +964,11 @@ def _dot_planes_kernel(
 @triton.jit
 def _transpose_pad_kernel(x_ptr, out_ptr, rows, K, stride_xm, m_pad, out_rows,
                           M_P2: tl.constexpr, BLOCK_K: tl.constexpr,
-                          PAIR_W: tl.constexpr):  # fmt: skip
+                          PAIR_W: tl.constexpr, PDL: tl.constexpr = 0):  # fmt: skip
     """``out [out_rows, m_pad]`` (row-major) = x^T with the batch zero-padded from ``rows`` to
     m_pad (M_P2: m_pad's next power of two) and rows past K zero; ``PAIR_W`` > 0: rows in the
-    pair order of ``_pair_position``."""
+    pair order of ``_pair_position``. ``PDL`` > 0: the matmul after it may start at once."""
+    _let_next_start(PDL)
     ps = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
     if PAIR_W > 0:  # the inverse of _pair_position
         r = ps % (8 * PAIR_W)
@@ -960,12 +1000,14 @@ def transpose_plan(
     kernel: bool | None = None,
     pair_w: int = 0,
     out_rows: int | None = None,
+    pdl: int = 0,
 ) -> Callable[[torch.Tensor], torch.Tensor]:
     """``transposed_x`` for every x of this shape, strides and dtype (``kernel``: force the
     Triton kernel or torch's copy; None: the kernel up to 256 batch rows, padded or not: on the
     H100 4.8 against torch's 5.4 us at 16 rows of 4096, 5.7 against 7.6 at 128, stop 16,
     results/…-2026-11-23-explore-transpose-f1056f2.json). ``pair_w`` > 0: the copy's rows in
-    the joined word-plane kernel's pair order, ``out_rows`` of them (rows past K zero)."""
+    the joined word-plane kernel's pair order, ``out_rows`` of them (rows past K zero).
+    ``pdl`` > 0: the kernel lets the next launch (a matmul launched with ``launch_pdl``) start."""
     out_rows = k if out_rows is None else out_rows
     if kernel is None:
         kernel = (m <= 256 or pair_w > 0) and stride_xk == 1
@@ -983,7 +1025,7 @@ def transpose_plan(
     launch = KernelLaunch(
         _transpose_pad_kernel, (triton.cdiv(out_rows, block_k),),
         (X, OUT, rows, k, stride_xm, m, out_rows),
-        dict(M_P2=m_p2, BLOCK_K=block_k, PAIR_W=pair_w),
+        dict(M_P2=m_p2, BLOCK_K=block_k, PAIR_W=pair_w, PDL=pdl),
     )  # fmt: skip
 
     def kernel_copy(x: torch.Tensor) -> torch.Tensor:
@@ -1075,6 +1117,16 @@ def _dequant_kernel(
 def interpreting() -> bool:
     """Are kernels run by Triton's CPU interpreter (TRITON_INTERPRET=1)?"""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def dependent_launch(weight: Weight) -> bool:
+    """Can kernels on this weight's device use programmatic dependent launch (``griddepcontrol``:
+    sm_90 and later; not under the interpreter, which runs no PTX)?"""
+    device = weight.words.device
+    return (
+        device.type == "cuda" and not interpreting()
+        and torch.cuda.get_device_capability(device) >= (9, 0)
+    )  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -1262,6 +1314,7 @@ class DotConfig:
     evict_first: bool = False  # word-plane kernel: the codes' L2 lines first to go
     packed: bool = False  # word-plane kernel, 4 bits, fp16 / bf16 x: planes decoded in pairs
     joined: bool = False  # packed, xt: each pair of planes one product, x copied in pair order
+    pdl: int = 0  # planes, xt, sm_90: launched while x is copied (1), codes prefetched to L2 (2)
 
 
 def _slots_p2(table: OutlierTable) -> int:
@@ -1415,12 +1468,15 @@ def dot_plan(
         block_w = gemv_block_w(weight, config.block_k // GEMV_WORD_CODES[weight.bits])
     packed = config.planes and config.packed and weight.bits == 4 and dtype != torch.float32
     joined = packed and config.joined and config.xt  # (fits: the word view applies)
+    pdl = config.pdl if config.planes and config.xt and dependent_launch(weight) else 0
     if config.xt:  # same values, column-major (x[m, k] at k * M + m), padded in the same pass
         pair_w, out_rows = 0, k
         if joined:  # every split's steps, padded: the kernel reads them unmasked
             per_split = triton.cdiv(triton.cdiv(triton.cdiv(k, 8), block_w), config.split_k)
             pair_w, out_rows = block_w, per_split * config.split_k * 8 * block_w
-        prepare = transpose_plan(rows, k, m, stride_xm, stride_xk, dtype, None, pair_w, out_rows)
+        prepare = transpose_plan(
+            rows, k, m, stride_xm, stride_xk, dtype, None, pair_w, out_rows, pdl
+        )  # fmt: skip
         stride_xm, stride_xk = 1, m
     elif m != rows:
 
@@ -1454,7 +1510,7 @@ def dot_plan(
             (X, WORDS, SCALES, *TABLE, BIAS, OUT, m, n, k, weight.words.stride(0),
              stride_xm, stride_xk, weight.scales.stride(0), n),
             dict(BLOCK_W=block_w, EVICT=eviction(config.evict_first), PACKED=packed,
-                 JOINED=joined, **common),
+                 JOINED=joined, PDL=pdl, **({"launch_pdl": True} if pdl else {}), **common),
         )  # fmt: skip
     else:
         q = weight.qweight
