@@ -75,11 +75,11 @@ def build(
 
 
 def compile_planes(
-    packed: bool, act: int, config: tuple[int, ...], joined: bool = False, pdl: int = 0
+    packed: bool, act: int, config: tuple[int, ...], joined: bool = False, pdl: bool = False
 ):
     """The batch-16 word-plane kernel (4 bits, per-channel scales, xt), as the GEMV above;
     ``config`` is block_n,block_k,num_warps,num_stages (``joined``: x in pair order; ``pdl``:
-    launched while x is copied, 2: codes prefetched to L2 meanwhile)."""
+    launched while x is copied)."""
     block_n, block_k, warps, stages = config
     fn = tm._dot_planes_kernel
     dtype = "*fp16" if act == 1 else "*bf16"
@@ -93,7 +93,7 @@ def compile_planes(
         EMULATE_BF16=False, EVICT="", PACKED=packed, JOINED=joined, PDL=pdl,
     )  # fmt: skip
     divisible = [*POINTERS, "M", "N", "row_words", "stride_xk", "stride_om"]  # M: 16 rows
-    return build(fn, signature, constants, divisible, warps, stages, launch_pdl=pdl > 0)
+    return build(fn, signature, constants, divisible, warps, stages, launch_pdl=pdl)
 
 
 def cuobjdump(kernel, flag: str) -> str:
@@ -160,9 +160,8 @@ def main() -> None:
         "--joined", action="store_true", help="--planes --packed: planes j, j + 4 as one product"
     )
     parser.add_argument(
-        "--pdl", type=int, default=0, choices=(0, 1, 2),
-        help="--planes: launched while x is copied (1), codes prefetched to L2 meanwhile (2)",
-    )  # fmt: skip
+        "--pdl", action="store_true", help="--planes: launched while x is copied (sm_90)"
+    )
     args = parser.parse_args()
     if args.planes:
         for text in args.config:
@@ -172,7 +171,7 @@ def main() -> None:
             )
             (count, mix), *rest = loop_mixes(kernel) or [(0, {})]
             sass = cuobjdump(kernel, "-sass")
-            extra = {op: sass.count(op) for op in ("ACQBULK", "PREEXIT", "CCTL") if op in sass}
+            extra = {op: sass.count(op) for op in ("ACQBULK", "PREEXIT") if op in sass}
             print(f"{text}: {registers(kernel)} registers, {sass_lines(kernel)} SASS instructions; "
                   f"main loop {count} per step: {mix}" + (f"; {extra}" if extra else ""),
                   flush=True)  # fmt: skip

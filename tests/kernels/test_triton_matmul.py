@@ -221,20 +221,26 @@ def test_packed_word_plane_kernel_matches_reference(group, n, k, device):
 
 
 def test_launch_while_x_is_copied(device):
-    """Programmatic dependent launch (sm_90: the matmul starts while x is copied and waits for
-    the copy before reading it; ``pdl=2`` also prefetches its codes to L2 meanwhile) gives the
-    plain launch's output bit for bit, split K and a padded batch included; without it (the
-    interpreter, GPUs before sm_90) the same config is a plain launch."""
+    """Programmatic dependent launch (sm_90: each kernel starts before the one ahead of it ends
+    and waits for its writes before its first load) gives the plain launch's output bit for bit:
+    the GEMV, and the word-plane kernel after x's copy, with split K (two splits: fp32 atomics
+    in either order give the same sum) and a padded batch; without it (the interpreter, GPUs
+    before sm_90) the same config is a plain launch. The defaults take it up to batch 16."""
     weight = random_weight(45, 296, 4, None, seed=3, device=device, slots=2)
     joined = tm.DotConfig(16, 16, 128, xt=True, planes=True, packed=True, joined=True)
     for config, m in ((joined, 16), (replace(joined, block_m=32, split_k=2, joined=False), 40)):
         x = fresh_x(m, 296, torch.float16, device, seed=m)
         plain = tm.dot_matmul(weight, x, None, config)
         assert_close(plain, reference(weight, x, None), torch.float16)
-        for pdl in (1, 2):
-            assert torch.equal(tm.dot_matmul(weight, x, None, replace(config, pdl=pdl)), plain)
+        assert torch.equal(tm.dot_matmul(weight, x, None, replace(config, pdl=True)), plain)
+    gemv = tm.GemvConfig(8, 16, 2, 1, split_k=2, packed=True)
+    x = fresh_x(1, 296, torch.float16, device, seed=1)
+    plain = tm.gemv(weight, x[0], None, gemv)
+    assert_close(plain[None], reference(weight, x, None), torch.float16)
+    assert torch.equal(tm.gemv(weight, x[0], None, replace(gemv, pdl=True)), plain)
     hopper = device == "cuda" and torch.cuda.get_device_capability() >= (9, 0)
     assert tm.dependent_launch(weight) == hopper
+    assert tm.default_config(weight, 16).pdl and tm.default_config(weight, 1).pdl
 
 
 @pytest.mark.parametrize(("bits", "group", "n", "k"), [(4, None, 45, 256), (3, 32, 20, 64)])

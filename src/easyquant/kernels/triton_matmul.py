@@ -572,11 +572,11 @@ def _load_words(qrow, row_ok, step, GROUPS: tl.constexpr, WPG: tl.constexpr,
 
 
 @triton.jit
-def _wait_for_x(PDL: tl.constexpr):
-    """Programmatic dependent launch (sm_90): the program may start while the kernel before it
-    (the copy of x) still runs; ``griddepcontrol.wait`` holds it until that kernel's writes are
-    visible. Everything before the call must not read x."""
-    if PDL > 0:
+def _wait_for_inputs(PDL: tl.constexpr):
+    """Programmatic dependent launch (sm_90): the program may start before the kernel ahead of
+    it in the stream (the copy of x, or whatever wrote x) has finished; ``griddepcontrol.wait``
+    holds it until that kernel's writes are visible. Called before the kernel's first load."""
+    if PDL:
         tl.inline_asm_elementwise("griddepcontrol.wait; // $0", "=r", [], dtype=tl.int32,
                                   is_pure=False, pack=1)  # fmt: skip
 
@@ -585,22 +585,8 @@ def _wait_for_x(PDL: tl.constexpr):
 def _let_next_start(PDL: tl.constexpr):
     """The kernel launched after this one with programmatic dependent launch may start now
     (its programs wait for this kernel's writes themselves)."""
-    if PDL > 0:
+    if PDL:
         tl.inline_asm_elementwise("griddepcontrol.launch_dependents; // $0", "=r", [],
-                                  dtype=tl.int32, is_pure=False, pack=1)  # fmt: skip
-
-
-@triton.jit
-def _prefetch_words(q_ptr, rows, row_ok, row_words, first_word, words, WORDS: tl.constexpr):
-    """Asks L2 for the 128-byte lines of ``words`` int32 words from ``first_word`` of each row
-    (no registers hold them): the codes are on their way while the program waits for x."""
-    LINES: tl.constexpr = (WORDS + 31) // 32
-    CHUNK: tl.constexpr = 16
-    for c in tl.static_range(0, LINES, CHUNK):
-        w = (c + tl.arange(0, CHUNK)) * 32
-        ok = row_ok[:, None] & (w < words)[None, :]
-        at = tl.where(ok, rows[:, None].to(tl.int64) * row_words + first_word + w[None, :], 0)
-        tl.inline_asm_elementwise("prefetch.global.L2 [$1]; // $0", "=r,l", [q_ptr + at],
                                   dtype=tl.int32, is_pure=False, pack=1)  # fmt: skip
 
 
@@ -639,7 +625,9 @@ def _gemv_kernel(
     XVEC: tl.constexpr,  # packed 4 bits: x read as one 16-byte vector per word
     EVICT: tl.constexpr,  # the code words' L2 eviction policy ("" or "evict_first")
     INTERPRET: tl.constexpr,
+    PDL: tl.constexpr = False,  # launched before the kernel ahead of it ends (waits first)
 ):
+    _wait_for_inputs(PDL)
     # codes per word group and int32 words per group
     PER: tl.constexpr = 32 if BITS == 3 else 32 // BITS
     WPG: tl.constexpr = 3 if BITS == 3 else 1
@@ -883,7 +871,7 @@ def _dot_planes_kernel(
     EVICT: tl.constexpr,  # the code words' L2 eviction policy ("" or "evict_first")
     PACKED: tl.constexpr,  # 4 bits, fp16 / bf16 x: two planes per lop3 + FMA (PTX)
     JOINED: tl.constexpr = False,  # PACKED: x is the pair-ordered copy, planes j, j + 4 one dot
-    PDL: tl.constexpr = 0,  # launched while x's copy runs: 1 waits for it, 2 also prefetches
+    PDL: tl.constexpr = False,  # launched while x's copy runs (waits for it before any load)
 ):
     """The tensor-core product one code position at a time: plane ``k`` of a step is the tile of
     columns ``k0 + PER * w + k``, multiplied with the matching (strided) rows of ``x^T``."""
@@ -905,11 +893,7 @@ def _dot_planes_kernel(
     qrow = q_ptr + rows[:, None].to(tl.int64) * row_words
     xrow = x_ptr + ms[None, :].to(tl.int64) * stride_xm
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-    if PDL == 2:  # this program's code words on their way to L2 while x is being copied
-        SPAN: tl.constexpr = PER_SPLIT * BLOCK_W * WPG
-        first = pid_k * SPAN
-        _prefetch_words(q_ptr, rows, row_ok, row_words, first, GROUPS * WPG - first, SPAN)
-    _wait_for_x(PDL)
+    _wait_for_inputs(PDL)
     for i in range(PER_SPLIT):
         step = pid_k * PER_SPLIT + i
         k0 = step * BLOCK_K
@@ -964,10 +948,12 @@ def _dot_planes_kernel(
 @triton.jit
 def _transpose_pad_kernel(x_ptr, out_ptr, rows, K, stride_xm, m_pad, out_rows,
                           M_P2: tl.constexpr, BLOCK_K: tl.constexpr,
-                          PAIR_W: tl.constexpr, PDL: tl.constexpr = 0):  # fmt: skip
+                          PAIR_W: tl.constexpr, PDL: tl.constexpr = False):  # fmt: skip
     """``out [out_rows, m_pad]`` (row-major) = x^T with the batch zero-padded from ``rows`` to
     m_pad (M_P2: m_pad's next power of two) and rows past K zero; ``PAIR_W`` > 0: rows in the
-    pair order of ``_pair_position``. ``PDL`` > 0: the matmul after it may start at once."""
+    pair order of ``_pair_position``. ``PDL``: launched before the kernel ahead of it ends (waits
+    first), and the matmul after it may start at once."""
+    _wait_for_inputs(PDL)
     _let_next_start(PDL)
     ps = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
     if PAIR_W > 0:  # the inverse of _pair_position
@@ -1000,14 +986,15 @@ def transpose_plan(
     kernel: bool | None = None,
     pair_w: int = 0,
     out_rows: int | None = None,
-    pdl: int = 0,
+    pdl: bool = False,
 ) -> Callable[[torch.Tensor], torch.Tensor]:
     """``transposed_x`` for every x of this shape, strides and dtype (``kernel``: force the
     Triton kernel or torch's copy; None: the kernel up to 256 batch rows, padded or not: on the
     H100 4.8 against torch's 5.4 us at 16 rows of 4096, 5.7 against 7.6 at 128, stop 16,
     results/…-2026-11-23-explore-transpose-f1056f2.json). ``pair_w`` > 0: the copy's rows in
     the joined word-plane kernel's pair order, ``out_rows`` of them (rows past K zero).
-    ``pdl`` > 0: the kernel lets the next launch (a matmul launched with ``launch_pdl``) start."""
+    ``pdl``: launched with programmatic dependent launch, and the next launch (the matmul) may
+    start while it runs."""
     out_rows = k if out_rows is None else out_rows
     if kernel is None:
         kernel = (m <= 256 or pair_w > 0) and stride_xk == 1
@@ -1025,7 +1012,7 @@ def transpose_plan(
     launch = KernelLaunch(
         _transpose_pad_kernel, (triton.cdiv(out_rows, block_k),),
         (X, OUT, rows, k, stride_xm, m, out_rows),
-        dict(M_P2=m_p2, BLOCK_K=block_k, PAIR_W=pair_w, PDL=pdl),
+        dict(M_P2=m_p2, BLOCK_K=block_k, PAIR_W=pair_w, PDL=pdl, **_pdl_launch(pdl)),
     )  # fmt: skip
 
     def kernel_copy(x: torch.Tensor) -> torch.Tensor:
@@ -1119,14 +1106,23 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+# Programmatic dependent launch for the batch 1-16 kernels (EASYQUANT_PDL=0: off)
+DEPENDENT_LAUNCH = os.environ.get("EASYQUANT_PDL", "1") not in ("", "0")
+
+
 def dependent_launch(weight: Weight) -> bool:
     """Can kernels on this weight's device use programmatic dependent launch (``griddepcontrol``:
     sm_90 and later; not under the interpreter, which runs no PTX)?"""
     device = weight.words.device
     return (
-        device.type == "cuda" and not interpreting()
+        DEPENDENT_LAUNCH and device.type == "cuda" and not interpreting()
         and torch.cuda.get_device_capability(device) >= (9, 0)
     )  # fmt: skip
+
+
+def _pdl_launch(pdl: bool) -> dict:
+    """The launch option of a kernel launched with programmatic dependent launch."""
+    return {"launch_pdl": True} if pdl else {}
 
 
 @dataclass(frozen=True)
@@ -1297,6 +1293,7 @@ class GemvConfig:
     packed: bool = False  # 4 bits with fp16/bf16 x: f16x2 math (else, and always: fp32 decode)
     xvec: bool = False  # packed: x as one 16-byte load per word, paired in registers
     evict_first: bool = False  # the codes' L2 lines first to go (read once per call)
+    pdl: bool = False  # sm_90: launched before the kernel ahead of it ends (waits in-kernel)
 
 
 @dataclass(frozen=True)
@@ -1314,7 +1311,7 @@ class DotConfig:
     evict_first: bool = False  # word-plane kernel: the codes' L2 lines first to go
     packed: bool = False  # word-plane kernel, 4 bits, fp16 / bf16 x: planes decoded in pairs
     joined: bool = False  # packed, xt: each pair of planes one product, x copied in pair order
-    pdl: int = 0  # planes, xt, sm_90: launched while x is copied (1), codes prefetched to L2 (2)
+    pdl: bool = False  # planes, xt, sm_90: launched while x is copied (waits for it in-kernel)
 
 
 def _slots_p2(table: OutlierTable) -> int:
@@ -1352,6 +1349,7 @@ def gemv_plan(
         raise ValueError("this weight does not fit the GEMV's int32 word view")
     n, k = weight.out_features, weight.in_features
     table = weight.outliers
+    pdl = config.pdl and dependent_launch(weight)
     launch = KernelLaunch(
         _gemv_kernel,
         (triton.cdiv(n, config.block_n) * m, config.split_k),
@@ -1386,6 +1384,8 @@ def gemv_plan(
             XVEC=config.xvec,
             EVICT=eviction(config.evict_first),
             INTERPRET=interpreting(),
+            PDL=pdl,
+            **_pdl_launch(pdl),
             num_warps=config.num_warps,
             num_stages=config.num_stages,
         ),
@@ -1468,7 +1468,7 @@ def dot_plan(
         block_w = gemv_block_w(weight, config.block_k // GEMV_WORD_CODES[weight.bits])
     packed = config.planes and config.packed and weight.bits == 4 and dtype != torch.float32
     joined = packed and config.joined and config.xt  # (fits: the word view applies)
-    pdl = config.pdl if config.planes and config.xt and dependent_launch(weight) else 0
+    pdl = config.pdl and config.planes and config.xt and dependent_launch(weight)
     if config.xt:  # same values, column-major (x[m, k] at k * M + m), padded in the same pass
         pair_w, out_rows = 0, k
         if joined:  # every split's steps, padded: the kernel reads them unmasked
@@ -1510,7 +1510,7 @@ def dot_plan(
             (X, WORDS, SCALES, *TABLE, BIAS, OUT, m, n, k, weight.words.stride(0),
              stride_xm, stride_xk, weight.scales.stride(0), n),
             dict(BLOCK_W=block_w, EVICT=eviction(config.evict_first), PACKED=packed,
-                 JOINED=joined, PDL=pdl, **({"launch_pdl": True} if pdl else {}), **common),
+                 JOINED=joined, PDL=pdl, **_pdl_launch(pdl), **common),
         )  # fmt: skip
     else:
         q = weight.qweight
@@ -1770,7 +1770,15 @@ def gemv_rows(n: int, k: int, device: torch.device) -> int:
 
 
 def default_config(weight: Weight, m: int) -> GemvConfig | DotConfig | None:
-    """The kernel configuration ``matmul`` runs for batch ``m`` (None: dequantize + cuBLAS)."""
+    """The kernel configuration ``matmul`` runs for batch ``m`` (None: dequantize + cuBLAS); up to
+    batch 16 launched with programmatic dependent launch where the device has it."""
+    config = _default_config(weight, m)
+    if m <= SMALL_BATCH and config is not None:
+        return replace(config, pdl=True)
+    return config
+
+
+def _default_config(weight: Weight, m: int) -> GemvConfig | DotConfig | None:
     n, k, bits = weight.out_features, weight.in_features, weight.bits
     device = weight.qweight.device
     if m == 1 or (bits == 4 and m <= gemv_rows(n, k, device)):  # (other widths: not measured)
