@@ -25,6 +25,12 @@ benchmarks/quality_sweep.py). It appends one JSON line per setting to ``--out``.
   ``"dense"``: a random orthogonal matrix as wide as the input, the unattainable ideal). Serving
   it would rotate each input the same way (x R), as QuaRot/QuIP# do; no data is used.
 
+- ``grid: "lloyd"``: each tensor's own 16 levels, Lloyd's 1-D k-means of its non-outlier
+  weights in units of each row's absmax scale, from the ``nf0`` levels (``lloyd_iters``, 30);
+  then the range search as for the other grids.
+- ``lpow``: the range search minimises the sum of |error|^lpow (2: the paper's squared
+  error; larger penalises the clipped weights' large errors more, so ranges shrink less).
+
 - ``downstream``: a list of ``"v"``, ``"up"``, ``"gate"``: those weights are rounded by GPTQ over
   their output rows, with the next layer's Gram matrix as the Hessian (o_proj for v_proj,
   down_proj for up/gate, scaled by data-free estimates of the gate's effect); ``damp`` (0.01).
@@ -124,6 +130,21 @@ def nearest(x: torch.Tensor, scale: torch.Tensor, levels: torch.Tensor, kind: st
     return level * scale, level
 
 
+def lloyd_levels(rows: torch.Tensor, start: torch.Tensor, iters: int) -> torch.Tensor:
+    """The MSE-optimal levels (Lloyd's algorithm from ``start``) of the nonzero weights of
+    ``rows``, each row in units of its absmax-based scale (the ``int`` grid's start): one grid
+    per tensor (16 fp16 numbers, ~0 bits per weight), fitted without data."""
+    scale = (rows.abs().amax(1, keepdim=True) / start.max()).clamp_min(1e-12)
+    t = (rows / scale)[rows != 0]  # (zeros: the outliers' holes and the padding)
+    levels = start.clone()
+    for _ in range(iters):
+        cell = torch.bucketize(t, (levels[1:] + levels[:-1]) / 2)
+        sums = torch.zeros_like(levels).index_add_(0, cell, t)
+        counts = torch.zeros_like(levels).index_add_(0, cell, torch.ones_like(t))
+        levels = torch.where(counts > 0, sums / counts.clamp_min(1), levels).sort().values
+    return levels.half().float()
+
+
 def search_ranges(
     x: torch.Tensor,
     col_weight: torch.Tensor | None,
@@ -132,9 +153,11 @@ def search_ranges(
     steps: int,
     lr: float,
     asym: bool,
+    power: float = 2.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Adam on each row's scale (and offset) for the least weighted squared error; returns the
-    per-row (scale, offset), rounded to fp16. ``x``: rows, outliers zeroed."""
+    """Adam on each row's scale (and offset) for the least weighted error to this ``power`` (2:
+    squared, the paper's); returns the per-row (scale, offset), rounded to fp16. ``x``: rows,
+    outliers zeroed."""
     rows, cols = x.shape
     w = torch.ones_like(x) if col_weight is None else col_weight[None, :].expand(rows, cols)
     if asym:
@@ -155,16 +178,17 @@ def search_ranges(
         s, m = s0 * ratio, m0 + shift * s0
         value, level = nearest(x - m, s, levels, kind)
         err = value + m - x
-        loss = (w * err * err).sum(1)
+        loss = (w * err.abs() ** power).sum(1)
         better = loss < best_loss
         best_loss = torch.where(better, loss, best_loss)
         best_s = torch.where(better[:, None], s, best_s)
         best_m = torch.where(better[:, None], m, best_m)
         if step == steps:
             break
-        grads = [(w * err * level).sum(1, keepdim=True) * 2 / w_sum]
+        slope = w * err.abs() ** (power - 1) * err.sign() * power / w_sum  # d loss / d err
+        grads = [(slope * level).sum(1, keepdim=True)]
         if asym:
-            grads.append((w * err).sum(1, keepdim=True) * 2 / w_sum)
+            grads.append(slope.sum(1, keepdim=True))
         for p, g, (mom, vel) in zip(params, grads, moments, strict=True):
             mom.mul_(b1).add_(g, alpha=1 - b1)
             vel.mul_(b2).addcmul_(g, g, value=1 - b2)
@@ -236,17 +260,21 @@ def fake_quant(weight: torch.Tensor, col_weight: torch.Tensor | None, st: dict):
     if col_weight is not None and st.get("wloss") and not group:
         weighting = (col_weight / col_weight.mean()) ** st["wloss"]
     kind = st.get("grid", "int")
-    levels = grid_levels(kind, bits)
+    if kind == "lloyd":  # this tensor's own levels: 1-D k-means of its rows in units of the scale
+        levels = lloyd_levels(rows, grid_levels("nf0", bits), st.get("lloyd_iters", 30))
+    else:
+        levels = grid_levels(kind, bits)
     scale, offset = search_ranges(
         rows, weighting, levels, kind, st.get("steps", 50), st.get("lr", 3e-3),
-        st.get("asym", False),
+        st.get("asym", False), st.get("lpow", 2.0),
     )  # fmt: skip
     quantized = nearest(rows - offset, scale, levels, kind)[0] + offset
     quantized = quantized.reshape(out_f, in_f + pad)[:, :in_f]
     quantized = torch.where(mask, weight.half().float(), quantized)
     outliers = int(mask.sum())
     scale_bits = 16 * (2 if st.get("asym") else 1) * out_f * -(-in_f // size)
-    stored = bits * weight.numel() + scale_bits + 32 * outliers + 32 * (out_f + 1)
+    level_bits = 16 * len(levels) if kind == "lloyd" else 0  # (the others' are constants)
+    stored = bits * weight.numel() + scale_bits + 32 * outliers + 32 * (out_f + 1) + level_bits
     return quantized, stored, outliers
 
 
