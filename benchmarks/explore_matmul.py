@@ -264,9 +264,9 @@ def main() -> None:
         "rows: the GEMV against the tensor-core kernel at batch 1-8; mid: the tensor-core kernel "
         "with wider batch tiles against dequantize + cuBLAS at batch 16-256; batches: what "
         "matmul picks by default, at batch 1-1024; transpose: the tensor-core kernels' x copy, "
-        "one Triton pass against F.pad of x^T; pdl: the default tensor-core config at batch "
-        "2-128 launched plainly, while x is copied, and with its codes prefetched meanwhile); "
-        "the table keeps the others' entries",
+        "one Triton pass against F.pad of x^T; pdl: each default config at batch 1-128 "
+        "launched plainly and with programmatic dependent launch); the table keeps the others' "
+        "entries",
     )
     parser.add_argument(
         "--slot-quantile",
@@ -532,7 +532,7 @@ def time_shape(
             for config in mid_candidates(m):
                 us = bench(lambda x=x, c=config: tm.dot_matmul(w, x, None, c))
                 record(n, k, m, "default", "dot-mid", config, us, fp16_m)
-    if "pdl" in kinds:  # (stop 19) the matmul launched while x is copied, codes prefetched or not
+    if "pdl" in kinds:  # (stop 19) plain launches against programmatic dependent launch
         for m in PDL_BATCHES:
             x = torch.randn(m, k, device=device, dtype=torch.float16)
             fp16_m = bench(lambda x=x: x @ dense.T)

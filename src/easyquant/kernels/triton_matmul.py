@@ -20,6 +20,9 @@ rows holding more than ``S`` (the overflow).
   words taken one code position ("plane") at a time, so that no tile is interleaved.
 - ``_dequant_kernel``: the dense weight in the activation dtype, outliers written in by the same
   program after a barrier, for ``dequantize + cuBLAS`` at large batch.
+- On sm_90 a config's ``pdl`` launches its kernels with programmatic dependent launch: each
+  starts before the kernel ahead of it ends and waits for it (``griddepcontrol.wait``) before
+  its first load; the defaults take it for x's copy and the word-plane kernel at batches 2-16.
 
 Codes are unsigned ``u = q - qmin`` (``qmin = -2^(bits-1)``), so ``q = u - 2^(bits-1)``. Outlier
 positions hold ``q = 0``: an outlier adds exactly ``value * x[col]`` and nothing is subtracted.
