@@ -106,9 +106,9 @@ def cuobjdump(kernel, flag: str) -> str:
         return subprocess.run([tool, flag, path], capture_output=True, text=True).stdout
 
 
-def sass_lines(kernel) -> int:
+def sass_lines(sass: str) -> int:
     """Instructions in the cubin's SASS (a rough count of the work per program)."""
-    return len(re.findall(r"^\s+/\*[0-9a-f]{4}\*/", cuobjdump(kernel, "-sass"), flags=re.M))
+    return len(re.findall(r"^\s+/\*[0-9a-f]{4}\*/", sass, flags=re.M))
 
 
 def loop_bounds(branches: list[tuple[int, int | None]]) -> list[tuple[int, int]]:
@@ -118,12 +118,12 @@ def loop_bounds(branches: list[tuple[int, int | None]]) -> list[tuple[int, int]]
             if target is not None and target < address]  # fmt: skip
 
 
-def loop_mixes(kernel) -> list[tuple[int, dict[str, int]]]:
+def loop_mixes(sass: str) -> list[tuple[int, dict[str, int]]]:
     """SASS instructions of each of the kernel's loops and their opcodes by count, per trip and
     warp: in the word-plane kernel the first is the main K loop, the next the outlier slots'
     chunk loop."""
     ops = []  # (address, opcode, branch target or None)
-    for line in cuobjdump(kernel, "-sass").splitlines():
+    for line in sass.splitlines():
         found = re.match(r"\s+/\*([0-9a-f]{4})\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_]+)", line)
         if found:
             branch = re.search(r"BRA (0x[0-9a-f]+)", line)
@@ -169,10 +169,10 @@ def main() -> None:
             kernel = compile_planes(
                 args.packed, 2 if args.bf16 else 1, config, args.joined, args.pdl
             )
-            (count, mix), *rest = loop_mixes(kernel) or [(0, {})]
             sass = cuobjdump(kernel, "-sass")
+            (count, mix), *rest = loop_mixes(sass) or [(0, {})]
             extra = {op: sass.count(op) for op in ("ACQBULK", "PREEXIT") if op in sass}
-            print(f"{text}: {registers(kernel)} registers, {sass_lines(kernel)} SASS instructions; "
+            print(f"{text}: {registers(kernel)} registers, {sass_lines(sass)} SASS instructions; "
                   f"main loop {count} per step: {mix}" + (f"; {extra}" if extra else ""),
                   flush=True)  # fmt: skip
             if rest:

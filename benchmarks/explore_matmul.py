@@ -346,8 +346,7 @@ def main() -> None:
         if "pdl" in kinds:
             for m in PDL_BATCHES:
                 configs = pdl_variants(tm.default_config(weights[(n, k, "default")], m))
-                gemv = bool(configs) and isinstance(configs[0], tm.GemvConfig)
-                kind = "gemv" if gemv else "dot"
+                kind = "gemv" if is_gemv(configs) else "dot"
                 jobs += jobs_for(n, k, "default", m, kind, configs)
                 jobs += jobs_for(n, k, "none", m, kind, configs)
     precompile(jobs, args.workers)
@@ -539,7 +538,7 @@ def time_shape(
             for tag in ("default", "none"):
                 w = weights[(n, k, tag)]
                 configs = pdl_variants(tm.default_config(w, m))
-                run = tm.gemv if configs and isinstance(configs[0], tm.GemvConfig) else None
+                run = tm.gemv if is_gemv(configs) else None
 
                 def call(c, w=w, x=x, run=run):
                     return run(w, x, None, c) if run else tm.dot_matmul(w, x, None, c)
@@ -638,11 +637,14 @@ PDL_BATCHES = (1, 2, 8, 16, 32, 64, 128)
 
 
 def pdl_variants(config) -> list[tm.GemvConfig | tm.DotConfig]:
-    if isinstance(config, tm.DotConfig) and not (config.planes and config.xt):
-        return []
-    if config is None:
+    plain_dot = isinstance(config, tm.DotConfig) and not (config.planes and config.xt)
+    if config is None or plain_dot:
         return []
     return [replace(config, pdl=p) for p in (False, True)]
+
+
+def is_gemv(configs: list) -> bool:
+    return bool(configs) and isinstance(configs[0], tm.GemvConfig)
 
 
 # batch sizes of --kinds rows (timed with the batch-16 default of the tensor-core kernel)

@@ -43,6 +43,7 @@ from pathlib import Path
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from easyquant.kernels.launch import KernelLaunch, Slot
 
@@ -575,25 +576,6 @@ def _load_words(qrow, row_ok, step, GROUPS: tl.constexpr, WPG: tl.constexpr,
 
 
 @triton.jit
-def _wait_for_inputs(PDL: tl.constexpr):
-    """Programmatic dependent launch (sm_90): the program may start before the kernel ahead of
-    it in the stream (the copy of x, or whatever wrote x) has finished; ``griddepcontrol.wait``
-    holds it until that kernel's writes are visible. Called before the kernel's first load."""
-    if PDL:
-        tl.inline_asm_elementwise("griddepcontrol.wait; // $0", "=r", [], dtype=tl.int32,
-                                  is_pure=False, pack=1)  # fmt: skip
-
-
-@triton.jit
-def _let_next_start(PDL: tl.constexpr):
-    """The kernel launched after this one with programmatic dependent launch may start now
-    (its programs wait for this kernel's writes themselves)."""
-    if PDL:
-        tl.inline_asm_elementwise("griddepcontrol.launch_dependents; // $0", "=r", [],
-                                  dtype=tl.int32, is_pure=False, pack=1)  # fmt: skip
-
-
-@triton.jit
 def _gemv_kernel(
     x_ptr,
     q_ptr,  # int32 view of qweight [N, row_words]
@@ -630,7 +612,8 @@ def _gemv_kernel(
     INTERPRET: tl.constexpr,
     PDL: tl.constexpr = False,  # launched before the kernel ahead of it ends (waits first)
 ):
-    _wait_for_inputs(PDL)
+    if PDL:  # (before any load: nothing read can be stale, whatever wrote it)
+        gdc_wait()
     # codes per word group and int32 words per group
     PER: tl.constexpr = 32 if BITS == 3 else 32 // BITS
     WPG: tl.constexpr = 3 if BITS == 3 else 1
@@ -896,7 +879,8 @@ def _dot_planes_kernel(
     qrow = q_ptr + rows[:, None].to(tl.int64) * row_words
     xrow = x_ptr + ms[None, :].to(tl.int64) * stride_xm
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-    _wait_for_inputs(PDL)
+    if PDL:  # (before any load)
+        gdc_wait()
     for i in range(PER_SPLIT):
         step = pid_k * PER_SPLIT + i
         k0 = step * BLOCK_K
@@ -956,8 +940,9 @@ def _transpose_pad_kernel(x_ptr, out_ptr, rows, K, stride_xm, m_pad, out_rows,
     m_pad (M_P2: m_pad's next power of two) and rows past K zero; ``PAIR_W`` > 0: rows in the
     pair order of ``_pair_position``. ``PDL``: launched before the kernel ahead of it ends (waits
     first), and the matmul after it may start at once."""
-    _wait_for_inputs(PDL)
-    _let_next_start(PDL)
+    if PDL:  # wait for the kernel ahead, then let the matmul start while x is copied
+        gdc_wait()
+        gdc_launch_dependents()
     ps = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
     if PAIR_W > 0:  # the inverse of _pair_position
         r = ps % (8 * PAIR_W)
