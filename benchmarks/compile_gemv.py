@@ -75,24 +75,31 @@ def build(
 
 
 def compile_planes(
-    packed: bool, act: int, config: tuple[int, ...], joined: bool = False, pdl: bool = False
+    packed: bool,
+    act: int,
+    config: tuple[int, ...],
+    joined: bool = False,
+    pdl: bool = False,
+    split: int = 1,
 ):
     """The batch-16 word-plane kernel (4 bits, per-channel scales, xt), as the GEMV above;
     ``config`` is block_n,block_k,num_warps,num_stages (``joined``: x in pair order; ``pdl``:
-    launched while x is copied)."""
+    launched while x is copied; ``split`` > 1: K split, summed by each tile's last program)."""
     block_n, block_k, warps, stages = config
     fn = tm._dot_planes_kernel
     dtype = "*fp16" if act == 1 else "*bf16"
-    pointers = {**POINTERS, "x_ptr": dtype, "out_ptr": dtype}
+    pointers = {**POINTERS, "x_ptr": dtype, "out_ptr": dtype, "part_ptr": "*fp32",
+                "lock_ptr": "*i32"}  # fmt: skip
     signature = {**pointers, **dict.fromkeys(("M", "N", "row_words", "stride_xk", "stride_s",
                                                "stride_om"), "i32")}  # fmt: skip
     constants = dict(
         stride_xm=1,  # x^T's batch side is contiguous (xt), which the JIT specialises as 1
         K=4096, GROUP=0, BITS=4, ACT=act, HAS_BIAS=False, SLOTS=32, HAS_OVERFLOW=True,
-        BLOCK_N=block_n, BLOCK_M=16, BLOCK_W=block_k // 8, SPLIT_K=1, SLOT_CHUNK=8, OUT_CHUNK=8,
-        EMULATE_BF16=False, EVICT="", PACKED=packed, JOINED=joined, PDL=pdl,
+        BLOCK_N=block_n, BLOCK_M=16, BLOCK_W=block_k // 8, SPLIT_K=split, SLOT_CHUNK=8,
+        OUT_CHUNK=8, EMULATE_BF16=False, EVICT="", PACKED=packed, JOINED=joined, PDL=pdl,
+        REDUCE=split > 1,
     )  # fmt: skip
-    divisible = [*POINTERS, "M", "N", "row_words", "stride_xk", "stride_om"]  # M: 16 rows
+    divisible = [*pointers, "M", "N", "row_words", "stride_xk", "stride_om"]  # M: 16 rows
     return build(fn, signature, constants, divisible, warps, stages, launch_pdl=pdl)
 
 
@@ -162,16 +169,23 @@ def main() -> None:
     parser.add_argument(
         "--pdl", action="store_true", help="--planes: launched while x is copied (sm_90)"
     )
+    parser.add_argument(
+        "--split", type=int, default=1, help="--planes: K split this many ways, summed in-kernel"
+    )
+    parser.add_argument("--sass", action="store_true", help="--planes: print the whole SASS")
     args = parser.parse_args()
     if args.planes:
         for text in args.config:
             config = tuple(int(v) for v in text.split(","))
             kernel = compile_planes(
-                args.packed, 2 if args.bf16 else 1, config, args.joined, args.pdl
+                args.packed, 2 if args.bf16 else 1, config, args.joined, args.pdl, args.split
             )
             sass = cuobjdump(kernel, "-sass")
+            if args.sass:
+                print(sass, flush=True)
             (count, mix), *rest = loop_mixes(sass) or [(0, {})]
-            extra = {op: sass.count(op) for op in ("ACQBULK", "PREEXIT") if op in sass}
+            extra = {op: sass.count(op) for op in ("ACQBULK", "PREEXIT", "ATOMG", "MEMBAR")
+                     if op in sass}  # fmt: skip
             print(f"{text}: {registers(kernel)} registers, {sass_lines(sass)} SASS instructions; "
                   f"main loop {count} per step: {mix}" + (f"; {extra}" if extra else ""),
                   flush=True)  # fmt: skip

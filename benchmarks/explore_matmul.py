@@ -50,6 +50,7 @@ SHAPES = [
 ]
 G, D = tm.GemvConfig, tm.DotConfig
 SWEEP = "stop12"  # --sweep
+KINDS = ("gemv", "dot", "dequant", "floor", "rows", "mid", "batches", "transpose", "pdl", "split")
 
 
 # One step per row block (stop 13): a block covers up to 512 words of each of its rows at once,
@@ -187,7 +188,7 @@ def standin(
     ov_cols = torch.zeros(ov, device=device, dtype=torch.int16)
     ov_vals = torch.ones(ov, device=device, dtype=torch.float16)
     table = tm.OutlierTable(cols, vals, count, ov_indptr, ov_cols, ov_vals)
-    return tm.Weight(qweight, scales, table, bits, 0, k)
+    return tm.Weight(qweight, scales, table, bits, 0, k, tm.split_locks(small, device))
 
 
 # --sweep dequant, group-128 scales (stop 14): (16, 128) is what the old (16, 256) default became
@@ -258,15 +259,16 @@ def main() -> None:
     parser.add_argument(
         "--kinds",
         nargs="+",
-        choices=("gemv", "dot", "dequant", "floor", "rows", "mid", "batches", "transpose", "pdl"),
+        choices=KINDS,
         default=["gemv", "dot", "dequant"],
         help="time only these kernels (batch 1, 16, 1024; floor: a read of the codes alone; "
         "rows: the GEMV against the tensor-core kernel at batch 1-8; mid: the tensor-core kernel "
         "with wider batch tiles against dequantize + cuBLAS at batch 16-256; batches: what "
         "matmul picks by default, at batch 1-1024; transpose: the tensor-core kernels' x copy, "
         "one Triton pass against F.pad of x^T; pdl: each default config at batch 1-128 "
-        "launched plainly and with programmatic dependent launch); the table keeps the others' "
-        "entries",
+        "launched plainly and with programmatic dependent launch; split: each default "
+        "word-plane config at batch 16-128 with K split 1-6 ways, summed in the kernel or by "
+        "fp32 atomics); the table keeps the others' entries",
     )
     parser.add_argument(
         "--slot-quantile",
@@ -349,6 +351,10 @@ def main() -> None:
                 kind = "gemv" if is_gemv(configs) else "dot"
                 jobs += jobs_for(n, k, "default", m, kind, configs)
                 jobs += jobs_for(n, k, "none", m, kind, configs)
+        if "split" in kinds:
+            for m in SPLIT_BATCHES:
+                configs = split_variants(tm.default_config(weights[(n, k, "default")], m), m)
+                jobs += jobs_for(n, k, "default", m, "dot", configs)
     precompile(jobs, args.workers)
 
     rows: list[dict] = []
@@ -378,6 +384,8 @@ def main() -> None:
         write_table(rows)
     if "pdl" in kinds:
         print_pdl(rows)
+    if "split" in kinds:
+        print_split(rows)
     print("\nbest per case (outliers at the default table; none: same config, no outliers):")
     for (shape, m), group in sorted(best_rows(rows).items()):
         print(f"  {shape} b={m}: " + "  ".join(group))
@@ -445,6 +453,25 @@ def print_pdl(rows: list[dict]) -> None:
         best = "  ".join(f"{min(by[p]):.1f}" for p in sorted(by))
         flag = "  MISMATCH" if "MISMATCH" in kind else ""
         print(f"  {shape} b={m} {tag}: {best}  (fp16 {fp16_us}){flag}")
+
+
+def print_split(rows: list[dict]) -> None:
+    """--kinds split: per shape and batch, the best of the two timings of each variant."""
+    times: dict = {}
+    for r in rows:
+        if r["kind"].startswith("dot-split"):
+            c = r["config"]
+            how = "in-kernel" if c["reduce"] else "atomics"
+            name = f"split {c['split_k']}" + (f" {how}" if c["split_k"] > 1 else "")
+            name += " pdl" if c["pdl"] else ""
+            key = (r["shape"], r["batch"], r["fp16_us"])
+            flag = " MISMATCH" if "MISMATCH" in r["kind"] else ""
+            flag += " (nondeterministic)" if "NONDET" in r["kind"] else ""
+            times.setdefault(key, {}).setdefault(name + flag, []).append(r["us"])
+    print("\nsplit K variants, us (best of two), 0.5% outliers:")
+    for (shape, m, fp16_us), by in times.items():
+        line = "  ".join(f"{name} {min(us):.1f}" for name, us in by.items())
+        print(f"  {shape} b={m} (fp16 {fp16_us}): {line}")
 
 
 def best_rows(rows: list[dict]) -> dict:
@@ -552,6 +579,26 @@ def time_shape(
                         us = bench(lambda c=config: call(c))
                         record(n, k, m, tag, name if same else f"{name}-MISMATCH", config, us,
                                fp16_m)  # fmt: skip
+    if "split" in kinds:  # (stop 20) split K summed in the kernel against fp32 atomics
+        w = weights[(n, k, "default")]
+        for m in SPLIT_BATCHES:
+            x = torch.randn(m, k, device=device, dtype=torch.float16)
+            fp16_m = bench(lambda x=x: x @ dense.T)
+            configs = split_variants(tm.default_config(w, m), m)
+            names = []
+            first = tm.dot_matmul(w, x, None, configs[0]) if configs else None
+            for config in configs:
+                out = tm.dot_matmul(w, x, None, config)
+                name = "dot-split"
+                if not torch.allclose(first, out, rtol=1e-3, atol=1e-3):
+                    name += "-MISMATCH"
+                if not torch.equal(tm.dot_matmul(w, x, None, config), out):
+                    name += "-NONDET"  # (atomics over 3+ splits add in no fixed order)
+                names.append(name)
+            for _ in range(2):  # twice, interleaved
+                for config, name in zip(configs, names, strict=True):
+                    us = bench(lambda c=config, x=x: tm.dot_matmul(w, x, None, c))
+                    record(n, k, m, "default", name, config, us, fp16_m)
     if "floor" in kinds:  # the same code bytes read by a kernel that does nothing else
         words = weights[(n, k, "none")].qweight.view(torch.int32).reshape(-1)
         out = torch.empty(triton.cdiv(words.numel(), 1024), device=device, dtype=torch.int32)
@@ -641,6 +688,27 @@ def pdl_variants(config) -> list[tm.GemvConfig | tm.DotConfig]:
     if config is None or plain_dot:
         return []
     return [replace(config, pdl=p) for p in (False, True)]
+
+
+# batch sizes of --kinds split, and its variants of a default word-plane config: K split 1-6
+# ways summed in the kernel, and by fp32 atomics (the library before stop 20) as many ways as the
+# default splits (else 2); past batch 16 also launched while x is copied (PDL is the default up
+# to 16)
+SPLIT_BATCHES = (16, 32, 64, 128)
+
+
+def split_variants(config, m: int) -> list[tm.DotConfig]:
+    if not (isinstance(config, tm.DotConfig) and config.planes and config.xt):
+        return []
+    found = [config]
+    found += [replace(config, split_k=s, reduce=True) for s in (1, 2, 3, 4, 6)]
+    found.append(replace(config, split_k=max(config.split_k, 2), reduce=False))
+    if m > tm.SMALL_BATCH:
+        found.append(replace(config, pdl=True))
+    # stages: 3 with split; without, the default's, or small_config's 4 up to batch 16
+    unsplit = config.num_stages if config.split_k == 1 else 4 if m <= tm.SMALL_BATCH else 3
+    found = [replace(c, num_stages=3 if c.split_k > 1 else unsplit) for c in found]
+    return list(dict.fromkeys(found))
 
 
 def is_gemv(configs: list) -> bool:

@@ -244,6 +244,42 @@ def test_launch_while_x_is_copied(device):
     assert tm.default_config(weight, 16).pdl and not tm.default_config(weight, 1).pdl
 
 
+def test_split_k_is_summed_in_the_kernel(device):
+    """Split K with the layer's tile counters: each tile's last program adds the partial sums in
+    split order, so every call gives the same output bit for bit (fp32 atomics past two splits
+    need not), close to the reference, and the counters are back at zero after it. Without
+    counters, or with too few for the grid, the atomics path runs and agrees."""
+    weight = random_weight(45, 296, 4, None, seed=5, device=device, slots=2)
+    assert weight.locks is not None and weight.locks.dtype == torch.int32
+    assert not weight.locks.any()
+    joined = tm.DotConfig(16, 16, 128, 3, xt=True, planes=True, packed=True, joined=True)
+    cases = (
+        (joined, 16, torch.float16),
+        (replace(joined, block_m=32, joined=False), 40, torch.float16),
+        (tm.DotConfig(16, 16, 32, 3, xt=True), 5, torch.float32),
+        (tm.DotConfig(32, 16, 64, 4), 20, torch.bfloat16),
+    )
+    few = replace(weight, locks=torch.zeros(1, dtype=torch.int32, device=device))
+    for config, m, dtype in cases:
+        x = fresh_x(m, 296, dtype, device, seed=m)
+        bias = fresh_x(1, 45, torch.float32, device, seed=7)[0]
+        ref = reference(weight, x, bias)
+        plan = tm.dot_plan(weight, m, x.stride(0), x.stride(1), dtype, True, config)
+        assert plan.split_sum == "kernel"
+        out = plan(weight, x, bias)
+        assert_close(out, ref, dtype)
+        assert torch.equal(plan(weight, x, bias), out)
+        assert not weight.locks.any()
+        for other, config_other in (
+            (weight, replace(config, reduce=False)),
+            (replace(weight, locks=None), config),
+            (few, config),
+        ):
+            plan = tm.dot_plan(other, m, x.stride(0), x.stride(1), dtype, True, config_other)
+            assert plan.split_sum == "atomics"
+            assert_close(plan(other, x, bias), ref, dtype)
+
+
 @pytest.mark.parametrize(("bits", "group", "n", "k"), [(4, None, 45, 256), (3, 32, 20, 64)])
 def test_gemv_takes_a_few_batch_rows(bits, group, n, k, device):
     """x [M, K] -> out [M, N], one program per row block and batch row; the fp32 decode and the

@@ -84,10 +84,11 @@ def test_torch_compile_matches_eager():
 
 
 def test_outlier_table_is_derived_and_rebuilt_on_load():
-    from easyquant.nn.quant_linear import TABLE_KEYS
+    from easyquant.nn.quant_linear import LOCKS_KEY, TABLE_KEYS
 
     layer = QuantLinear(quantize_tensor(student_t(16, 64, seed=1), QuantConfig(steps=2)))
-    assert not set(TABLE_KEYS) & set(layer.state_dict())
+    assert not {*TABLE_KEYS, LOCKS_KEY} & set(layer.state_dict())
+    assert layer.split_locks.dtype == torch.int32 and not layer.split_locks.any()
     nnz = layer.outlier_values.numel()
     assert nnz and int(layer.slot_count.sum()) + layer.overflow_vals.numel() == nnz
     state = layer.state_dict()

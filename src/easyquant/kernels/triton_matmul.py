@@ -58,10 +58,12 @@ GEMV_WORD_CODES = {2: 16, 3: 32, 4: 8, 8: 4}
 SLOT_QUANTILE = 0.9
 SLOT_ALIGN = 8
 # The tensors each launch takes per call (``KernelLaunch`` slots): the input, the bias (or a
-# stand-in pointer where there is none), the output, then the layer's (``Weight.launch_args``):
-# codes as stored and as int32 words, scales and the six tensors of the outlier table.
-X, BIAS, OUT, CODES, WORDS, SCALES = (Slot(i) for i in range(6))
-TABLE = tuple(Slot(6 + i) for i in range(6))
+# stand-in pointer where there is none), the output, split K's partial sums (or a stand-in), then
+# the layer's (``Weight.launch_args``): codes as stored and as int32 words, scales, the six
+# tensors of the outlier table and split K's tile counters (or a stand-in).
+X, BIAS, OUT, PARTIALS, CODES, WORDS, SCALES = (Slot(i) for i in range(7))
+TABLE = tuple(Slot(7 + i) for i in range(6))
+LOCKS = Slot(13)
 # A matmul with everything but the layer's tensors, x ``[M, K]`` and the bias bound
 # (``matmul_plan``): it holds no tensor, so one plan serves every layer of the same layout.
 Plan = Callable[["Weight", torch.Tensor, "torch.Tensor | None"], torch.Tensor]
@@ -499,6 +501,39 @@ def _overflow_1d(x_ptr, ocol_ptr, oval_ptr, o_start, o_count, BLOCK_N: tl.conste
 
 
 @triton.jit
+def _store_tile(acc, out_ptrs, out_mask, part_ptr, lock_ptr, tile, pid_k,
+                SPLIT_K: tl.constexpr, REDUCE: tl.constexpr, BLOCK_N: tl.constexpr,
+                BLOCK_M: tl.constexpr):  # fmt: skip
+    """Store one program's ``[BLOCK_N, BLOCK_M]`` result. Split K (``SPLIT_K`` > 1) either adds
+    it with fp32 atomics into a zeroed output (in no fixed order), or (``REDUCE``) writes it to
+    its slice of the tile's partial sums and counts it in ``lock_ptr[tile]``: the tile's last
+    program to arrive adds the slices in split order (the same sum on every run), stores it in
+    the output's dtype and sets the counter back to zero for the next call. So no zeroed output
+    and no cast: two kernels fewer per call."""
+    if SPLIT_K == 1:
+        tl.store(out_ptrs, acc.to(out_ptrs.dtype.element_ty), mask=out_mask)
+    elif REDUCE:
+        TILE: tl.constexpr = BLOCK_N * BLOCK_M
+        offs = tl.arange(0, BLOCK_N)[:, None] * BLOCK_M + tl.arange(0, BLOCK_M)[None, :]
+        first = part_ptr + tile.to(tl.int64) * (SPLIT_K * TILE)
+        tl.store(first + pid_k * TILE + offs, acc)
+        # every thread's stores before the count that publishes them (the atomic releases them
+        # at GPU scope; the last program's atomic acquires the others')
+        tl.debug_barrier()
+        arrived = tl.atomic_add(lock_ptr + tile, 1, sem="acq_rel")
+        if arrived == SPLIT_K - 1:
+            tl.debug_barrier()
+            # .cg: from L2, where the other SMs' stores are (this SM's L1 may hold old lines)
+            total = tl.load(first + offs, cache_modifier=".cg")
+            for s in tl.static_range(1, SPLIT_K):
+                total += tl.load(first + s * TILE + offs, cache_modifier=".cg")
+            tl.store(out_ptrs, total.to(out_ptrs.dtype.element_ty), mask=out_mask)
+            tl.atomic_xchg(lock_ptr + tile, 0)
+    else:
+        tl.atomic_add(out_ptrs, acc, mask=out_mask)
+
+
+@triton.jit
 def _table_2d(
     x_ptr, ecol_ptr, eval_ptr, ecnt_ptr, oind_ptr, ocol_ptr, oval_ptr,
     rows, row_ok, ms, m_ok, stride_xm, stride_xk, pid_k,
@@ -724,6 +759,8 @@ def _dot_kernel(
     oval_ptr,
     bias_ptr,
     out_ptr,
+    part_ptr,  # REDUCE: fp32 partial sums [tiles, SPLIT_K, BLOCK_N * BLOCK_M]
+    lock_ptr,  # REDUCE: int32 counters per tile, zero between calls
     M,
     N,
     K: tl.constexpr,  # constexpr: the main loop's trip count must be static for the interpreter
@@ -746,6 +783,7 @@ def _dot_kernel(
     SLOT_CHUNK: tl.constexpr,
     OUT_CHUNK: tl.constexpr,
     EMULATE_BF16: tl.constexpr,
+    REDUCE: tl.constexpr = False,  # split K summed by the tile's last program (_store_tile)
 ):
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -789,10 +827,8 @@ def _dot_kernel(
         acc += tl.where(pid_k == 0, bias, 0.0)[:, None]
     out_ptrs = out_ptr + ms[None, :].to(tl.int64) * stride_om + rows[:, None]
     out_mask = row_ok[:, None] & m_ok[None, :]
-    if SPLIT_K > 1:
-        tl.atomic_add(out_ptrs, acc, mask=out_mask)
-    else:
-        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+    _store_tile(acc, out_ptrs, out_mask, part_ptr, lock_ptr, pid, pid_k, SPLIT_K, REDUCE,
+                BLOCK_N, BLOCK_M)  # fmt: skip
 
 
 @triton.jit
@@ -833,6 +869,8 @@ def _dot_planes_kernel(
     oval_ptr,
     bias_ptr,
     out_ptr,
+    part_ptr,  # REDUCE: fp32 partial sums [tiles, SPLIT_K, BLOCK_N * BLOCK_M]
+    lock_ptr,  # REDUCE: int32 counters per tile, zero between calls
     M,
     N,
     K: tl.constexpr,
@@ -858,6 +896,7 @@ def _dot_planes_kernel(
     PACKED: tl.constexpr,  # 4 bits, fp16 / bf16 x: two planes per lop3 + FMA (PTX)
     JOINED: tl.constexpr = False,  # PACKED: x is the pair-ordered copy, planes j, j + 4 one dot
     PDL: tl.constexpr = False,  # launched while x's copy runs (waits for it before any load)
+    REDUCE: tl.constexpr = False,  # split K summed by the tile's last program (_store_tile)
 ):
     """The tensor-core product one code position at a time: plane ``k`` of a step is the tile of
     columns ``k0 + PER * w + k``, multiplied with the matching (strided) rows of ``x^T``."""
@@ -925,10 +964,8 @@ def _dot_planes_kernel(
         acc += tl.where(pid_k == 0, bias, 0.0)[:, None]
     out_ptrs = out_ptr + ms[None, :].to(tl.int64) * stride_om + rows[:, None]
     out_mask = row_ok[:, None] & m_ok[None, :]
-    if SPLIT_K > 1:
-        tl.atomic_add(out_ptrs, acc, mask=out_mask)
-    else:
-        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+    _store_tile(acc, out_ptrs, out_mask, part_ptr, lock_ptr, pid, pid_k, SPLIT_K, REDUCE,
+                BLOCK_N, BLOCK_M)  # fmt: skip
 
 
 # ---- the tensor-core kernels' x: transposed and zero-padded in one pass ------------------------
@@ -1184,6 +1221,15 @@ def build_outlier_table(
     return OutlierTable(cols, vals, count, ov_indptr, ov_cols, ov_vals)
 
 
+def split_locks(n: int, device: torch.device | str) -> torch.Tensor:
+    """Zeroed tile counters for split K on a layer of ``n`` rows, one per tile of 16 rows by 16
+    batch rows up to MID_BATCH (the split configs' smallest tiles and largest batch). Each layer
+    keeps its own, as Marlin's users keep a workspace per layer: a layer run on two streams at
+    once would share them (as it would its weights' reads, but these are written)."""
+    return torch.zeros(triton.cdiv(n, 16) * triton.cdiv(MID_BATCH, 16), dtype=torch.int32,
+                       device=device)  # fmt: skip
+
+
 @dataclass(frozen=True)
 class Weight:
     """The tensors of one quantized linear layer, as the kernels take them."""
@@ -1194,8 +1240,11 @@ class Weight:
     bits: int
     group_size: int  # 0: one scale per output row
     in_features: int
+    # split K's tile counters (int32 zeros, ``split_locks``; None: split K by atomics into a
+    # zeroed output, then a cast)
+    locks: torch.Tensor | None = field(default=None, repr=False, compare=False)
     # the codes as int32 words (the codes themselves where the word view does not apply: see
-    # gemv_block_w), and the tensors every launch takes (``KernelLaunch`` slots CODES to TABLE),
+    # gemv_block_w), and the tensors every launch takes (``KernelLaunch`` slots CODES to LOCKS),
     # made once
     words: torch.Tensor = field(init=False, repr=False, compare=False)
     launch_args: tuple[torch.Tensor, ...] = field(init=False, repr=False, compare=False)
@@ -1206,7 +1255,8 @@ class Weight:
         except RuntimeError:
             words = self.qweight
         object.__setattr__(self, "words", words)
-        args = (self.qweight, words, self.scales, *self.outliers.tensors())
+        locks = self.scales if self.locks is None else self.locks  # (a stand-in pointer)
+        args = (self.qweight, words, self.scales, *self.outliers.tensors(), locks)
         object.__setattr__(self, "launch_args", args)
 
     @classmethod
@@ -1224,7 +1274,8 @@ class Weight:
         quantile: float = SLOT_QUANTILE,
     ) -> Weight:
         table = build_outlier_table(indptr, indices, values, slots, quantile)
-        return cls(qweight, scales, table, bits, group_size, in_features)
+        locks = split_locks(qweight.shape[0], qweight.device)
+        return cls(qweight, scales, table, bits, group_size, in_features, locks)
 
     @property
     def out_features(self) -> int:
@@ -1292,6 +1343,7 @@ class DotConfig:
     split_k: int = 1
     num_warps: int = 4
     num_stages: int = 3
+    reduce: bool = True  # split K summed in the kernel (needs Weight.locks; else fp32 atomics)
     xt: bool = False  # run on a transposed copy of x ([K, M]: one batch column per 32 bytes)
     planes: bool = False  # the word-plane kernel (int32 words, no interleave)
     slot_chunk: int = 8  # outlier slots per gather step (the gather is [n, chunk, m])
@@ -1393,20 +1445,25 @@ def _launch_plan(
     dtype: torch.dtype,
     split_k: int,
     prepare: Callable[[torch.Tensor], torch.Tensor],
+    partials: int = 0,
 ) -> Plan:
     """The plan around one matmul launch: x prepared (copied, padded), a new ``[m, N]`` output
-    (zeroed fp32 for split K's atomics, then cast), the first ``rows`` rows returned."""
-    accumulate = torch.float32 if split_k > 1 else dtype
-    new_out = torch.zeros if split_k > 1 else torch.empty
+    (for split K's atomics zeroed fp32, then cast; with ``partials`` > 0, split K summed in the
+    kernel: a buffer of that many fp32 partial sums), the first ``rows`` rows returned."""
+    atomics = split_k > 1 and partials == 0
+    accumulate = torch.float32 if atomics else dtype
+    new_out = torch.zeros if atomics else torch.empty
 
     def run(weight: Weight, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         out = new_out(m, n, device=x.device, dtype=accumulate)
         bias = weight.scales if bias is None else bias
-        launch(prepare(x), bias, out, *weight.launch_args)
-        if split_k > 1:
+        sums = torch.empty(partials, device=x.device, dtype=torch.float32) if partials else out
+        launch(prepare(x), bias, out, sums, *weight.launch_args)
+        if atomics:
             out = out.to(dtype)
         return out if m == rows else out[:rows]
 
+    run.split_sum = "atomics" if atomics else "kernel" if partials else None  # type: ignore[attr-defined]
     return run
 
 
@@ -1475,7 +1532,11 @@ def dot_plan(
     else:
         prepare = _as_is
     table = weight.outliers
-    grid = (triton.cdiv(n, config.block_n) * triton.cdiv(m, config.block_m), config.split_k)
+    tiles = triton.cdiv(n, config.block_n) * triton.cdiv(m, config.block_m)
+    grid = (tiles, config.split_k)
+    locks = weight.locks
+    reduce = config.split_k > 1 and config.reduce and locks is not None and tiles <= locks.numel()
+    partials = tiles * config.split_k * config.block_n * config.block_m if reduce else 0
     common = dict(
         GROUP=weight.group_size,
         BITS=weight.bits,
@@ -1489,14 +1550,15 @@ def dot_plan(
         SLOT_CHUNK=config.slot_chunk,
         OUT_CHUNK=config.out_chunk,
         EMULATE_BF16=interpreting(),
+        REDUCE=reduce,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )
     if config.planes:
         launch = KernelLaunch(
             _dot_planes_kernel, grid,
-            (X, WORDS, SCALES, *TABLE, BIAS, OUT, m, n, k, weight.words.stride(0),
-             stride_xm, stride_xk, weight.scales.stride(0), n),
+            (X, WORDS, SCALES, *TABLE, BIAS, OUT, PARTIALS, LOCKS, m, n, k,
+             weight.words.stride(0), stride_xm, stride_xk, weight.scales.stride(0), n),
             dict(BLOCK_W=block_w, EVICT=eviction(config.evict_first), PACKED=packed,
                  JOINED=joined, PDL=pdl, **_pdl_launch(pdl), **common),
         )  # fmt: skip
@@ -1504,11 +1566,11 @@ def dot_plan(
         q = weight.qweight
         launch = KernelLaunch(
             _dot_kernel, grid,
-            (X, CODES, SCALES, *TABLE, BIAS, OUT, m, n, k, q.shape[1], stride_xm,
-             stride_xk, q.stride(0), weight.scales.stride(0), n),
+            (X, CODES, SCALES, *TABLE, BIAS, OUT, PARTIALS, LOCKS, m, n, k, q.shape[1],
+             stride_xm, stride_xk, q.stride(0), weight.scales.stride(0), n),
             dict(BLOCK_K=dot_block_k(weight, config.block_k), **common),
         )  # fmt: skip
-    return _launch_plan(launch, n, rows, m, dtype, config.split_k, prepare)
+    return _launch_plan(launch, n, rows, m, dtype, config.split_k, prepare, partials)
 
 
 # The dense weight's programs (block_n, block_k, warps, stages): one row of 4096 columns each for
@@ -1560,7 +1622,7 @@ def dequantize_plan(
 
     def run(weight: Weight) -> torch.Tensor:
         out = torch.empty(rows or n, k, device=weight.qweight.device, dtype=dtype)
-        launch(None, None, out, *weight.launch_args)
+        launch(None, None, out, None, *weight.launch_args)
         return out
 
     return run
@@ -1920,13 +1982,13 @@ def _forward(
     bits: int,
     group_size: int,
     in_features: int,
+    locks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     table = OutlierTable(
         slot_cols, slot_vals, slot_count, overflow_indptr, overflow_cols, overflow_vals
     )
-    weight = Weight(
-        qweight, scales, table, bits, kernel_group(group_size, in_features), in_features
-    )
+    group = kernel_group(group_size, in_features)
+    weight = Weight(qweight, scales, table, bits, group, in_features, locks)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, in_features)
     if x2.stride(-1) != 1:
@@ -1958,6 +2020,7 @@ def layout_plan(weight: Weight, x: torch.Tensor, bias: torch.Tensor | None) -> P
         weight.group_size,
         weight.in_features,
         None if bias is None else _layout(bias),
+        None if weight.locks is None else weight.locks.numel(),
         *map(_layout, tensors),
     )
     plan = _PLANS.get(key)
@@ -1983,17 +2046,19 @@ def quant_linear_op(
     bits: int,
     group_size: int,
     in_features: int,
+    split_locks: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The fused forward as one opaque op, so that torch.compile treats it as a unit."""
+    """The fused forward as one opaque op, so that torch.compile treats it as a unit. (The
+    kernels write ``split_locks`` but leave it as they found it: all zeros.)"""
     return _forward(
         x, qweight, scales, slot_cols, slot_vals, slot_count, overflow_indptr, overflow_cols,
-        overflow_vals, bias, bits, group_size, in_features,
+        overflow_vals, bias, bits, group_size, in_features, split_locks,
     )  # fmt: skip
 
 
 @quant_linear_op.register_fake
 def _(x, qweight, scales, slot_cols, slot_vals, slot_count, overflow_indptr, overflow_cols,
-      overflow_vals, bias, bits, group_size, in_features):  # fmt: skip
+      overflow_vals, bias, bits, group_size, in_features, split_locks=None):  # fmt: skip
     return x.new_empty(*x.shape[:-1], qweight.shape[0])
 
 
@@ -2011,6 +2076,7 @@ def layer_weight(layer: torch.nn.Module) -> Weight:
         layer.bits,
         kernel_group(layer.group_size, layer.in_features),
         layer.in_features,
+        getattr(layer, "split_locks", None),
     )
 
 
@@ -2031,6 +2097,7 @@ def quant_linear_forward(layer: torch.nn.Module, x: torch.Tensor) -> torch.Tenso
             layer.bits,
             layer.group_size or 0,
             layer.in_features,
+            getattr(layer, "split_locks", None),
         )
     plans = layer.kernel_plans
     if plans is None:

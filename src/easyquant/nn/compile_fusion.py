@@ -3,8 +3,9 @@
 In eager mode and CUDA graphs a :class:`~easyquant.nn.quant_linear.FusedSlice` serves its
 siblings from the output of the last input it ran on (identity and version of the tensor). That
 cache is Python state that ``torch.compile`` cannot trace, so when compiling each slice calls the
-concatenated layer itself; the ``easyquant::quant_linear`` op is pure (no mutation, a function of
-its arguments), so the identical calls are merged again here, by a post-grad pass of Inductor
+concatenated layer itself; the ``easyquant::quant_linear`` op is pure (a function of its
+arguments; the split-K counters it writes are zero again when it returns), so the identical calls
+are merged again here, by a post-grad pass of Inductor
 (``torch._inductor.config.post_grad_custom_post_pass``), leaving one kernel launch per group.
 """
 

@@ -7,8 +7,9 @@ kernels are chosen by :meth:`set_backend` ("auto" picks them on CUDA when availa
 
 For the fused kernels each layer also keeps a copy of its outliers in the kernels' layout (fixed
 slots per row plus a CSR overflow: ``easyquant.kernels.triton_matmul.build_outlier_table``), built
-at construction and again after ``load_state_dict``. These buffers are not persistent: the
-checkpoint holds only the CSR form.
+at construction and again after ``load_state_dict``, and split K's tile counters
+(``split_locks``, zeros between calls). These buffers are not persistent: the checkpoint holds
+only the CSR form.
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ TABLE_KEYS = (
     "overflow_cols",
     "overflow_vals",
 )
+# Non-persistent too: split K's tile counters for the fused kernels (see split_locks).
+LOCKS_KEY = "split_locks"
 
 
 class QuantLinear(nn.Module):
@@ -88,16 +91,18 @@ class QuantLinear(nn.Module):
         slots per row; None picks them from the rows' outlier counts). Layers the fused kernels
         do not run, and layers still on the meta device, keep none."""
         if not self.fused_supported or self.outlier_indptr.is_meta:
-            for key in TABLE_KEYS:
+            for key in (*TABLE_KEYS, LOCKS_KEY):
                 self._buffers.pop(key, None)
             return
-        from easyquant.kernels.triton_matmul import build_outlier_table
+        from easyquant.kernels.triton_matmul import build_outlier_table, split_locks
 
         table = build_outlier_table(
             self.outlier_indptr, self.outlier_indices, self.outlier_values, slots
         )
         for key, tensor in zip(TABLE_KEYS, table.tensors(), strict=True):
             self.register_buffer(key, tensor, persistent=False)
+        locks = split_locks(self.out_features, self.outlier_indptr.device)
+        self.register_buffer(LOCKS_KEY, locks, persistent=False)
 
     def outlier_table(self) -> tuple[torch.Tensor, ...]:
         """The kernel-side outlier tensors, in ``TABLE_KEYS`` order."""
