@@ -468,10 +468,15 @@ def test_default_configs_fit_and_run(device):
         assert isinstance(config, tm.DotConfig) and config.block_m > 16 and config.planes
     assert tm.mid_config(4096, 4096, 32).block_m == 16
     assert tm.mid_config(11008, 4096, 32).block_m == 32
-    # few row blocks, long K: K split over programs (here, and below on a real call)
+    # few row blocks: K split over programs (here, and below on a real call), 4 ways up to batch
+    # 16 (64 for a long K), then 2
     assert tm.mid_config(4096, 11008, 64).split_k == 4
     assert tm.mid_config(4096, 11008, 128).split_k == 2
+    assert tm.small_config(4096, 4096, 16, 4).split_k == 4
+    assert [tm.mid_config(4096, 4096, m).split_k for m in (32, 64, 128)] == [2, 2, 2]
+    assert [tm.mid_config(4096, 4096, m).block_m for m in (32, 64, 128)] == [16, 32, 64]
     assert tm.mid_config(11008, 4096, 64).split_k == 1
+    assert tm.long_k_split(4096, 2048, 16) == 1  # (a short K: nothing to split)
     assert tm.mid_config(11008, 4096, 64).block_m == 32
     assert tm.mid_config(14336, 4096, 64).block_m == 64
     assert tm.mid_config(14336, 4096, 32).block_m == 32
@@ -482,6 +487,11 @@ def test_default_configs_fit_and_run(device):
         x = fresh_x(m, 8192, torch.float16, device, seed=m)
         assert_close(tm.matmul(long_k, x, None), reference(long_k, x, None), torch.float16)
     assert tm.default_config(weight, tm.MID_BATCH + 1) is None
+    # launched while x is copied up to batch 16, and past it on layers of more than 4096 rows
+    # (where the device has programmatic dependent launch: dot_plan checks)
+    assert tm.default_config(weight, 16).pdl and not tm.default_config(weight, 40).pdl
+    many = random_weight(4104, 64, 4, None, seed=2, device="cpu")
+    assert tm.default_config(many, 40).pdl
     x = fresh_x(40, 256, torch.float16, device, seed=40)
     assert_close(tm.matmul(weight, x, None), reference(weight, x, None), torch.float16)
 

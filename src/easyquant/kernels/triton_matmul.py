@@ -1703,15 +1703,19 @@ def gemv_config(n: int, k: int, bits: int) -> GemvConfig:
 
 
 def long_k_split(n: int, k: int, m: int) -> int:
-    """K splits for the tensor-core kernels on layers of few row blocks and a long K (fp32
-    atomics into a zeroed output, then a cast): 4096x11008 (Llama's down projection) has 64 row
-    blocks of 64 for 132 SMs, and on the H100 split K (with ``mid_config``'s tiles) took it from
-    49.7 to 32.7 us at batch 16, 52.4 to 38.5 at 32, 61.8 to 48.5 at 64 and 80.2 to 74.4 at 128
-    (4 splits, 2 at 128; stop 15, results/…-2026-11-23-explore-split.json). Other layers: 1 (no
-    gain there)."""
-    if n > 4096 or k < 8192:
+    """K splits for the tensor-core kernels on layers of few row blocks (at most 4096 rows, K at
+    least 4096), summed in the kernel (``_store_tile``). 4096x11008 (Llama's down projection) has
+    64 row blocks of 64 for 132 SMs; on the H100 with 0.5% outliers (stop 20,
+    results/…-2026-11-23-explore-split-f9c221c.json) it took 38.3 / 54.0 / 62.7 / 66.6 us unsplit
+    at batch 16 / 32 / 64 / 128 and 25.4 / 31.1 / 36.4 us with 4 splits, 53.4 with 2 at 128
+    (fp32 atomics, as before: 28.4 with 6 splits, 37.3 / 46.0 with 4, 64.6 with 2); 4096x4096
+    19.4 / 23.8 / 26.6 / 31.5 unsplit, 15.7 with 4 splits at 16 (fp16: 22.5), 20.7 / 23.0 / 29.1
+    with 2 past it. Layers of more rows: 1 (as fast or slower split, but for isolated cases)."""
+    if n > 4096 or k < 4096:
         return 1
-    return 4 if m <= 64 else 2
+    if k >= 8192:
+        return 4 if m <= 64 else 2
+    return 4 if m <= SMALL_BATCH else 2
 
 
 def small_config(n: int, k: int, m: int, bits: int) -> DotConfig:
@@ -1738,17 +1742,18 @@ def mid_config(n: int, k: int, m: int) -> DotConfig:
     tiles of 32 up to 64 rows and of 64 beyond (the H100's best at 32-128 on most shapes,
     …-explore-mid.json);
     layers of at most 4096 rows keep 16-wide tiles up to 32 rows (10-14% faster there: with few
-    row blocks, more programs), unless a long K is split over programs (``long_k_split``); layers
-    of more than 12288 rows take 64-wide tiles past 32 rows (at batch 64 on the H100 14336x4096
+    row blocks, more programs), unless K is long (at least 8192) and split over programs
+    (``long_k_split``); layers of more than 12288 rows take 64-wide tiles past 32 rows (at batch 64 on the H100 14336x4096
     56.6 -> 44.1 us, 53746x14336 452.6 -> 396.5; 11008-22016 rows tie: stop 13's
     …-explore-mid.json and stop 15's …-explore-split.json agree)."""
-    split = long_k_split(n, k, m)
-    if m > 64 or (m > 32 and (split > 1 or n > 12288)):
+    long_k = n <= 4096 and k >= 8192
+    if m > 64 or (m > 32 and (long_k or n > 12288)):
         block_m = 64
-    elif m <= 32 and n <= 4096 and split == 1:
+    elif m <= 32 and n <= 4096 and not long_k:
         block_m = 16
     else:
         block_m = 32
+    split = long_k_split(n, k, m)
     return DotConfig(64, block_m, 256, split, xt=True, planes=True, packed=True, joined=True)
 
 
@@ -1821,12 +1826,16 @@ def gemv_rows(n: int, k: int, device: torch.device) -> int:
 
 def default_config(weight: Weight, m: int) -> GemvConfig | DotConfig | None:
     """The kernel configuration ``matmul`` runs for batch ``m`` (None: dequantize + cuBLAS). Up to
-    batch 16 the tensor-core kernel starts while x is copied (programmatic dependent launch,
-    where the device has it): on the H100 6-9% faster per call on the mid shapes and 2% in
-    compiled decode at batch 16; the GEMV does not, as it made batch-1 decode 3% slower (stop
-    19, results/…-2026-11-23-explore-pdl-dd4c057.json, …-decode-pdl-dd4c057.json)."""
+    batch 16, and past it on layers of more than 4096 rows, the tensor-core kernel starts while
+    x is copied (programmatic dependent launch, where the device has it): on the H100 6-9% faster
+    per call on the mid shapes and 2% in compiled decode at batch 16 (stop 19,
+    results/…-2026-11-23-explore-pdl-dd4c057.json, …-decode-pdl-dd4c057.json); at batch 32-128
+    1-3 us faster on 11008-22016 rows in 11 of 12 cases and within 1% either way on 53746x14336,
+    but 1-5 us slower on 4096x4096 in both runs that timed it (stop 20,
+    …-explore-split-f9c221c.json). The GEMV does not, as it made batch-1 decode 3% slower."""
     config = _default_config(weight, m)
-    if m <= SMALL_BATCH and isinstance(config, DotConfig):
+    many_rows = weight.out_features > 4096
+    if isinstance(config, DotConfig) and (m <= SMALL_BATCH or many_rows):
         return replace(config, pdl=True)
     return config
 
