@@ -1743,9 +1743,9 @@ def mid_config(n: int, k: int, m: int) -> DotConfig:
     …-explore-mid.json);
     layers of at most 4096 rows keep 16-wide tiles up to 32 rows (10-14% faster there: with few
     row blocks, more programs), unless K is long (at least 8192) and split over programs
-    (``long_k_split``); layers of more than 12288 rows take 64-wide tiles past 32 rows (at batch 64 on the H100 14336x4096
-    56.6 -> 44.1 us, 53746x14336 452.6 -> 396.5; 11008-22016 rows tie: stop 13's
-    …-explore-mid.json and stop 15's …-explore-split.json agree)."""
+    (``long_k_split``); layers of more than 12288 rows take 64-wide tiles past 32 rows (at
+    batch 64 on the H100 14336x4096 56.6 -> 44.1 us, 53746x14336 452.6 -> 396.5; 11008-22016
+    rows tie: stop 13's …-explore-mid.json and stop 15's …-explore-split.json agree)."""
     long_k = n <= 4096 and k >= 8192
     if m > 64 or (m > 32 and (long_k or n > 12288)):
         block_m = 64
@@ -1815,12 +1815,14 @@ def measured_config(
 def gemv_rows(n: int, k: int, device: torch.device) -> int:
     """The largest batch the GEMV takes (one pass over the codes per batch row, the later ones
     mostly from L2) before the tensor-core kernel is faster: measured per shape where the config
-    table has it, else from the H100's (stop 13: 4096-row layers kept the codes in L2 longest)."""
+    table has it, else from the H100's (stop 13: 4096-row layers kept the codes in L2 longest;
+    stop 20: where their K is split, the tensor-core kernel is faster from 4 rows on 4096x4096
+    and from 2 on 4096x11008, results/…-2026-11-23-explore-rows-ae0f050.json)."""
     found = measured_rows(n, k, device)
     if found is not None:
         return found
     if n <= 4096:
-        return 6 if k <= 4096 else 4
+        return 6 if k < 4096 else 3 if k < 8192 else 1
     return 2 if n * k <= 16384 * 4096 else 1
 
 
