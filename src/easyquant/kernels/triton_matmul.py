@@ -1817,13 +1817,14 @@ def gemv_rows(n: int, k: int, device: torch.device) -> int:
     mostly from L2) before the tensor-core kernel is faster: measured per shape where the config
     table has it, else from the H100's (stop 13: 4096-row layers kept the codes in L2 longest;
     stop 20: where their K is split, the tensor-core kernel is faster from 4 rows on 4096x4096
-    and from 2 on 4096x11008, results/…-2026-11-23-explore-rows-ae0f050.json)."""
+    and from 2 on 4096x11008, results/…-2026-11-23-explore-rows-ae0f050.json; launched while x
+    is copied, from 2 rows on 11008-22016x4096, …-explore-rows-4836490.json)."""
     found = measured_rows(n, k, device)
     if found is not None:
         return found
     if n <= 4096:
         return 6 if k < 4096 else 3 if k < 8192 else 1
-    return 2 if n * k <= 16384 * 4096 else 1
+    return 1
 
 
 def default_config(weight: Weight, m: int) -> GemvConfig | DotConfig | None:
