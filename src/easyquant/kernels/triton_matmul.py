@@ -1603,9 +1603,10 @@ def dequantize_plan(
     dtype: torch.dtype,
     rows: int | None = None,
     program: tuple[int, int, int, int] | tuple[()] = (),
-) -> Callable[[Weight], torch.Tensor]:
+) -> Callable[..., torch.Tensor]:
     """``dequantize`` with these arguments (``program``: block_n, block_k, warps, stages), as a
-    call that writes a new dense weight (of any weight of this one's layout)."""
+    call that writes a new dense weight (of any weight of this one's layout), or into ``out``
+    (contiguous, at least N rows of K)."""
     block_n, block_k, num_warps, num_stages = program or (
         DENSE_GROUPED if weight.group_size else DENSE_PER_ROW
     )
@@ -1620,8 +1621,17 @@ def dequantize_plan(
              BLOCK_K=block_k, OUT_CHUNK=8, num_warps=num_warps, num_stages=num_stages),
     )  # fmt: skip
 
-    def run(weight: Weight) -> torch.Tensor:
-        out = torch.empty(rows or n, k, device=weight.qweight.device, dtype=dtype)
+    def run(weight: Weight, out: torch.Tensor | None = None) -> torch.Tensor:
+        if out is None:
+            out = torch.empty(rows or n, k, device=weight.qweight.device, dtype=dtype)
+        elif (
+            out.dtype != dtype
+            or out.shape[0] < n
+            or out.shape[1:] != (k,)
+            or out.stride(1) != 1
+            or out.stride(0) != k
+        ):
+            raise ValueError(f"out must be a contiguous {dtype} buffer of at least [{n}, {k}]")
         launch(None, None, out, None, *weight.launch_args)
         return out
 
