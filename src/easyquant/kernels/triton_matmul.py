@@ -1224,8 +1224,9 @@ def build_outlier_table(
 def split_locks(n: int, device: torch.device | str) -> torch.Tensor:
     """Zeroed tile counters for split K on a layer of ``n`` rows, one per tile of 16 rows by 16
     batch rows up to MID_BATCH (the split configs' smallest tiles and largest batch). Each layer
-    keeps its own, as Marlin's users keep a workspace per layer: a layer run on two streams at
-    once would share them (as it would its weights' reads, but these are written)."""
+    keeps its own, as Marlin's users keep a workspace per layer. The kernels leave them at zero,
+    but a layer run on two CUDA streams at the same time would count both calls' programs in
+    them and give wrong sums: run one layer on one stream at a time."""
     return torch.zeros(triton.cdiv(n, 16) * triton.cdiv(MID_BATCH, 16), dtype=torch.int32,
                        device=device)  # fmt: skip
 
