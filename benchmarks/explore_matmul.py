@@ -24,6 +24,7 @@ time-slice with the timed ones (run 1 of the notes lost its numbers that way). W
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import multiprocessing as mp
 import os
@@ -573,12 +574,9 @@ def time_shape(
                 outs = [call(c) for c in configs]
                 # split K over 3+ programs adds in no fixed order: compare with a tolerance there
                 same = all(torch.allclose(outs[0], o, rtol=1e-3, atol=1e-3) for o in outs[1:])
-                name = "gemv-pdl" if run else "dot-pdl"
-                for _ in range(2):  # twice, interleaved: the differences are a few percent
-                    for config in configs:
-                        us = bench(lambda c=config: call(c))
-                        record(n, k, m, tag, name if same else f"{name}-MISMATCH", config, us,
-                               fp16_m)  # fmt: skip
+                name = ("gemv-pdl" if run else "dot-pdl") + ("" if same else "-MISMATCH")
+                timed = [(c, name, functools.partial(call, c)) for c in configs]
+                time_interleaved(timed, record, n, k, m, tag, fp16_m)
     if "split" in kinds:  # (stop 20) split K summed in the kernel against fp32 atomics
         w = weights[(n, k, "default")]
         for m in SPLIT_BATCHES:
@@ -595,10 +593,9 @@ def time_shape(
                 if not torch.equal(tm.dot_matmul(w, x, None, config), out):
                     name += "-NONDET"  # (atomics over 3+ splits add in no fixed order)
                 names.append(name)
-            for _ in range(2):  # twice, interleaved
-                for config, name in zip(configs, names, strict=True):
-                    us = bench(lambda c=config, x=x: tm.dot_matmul(w, x, None, c))
-                    record(n, k, m, "default", name, config, us, fp16_m)
+            timed = [(c, name, functools.partial(tm.dot_matmul, w, x, None, c))
+                     for c, name in zip(configs, names, strict=True)]  # fmt: skip
+            time_interleaved(timed, record, n, k, m, "default", fp16_m)
     if "floor" in kinds:  # the same code bytes read by a kernel that does nothing else
         words = weights[(n, k, "none")].qweight.view(torch.int32).reshape(-1)
         out = torch.empty(triton.cdiv(words.numel(), 1024), device=device, dtype=torch.int32)
@@ -639,6 +636,14 @@ def time_shape(
                     record(n, k, m, "default", "dequant+cublas", config, us, fp16_m)
         us = bench(lambda: tm.dequant_matmul(base, xs[1024], None))
         record(n, k, 1024, "default", "dequant+cublas", None, us, fp16[1024])
+
+
+def time_interleaved(timed: list[tuple], record, n, k, m, tag: str, fp16_us: float) -> None:
+    """Each (config, name, call) timed twice, the rounds interleaved (the differences compared
+    are a few percent), and recorded for this shape, batch and outlier tag."""
+    for _ in range(2):
+        for config, name, call in timed:
+            record(n, k, m, tag, name, config, bench(call), fp16_us)
 
 
 # batch sizes of --kinds batches

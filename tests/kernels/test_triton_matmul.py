@@ -223,10 +223,10 @@ def test_packed_word_plane_kernel_matches_reference(group, n, k, device):
 def test_launch_while_x_is_copied(device):
     """Programmatic dependent launch (sm_90: each kernel starts before the one ahead of it ends
     and waits for its writes before its first load) gives the plain launch's output bit for bit:
-    the GEMV, and the word-plane kernel after x's copy, with split K (two splits: fp32 atomics
-    in either order give the same sum) and a padded batch; without it (the interpreter, GPUs
-    before sm_90) the same config is a plain launch. The defaults take it for the word-plane
-    kernel up to batch 16, not for the GEMV."""
+    the GEMV (split K by fp32 atomics: with two splits either order gives the same sum), and
+    the word-plane kernel after x's copy, with split K and a padded batch; without it (the
+    interpreter, GPUs before sm_90) the same config is a plain launch. The defaults take it for
+    the word-plane kernel up to batch 16, not for the GEMV."""
     weight = random_weight(45, 296, 4, None, seed=3, device=device, slots=2)
     joined = tm.DotConfig(16, 16, 128, xt=True, planes=True, packed=True, joined=True)
     for config, m in ((joined, 16), (replace(joined, block_m=32, split_k=2, joined=False), 40)):

@@ -1713,6 +1713,12 @@ def gemv_config(n: int, k: int, bits: int) -> GemvConfig:
     return GemvConfig(block_n=16, block_w=128, num_warps=2, num_stages=3)
 
 
+def long_k(n: int, k: int) -> bool:
+    """Few row blocks and a long K (Llama's down projection): split four ways up to batch 64 and
+    with 64-wide batch tiles past 32 rows (``long_k_split``, ``mid_config``)."""
+    return n <= 4096 and k >= 8192
+
+
 def long_k_split(n: int, k: int, m: int) -> int:
     """K splits for the tensor-core kernels on layers of few row blocks (at most 4096 rows, K at
     least 4096), summed in the kernel (``_store_tile``). 4096x11008 (Llama's down projection) has
@@ -1724,7 +1730,7 @@ def long_k_split(n: int, k: int, m: int) -> int:
     with 2 past it. Layers of more rows: 1 (as fast or slower split, but for isolated cases)."""
     if n > 4096 or k < 4096:
         return 1
-    if k >= 8192:
+    if long_k(n, k):
         return 4 if m <= 64 else 2
     return 4 if m <= SMALL_BATCH else 2
 
@@ -1757,10 +1763,9 @@ def mid_config(n: int, k: int, m: int) -> DotConfig:
     (``long_k_split``); layers of more than 12288 rows take 64-wide tiles past 32 rows (at
     batch 64 on the H100 14336x4096 56.6 -> 44.1 us, 53746x14336 452.6 -> 396.5; 11008-22016
     rows tie: stop 13's …-explore-mid.json and stop 15's …-explore-split.json agree)."""
-    long_k = n <= 4096 and k >= 8192
-    if m > 64 or (m > 32 and (long_k or n > 12288)):
+    if m > 64 or (m > 32 and (long_k(n, k) or n > 12288)):
         block_m = 64
-    elif m <= 32 and n <= 4096 and not long_k:
+    elif m <= 32 and n <= 4096 and not long_k(n, k):
         block_m = 16
     else:
         block_m = 32

@@ -88,8 +88,9 @@ class QuantLinear(nn.Module):
 
     def build_outlier_table(self, slots: int | None = None) -> None:
         """(Re)build the kernels' copy of the outliers from the CSR buffers (``slots``: fixed
-        slots per row; None picks them from the rows' outlier counts). Layers the fused kernels
-        do not run, and layers still on the meta device, keep none."""
+        slots per row; None picks them from the rows' outlier counts), and zeroed split-K
+        counters. Layers the fused kernels do not run, and layers still on the meta device, keep
+        neither."""
         if not self.fused_supported or self.outlier_indptr.is_meta:
             for key in (*TABLE_KEYS, LOCKS_KEY):
                 self._buffers.pop(key, None)
