@@ -51,7 +51,8 @@ SHAPES = [
 ]
 G, D = tm.GemvConfig, tm.DotConfig
 SWEEP = "stop12"  # --sweep
-KINDS = ("gemv", "dot", "dequant", "floor", "rows", "mid", "batches", "transpose", "pdl", "split")
+KINDS = ("gemv", "dot", "dequant", "floor", "rows", "mid", "batches", "transpose", "pdl", "split",
+         "slots")
 
 
 # One step per row block (stop 13): a block covers up to 512 words of each of its rows at once,
@@ -269,7 +270,8 @@ def main() -> None:
         "one Triton pass against F.pad of x^T; pdl: each default config at batch 1-128 "
         "launched plainly and with programmatic dependent launch; split: each default "
         "word-plane config at batch 16-128 with K split 1-6 ways, summed in the kernel or by "
-        "fp32 atomics); the table keeps the others' entries",
+        "fp32 atomics; slots: each default word-plane config at batch 2-128 with the outlier "
+        "slots summed after the main loop or in its steps); the table keeps the others' entries",
     )
     parser.add_argument(
         "--slot-quantile",
@@ -352,6 +354,11 @@ def main() -> None:
                 kind = "gemv" if is_gemv(configs) else "dot"
                 jobs += jobs_for(n, k, "default", m, kind, configs)
                 jobs += jobs_for(n, k, "none", m, kind, configs)
+        if "slots" in kinds:
+            for m in SLOTS_BATCHES:
+                configs = slots_variants(tm.default_config(weights[(n, k, "default")], m))
+                jobs += jobs_for(n, k, "default", m, "dot", configs)
+                jobs += jobs_for(n, k, "none", m, "dot", configs[:1])
         if "split" in kinds:
             for m in SPLIT_BATCHES:
                 configs = split_variants(tm.default_config(weights[(n, k, "default")], m), m)
@@ -387,6 +394,8 @@ def main() -> None:
         print_pdl(rows)
     if "split" in kinds:
         print_split(rows)
+    if "slots" in kinds:
+        print_slots(rows)
     print("\nbest per case (outliers at the default table; none: same config, no outliers):")
     for (shape, m), group in sorted(best_rows(rows).items()):
         print(f"  {shape} b={m}: " + "  ".join(group))
@@ -596,6 +605,24 @@ def time_shape(
             timed = [(c, name, functools.partial(tm.dot_matmul, w, x, None, c))
                      for c, name in zip(configs, names, strict=True)]  # fmt: skip
             time_interleaved(timed, record, n, k, m, "default", fp16_m)
+    if "slots" in kinds:  # (stop 21) outlier slots summed after the main loop or in its steps
+        for m in SLOTS_BATCHES:
+            x = torch.randn(m, k, device=device, dtype=torch.float16)
+            fp16_m = bench(lambda x=x: x @ dense.T)
+            w = weights[(n, k, "default")]
+            configs = slots_variants(tm.default_config(w, m))
+            if not configs:
+                continue
+            first = tm.dot_matmul(w, x, None, configs[0])
+            timed = []
+            for config in configs:
+                same = torch.allclose(first, tm.dot_matmul(w, x, None, config), 1e-2, 1e-2)
+                name = "dot-slots" + ("" if same else "-MISMATCH")
+                timed.append((config, name, functools.partial(tm.dot_matmul, w, x, None, config)))
+            none = weights[(n, k, "none")]
+            timed.append((configs[0], "dot-slots-none",
+                          functools.partial(tm.dot_matmul, none, x, None, configs[0])))  # fmt: skip
+            time_interleaved(timed, record, n, k, m, "default", fp16_m)
     if "floor" in kinds:  # the same code bytes read by a kernel that does nothing else
         words = weights[(n, k, "none")].qweight.view(torch.int32).reshape(-1)
         out = torch.empty(triton.cdiv(words.numel(), 1024), device=device, dtype=torch.int32)
@@ -714,6 +741,36 @@ def split_variants(config, m: int) -> list[tm.DotConfig]:
     unsplit = config.num_stages if config.split_k == 1 else 4 if m <= tm.SMALL_BATCH else 3
     found = [replace(c, num_stages=3 if c.split_k > 1 else unsplit) for c in found]
     return list(dict.fromkeys(found))
+
+
+# batch sizes of --kinds slots, and its variants of a default word-plane config: the outlier
+# slots summed after the main loop (the default) or in its steps, a few slots per step
+SLOTS_BATCHES = (2, 8, 16, 32, 64, 128)
+
+
+def slots_variants(config) -> list[tm.DotConfig]:
+    if not (isinstance(config, tm.DotConfig) and config.planes):
+        return []
+    found = [config] + [replace(config, slots_in_loop=True, slot_chunk=c) for c in (2, 4, 8)]
+    return list(dict.fromkeys(found))
+
+
+def print_slots(rows: list[dict]) -> None:
+    """--kinds slots: per shape and batch, the best of the two timings of each variant."""
+    times: dict = {}
+    for r in rows:
+        if r["kind"].startswith("dot-slots"):
+            c = r["config"]
+            name = "none" if r["kind"] == "dot-slots-none" else (
+                f"in-loop/{c['slot_chunk']}" if c["slots_in_loop"] else "after")
+            name += " MISMATCH" if "MISMATCH" in r["kind"] else ""
+            key = (r["shape"], r["batch"], r["fp16_us"])
+            times.setdefault(key, {}).setdefault(name, []).append(r["us"])
+    print("\noutlier slots after the loop or in its steps, us (best of two), 0.5% outliers; "
+          "none: no outliers:")
+    for (shape, m, fp16_us), by in times.items():
+        line = "  ".join(f"{name} {min(us):.1f}" for name, us in by.items())
+        print(f"  {shape} b={m} (fp16 {fp16_us}): {line}")
 
 
 def is_gemv(configs: list) -> bool:

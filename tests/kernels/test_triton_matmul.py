@@ -220,6 +220,32 @@ def test_packed_word_plane_kernel_matches_reference(group, n, k, device):
             assert_close(out, reference(weight, x, bias), dtype)
 
 
+def test_outlier_slots_summed_in_the_main_loop(device):
+    """``slots_in_loop``: slot chunk ``i * split_k + pid_k`` is summed in main-loop step i, the
+    chunks past the loop's steps after it, the overflow after it too. The same products as the
+    slots summed after the loop, in another order: close to the reference in every case, with
+    more chunks than steps, fewer, split K, the pair-ordered x and a padded batch."""
+    joined = tm.DotConfig(16, 16, 128, xt=True, planes=True, packed=True, joined=True,
+                          slot_chunk=4, slots_in_loop=True)  # fmt: skip
+    cases = (
+        (16, joined, 16),  # 4 chunks, 3 steps: one chunk after the loop
+        (16, replace(joined, split_k=2), 16),  # 2 steps per split: every chunk in the loop
+        (4, replace(joined, block_n=32, joined=False), 5),  # 1 chunk: masked in steps 1-2
+        (3, replace(joined, slot_chunk=2, split_k=3, block_m=32), 20),  # + overflow
+    )
+    for slots, config, m in cases:
+        weight = random_weight(45, 296, 4, None, seed=slots, device=device, fraction=0.06,
+                               slots=slots)  # fmt: skip
+        assert weight.outliers.slots == slots
+        for dtype in (torch.float16, torch.bfloat16):
+            x = fresh_x(m, 296, dtype, device, seed=m)
+            bias = fresh_x(1, 45, dtype, device, seed=8)[0]
+            out = tm.dot_matmul(weight, x, bias, config)
+            assert_close(out, reference(weight, x, bias), dtype)
+            after = tm.dot_matmul(weight, x, bias, replace(config, slots_in_loop=False))
+            assert_close(out, after.to(torch.float64), dtype)
+
+
 def test_launch_while_x_is_copied(device):
     """Programmatic dependent launch (sm_90: each kernel starts before the one ahead of it ends
     and waits for its writes before its first load) gives the plain launch's output bit for bit:
