@@ -220,30 +220,30 @@ def test_packed_word_plane_kernel_matches_reference(group, n, k, device):
             assert_close(out, reference(weight, x, bias), dtype)
 
 
-def test_outlier_slots_summed_in_the_main_loop(device):
-    """``slots_in_loop``: slot chunk ``i * split_k + pid_k`` is summed in main-loop step i, the
-    chunks past the loop's steps after it, the overflow after it too. The same products as the
-    slots summed after the loop, in another order: close to the reference in every case, with
-    more chunks than steps, fewer, split K, the pair-ordered x and a padded batch."""
+def test_outlier_slot_gathers_one_chunk_ahead(device):
+    """``slot_ahead``: each slot chunk's x gather goes out one chunk ahead of its sum (the chunks
+    of split ``pid_k`` are ``pid_k``, ``pid_k + split_k``, ...): the same products as one chunk
+    at a time, close to the reference with one chunk, several, split K over more programs than
+    chunks, the pair-ordered x, overflow, both tensor-core kernels and fp32 x."""
     joined = tm.DotConfig(16, 16, 128, xt=True, planes=True, packed=True, joined=True,
-                          slot_chunk=4, slots_in_loop=True)  # fmt: skip
+                          slot_chunk=4, slot_ahead=True)  # fmt: skip
     cases = (
-        (16, joined, 16),  # 4 chunks, 3 steps: one chunk after the loop
-        (16, replace(joined, split_k=2), 16),  # 2 steps per split: every chunk in the loop
-        (4, replace(joined, block_n=32, joined=False), 5),  # 1 chunk: masked in steps 1-2
-        (3, replace(joined, slot_chunk=2, split_k=3, block_m=32), 20),  # + overflow
+        (16, joined, 16, torch.float16),  # 4 chunks
+        (16, replace(joined, split_k=3), 16, torch.bfloat16),  # 2, 1 and 1 chunks per split
+        (4, replace(joined, block_n=32, joined=False), 5, torch.float16),  # 1 chunk
+        (3, replace(joined, slot_chunk=2, split_k=3, block_m=32), 20, torch.float16),  # overflow
+        (6, tm.DotConfig(16, 16, 32, split_k=2, slot_chunk=2, slot_ahead=True), 5, torch.float32),
     )
-    for slots, config, m in cases:
+    for slots, config, m, dtype in cases:
         weight = random_weight(45, 296, 4, None, seed=slots, device=device, fraction=0.06,
                                slots=slots)  # fmt: skip
         assert weight.outliers.slots == slots
-        for dtype in (torch.float16, torch.bfloat16):
-            x = fresh_x(m, 296, dtype, device, seed=m)
-            bias = fresh_x(1, 45, dtype, device, seed=8)[0]
-            out = tm.dot_matmul(weight, x, bias, config)
-            assert_close(out, reference(weight, x, bias), dtype)
-            after = tm.dot_matmul(weight, x, bias, replace(config, slots_in_loop=False))
-            assert_close(out, after.to(torch.float64), dtype)
+        x = fresh_x(m, 296, dtype, device, seed=m)
+        bias = fresh_x(1, 45, dtype, device, seed=8)[0]
+        out = tm.dot_matmul(weight, x, bias, config)
+        assert_close(out, reference(weight, x, bias), dtype)
+        one_at_a_time = tm.dot_matmul(weight, x, bias, replace(config, slot_ahead=False))
+        assert_close(out, one_at_a_time.to(torch.float64), dtype)
 
 
 def test_launch_while_x_is_copied(device):

@@ -534,25 +534,25 @@ def _store_tile(acc, out_ptrs, out_mask, part_ptr, lock_ptr, tile, pid_k,
 
 
 @triton.jit
-def _slot_chunk_2d(xm, ecol_ptr, eval_ptr, e_cnt, rows, row_ok, m_ok, c, stride_xk,
-                   SLOTS: tl.constexpr, SLOT_CHUNK: tl.constexpr,
-                   PAIR_W: tl.constexpr):  # fmt: skip
-    """``sum_j v[n, j] * x[m, col[n, j]]`` ``[BLOCK_N, BLOCK_M]`` over slot chunk ``c`` (zero for
-    a chunk past the last: every load masked)."""
+def _slot_entries(ecol_ptr, eval_ptr, e_cnt, rows, row_ok, c, SLOTS: tl.constexpr,
+                  SLOT_CHUNK: tl.constexpr, PAIR_W: tl.constexpr):  # fmt: skip
+    """Slot chunk ``c`` of the tile's rows: columns (where x holds them), values, and which of
+    them are filled (none past the last chunk)."""
     j = c * SLOT_CHUNK + tl.arange(0, SLOT_CHUNK)
     ok = row_ok[:, None] & (j < SLOTS)[None, :]
     p = rows[:, None].to(tl.int64) * SLOTS + j[None, :]
     col = tl.load(ecol_ptr + p, mask=ok, other=0).to(tl.int32)
     if PAIR_W > 0:
         col = _pair_position(col, PAIR_W)
-    v = tl.load(eval_ptr + p, mask=ok, other=0.0).to(tl.float32)
-    g_ok = ok & (j[None, :] < e_cnt[:, None])
-    xg = tl.load(
-        xm + col[:, :, None] * stride_xk,
-        mask=g_ok[:, :, None] & m_ok[None, None, :],
-        other=0.0,
-    ).to(tl.float32)
-    return tl.sum(v[:, :, None] * xg, axis=1)
+    v = tl.load(eval_ptr + p, mask=ok, other=0.0)
+    return col, v, ok & (j[None, :] < e_cnt[:, None])
+
+
+@triton.jit
+def _gather_x(xm, col, g_ok, m_ok, stride_xk):
+    """``x[m, col[n, j]]`` ``[n, j, m]`` as stored (0 where not ``g_ok``)."""
+    return tl.load(xm + col[:, :, None] * stride_xk, mask=g_ok[:, :, None] & m_ok[None, None, :],
+                   other=0.0)  # fmt: skip
 
 
 @triton.jit
@@ -561,21 +561,43 @@ def _table_2d(
     rows, row_ok, ms, m_ok, stride_xm, stride_xk, pid_k,
     SLOTS: tl.constexpr, HAS_OVERFLOW: tl.constexpr, SPLIT_K: tl.constexpr,
     SLOT_CHUNK: tl.constexpr, OUT_CHUNK: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_M: tl.constexpr, PAIR_W: tl.constexpr = 0, FIRST_CHUNK: tl.constexpr = 0,
+    BLOCK_M: tl.constexpr, PAIR_W: tl.constexpr = 0, AHEAD: tl.constexpr = False,
 ):  # fmt: skip
     """``sum_j v[n, j] * x[m, col[n, j]]`` ``[BLOCK_N, BLOCK_M]`` over this K split's share of
-    the slots (chunk c goes to split c % SPLIT_K; chunks below ``FIRST_CHUNK`` were summed in the
-    main loop) and, in split 0, the overflow entries (``PAIR_W``: x is the pair-ordered copy)."""
+    the slots (chunk c goes to split c % SPLIT_K) and, in split 0, the overflow entries
+    (``PAIR_W``: x is the pair-ordered copy). ``AHEAD``: the next chunk's gather (and the one
+    after's entries) go out before this chunk is summed, so the chunks' L2 round trips overlap
+    instead of adding up."""
     res = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     xm = x_ptr + ms[None, None, :].to(tl.int64) * stride_xm
     CHUNKS: tl.constexpr = (SLOTS + SLOT_CHUNK - 1) // SLOT_CHUNK
-    if SLOTS > 0 and FIRST_CHUNK < CHUNKS:
+    if SLOTS > 0 and AHEAD:
+        e_cnt = tl.load(ecnt_ptr + rows, mask=row_ok, other=0)
+        col, v, g_ok = _slot_entries(ecol_ptr, eval_ptr, e_cnt, rows, row_ok, pid_k, SLOTS,
+                                     SLOT_CHUNK, PAIR_W)  # fmt: skip
+        xg = _gather_x(xm, col, g_ok, m_ok, stride_xk)
+        col, v_next, g_ok = _slot_entries(ecol_ptr, eval_ptr, e_cnt, rows, row_ok,
+                                          pid_k + SPLIT_K, SLOTS, SLOT_CHUNK, PAIR_W)  # fmt: skip
+        # chunk pid_k + t * SPLIT_K in step t (a static trip count, for the interpreter; a
+        # chunk past the last is all masked)
+        for t in range((CHUNKS + SPLIT_K - 1) // SPLIT_K):
+            xg_next = _gather_x(xm, col, g_ok, m_ok, stride_xk)
+            col, v_after, g_ok = _slot_entries(ecol_ptr, eval_ptr, e_cnt, rows, row_ok,
+                                               pid_k + (t + 2) * SPLIT_K, SLOTS, SLOT_CHUNK,
+                                               PAIR_W)  # fmt: skip
+            res += tl.sum(v.to(tl.float32)[:, :, None] * xg.to(tl.float32), axis=1)
+            v = v_next
+            xg = xg_next
+            v_next = v_after
+    elif SLOTS > 0:
         e_cnt = tl.load(ecnt_ptr + rows, mask=row_ok, other=0)
         # a run-time loop: unrolled, the chunks' gathers would all be live at once (registers)
-        for c in range(FIRST_CHUNK, CHUNKS):
+        for c in range(CHUNKS):
             if c % SPLIT_K == pid_k:
-                res += _slot_chunk_2d(xm, ecol_ptr, eval_ptr, e_cnt, rows, row_ok, m_ok, c,
-                                      stride_xk, SLOTS, SLOT_CHUNK, PAIR_W)  # fmt: skip
+                col, v, g_ok = _slot_entries(ecol_ptr, eval_ptr, e_cnt, rows, row_ok, c, SLOTS,
+                                             SLOT_CHUNK, PAIR_W)  # fmt: skip
+                xg = _gather_x(xm, col, g_ok, m_ok, stride_xk).to(tl.float32)
+                res += tl.sum(v.to(tl.float32)[:, :, None] * xg, axis=1)
     if HAS_OVERFLOW:
         o_start = tl.load(oind_ptr + rows, mask=row_ok, other=0)
         o_count = tl.load(oind_ptr + rows + 1, mask=row_ok, other=0) - o_start
@@ -795,6 +817,7 @@ def _dot_kernel(
     OUT_CHUNK: tl.constexpr,
     EMULATE_BF16: tl.constexpr,
     REDUCE: tl.constexpr = False,  # split K summed by the tile's last program (_store_tile)
+    SLOT_AHEAD: tl.constexpr = False,  # _table_2d: the slot chunks' gathers one chunk ahead
 ):
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -831,7 +854,7 @@ def _dot_kernel(
         acc += _table_2d(
             x_ptr, ecol_ptr, eval_ptr, ecnt_ptr, oind_ptr, ocol_ptr, oval_ptr,
             rows, row_ok, ms, m_ok, stride_xm, stride_xk, pid_k,
-            SLOTS, HAS_OVERFLOW, SPLIT_K, SLOT_CHUNK, OUT_CHUNK, BLOCK_N, BLOCK_M,
+            SLOTS, HAS_OVERFLOW, SPLIT_K, SLOT_CHUNK, OUT_CHUNK, BLOCK_N, BLOCK_M, 0, SLOT_AHEAD,
         )  # fmt: skip
     if HAS_BIAS:
         bias = tl.load(bias_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
@@ -908,7 +931,7 @@ def _dot_planes_kernel(
     JOINED: tl.constexpr = False,  # PACKED: x is the pair-ordered copy, planes j, j + 4 one dot
     PDL: tl.constexpr = False,  # launched while x's copy runs (waits for it before any load)
     REDUCE: tl.constexpr = False,  # split K summed by the tile's last program (_store_tile)
-    SLOTS_IN_LOOP: tl.constexpr = False,  # slot chunk i * SPLIT_K + pid_k summed in step i
+    SLOT_AHEAD: tl.constexpr = False,  # _table_2d: the slot chunks' gathers one chunk ahead
 ):
     """The tensor-core product one code position at a time: plane ``k`` of a step is the tile of
     columns ``k0 + PER * w + k``, multiplied with the matching (strided) rows of ``x^T``."""
@@ -930,22 +953,11 @@ def _dot_planes_kernel(
     qrow = q_ptr + rows[:, None].to(tl.int64) * row_words
     xrow = x_ptr + ms[None, :].to(tl.int64) * stride_xm
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-    PAIR_W: tl.constexpr = BLOCK_W if JOINED else 0
-    LOOP_SLOTS: tl.constexpr = SLOTS_IN_LOOP and SLOTS > 0
     if PDL:  # (before any load)
         gdc_wait()
-    if LOOP_SLOTS:
-        # the outlier gathers of step i go out with its code loads, so their latency hides
-        # under its dequantize and products instead of adding up after the loop
-        e_cnt = tl.load(ecnt_ptr + rows, mask=row_ok, other=0)
-        xm = x_ptr + ms[None, None, :].to(tl.int64) * stride_xm
-        slot_acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     for i in range(PER_SPLIT):
         step = pid_k * PER_SPLIT + i
         k0 = step * BLOCK_K
-        if LOOP_SLOTS:
-            slot_part = _slot_chunk_2d(xm, ecol_ptr, eval_ptr, e_cnt, rows, row_ok, m_ok,
-                                       i * SPLIT_K + pid_k, stride_xk, SLOTS, SLOT_CHUNK, PAIR_W)
         w0, w1, w2 = _load_words(qrow, row_ok, step, GROUPS, WPG, BITS, BLOCK_W, EVICT)
         part = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
         if PACKED and JOINED:  # planes j and j + 4 as one product of 2 BLOCK_W columns
@@ -972,19 +984,15 @@ def _dot_planes_kernel(
             acc += part * s.to(tl.float32)[:, None]
         else:
             acc += part
-        if LOOP_SLOTS:
-            slot_acc += slot_part
     if GROUP == 0:
         s_row = tl.load(s_ptr + rows * stride_s, mask=row_ok, other=0.0)
         acc = acc * s_row.to(tl.float32)[:, None]
-    if LOOP_SLOTS:
-        acc += slot_acc
     if SLOTS > 0 or HAS_OVERFLOW:
         acc += _table_2d(
             x_ptr, ecol_ptr, eval_ptr, ecnt_ptr, oind_ptr, ocol_ptr, oval_ptr,
             rows, row_ok, ms, m_ok, stride_xm, stride_xk, pid_k,
             SLOTS, HAS_OVERFLOW, SPLIT_K, SLOT_CHUNK, OUT_CHUNK, BLOCK_N, BLOCK_M,
-            PAIR_W, PER_SPLIT * SPLIT_K if LOOP_SLOTS else 0,
+            BLOCK_W if JOINED else 0, SLOT_AHEAD,
         )  # fmt: skip
     if HAS_BIAS:
         bias = tl.load(bias_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
@@ -1380,7 +1388,7 @@ class DotConfig:
     packed: bool = False  # word-plane kernel, 4 bits, fp16 / bf16 x: planes decoded in pairs
     joined: bool = False  # packed, xt: each pair of planes one product, x copied in pair order
     pdl: bool = False  # planes, xt, sm_90: launched while x is copied (waits for it in-kernel)
-    slots_in_loop: bool = False  # planes: outlier slot chunks summed in the main loop's steps
+    slot_ahead: bool = False  # outlier slots: the next chunk's gather issued before this one's sum
 
 
 def _slots_p2(table: OutlierTable) -> int:
@@ -1580,6 +1588,7 @@ def dot_plan(
         OUT_CHUNK=config.out_chunk,
         EMULATE_BF16=interpreting(),
         REDUCE=reduce,
+        SLOT_AHEAD=config.slot_ahead,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )
@@ -1589,8 +1598,7 @@ def dot_plan(
             (X, WORDS, SCALES, *TABLE, BIAS, OUT, PARTIALS, LOCKS, m, n, k,
              weight.words.stride(0), stride_xm, stride_xk, weight.scales.stride(0), n),
             dict(BLOCK_W=block_w, EVICT=eviction(config.evict_first), PACKED=packed,
-                 JOINED=joined, PDL=pdl, SLOTS_IN_LOOP=config.slots_in_loop,
-                 **_pdl_launch(pdl), **common),
+                 JOINED=joined, PDL=pdl, **_pdl_launch(pdl), **common),
         )  # fmt: skip
     else:
         q = weight.qweight
