@@ -97,7 +97,8 @@ def compile_planes(
         K=4096, GROUP=0, BITS=4, ACT=act, HAS_BIAS=False, SLOTS=32, HAS_OVERFLOW=True,
         BLOCK_N=block_n, BLOCK_M=16, BLOCK_W=block_k // 8, SPLIT_K=split, SLOT_CHUNK=8,
         OUT_CHUNK=8, EMULATE_BF16=False, EVICT="", PACKED=packed, JOINED=joined, PDL=pdl,
-        REDUCE=split > 1,
+        REDUCE=split > 1, SLOT_UNMASKED=os.environ.get("UNMASKED") == "1",
+        SLOT_HALF=os.environ.get("HALF") == "1",
     )  # fmt: skip
     divisible = [*pointers, "M", "N", "row_words", "stride_xk", "stride_om"]  # M: 16 rows
     return build(fn, signature, constants, divisible, warps, stages, launch_pdl=pdl)

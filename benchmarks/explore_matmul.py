@@ -271,8 +271,7 @@ def main() -> None:
         "launched plainly and with programmatic dependent launch; split: each default "
         "word-plane config at batch 16-128 with K split 1-6 ways, summed in the kernel or by "
         "fp32 atomics; slots: each default word-plane config at batch 2-128 with the outlier "
-        "slot chunks' gathers one chunk ahead or one at a time); the table keeps the others' "
-        "entries",
+        "slots' loads unmasked and / or summed in fp16); the table keeps the others' entries",
     )
     parser.add_argument(
         "--slot-quantile",
@@ -606,7 +605,7 @@ def time_shape(
             timed = [(c, name, functools.partial(tm.dot_matmul, w, x, None, c))
                      for c, name in zip(configs, names, strict=True)]  # fmt: skip
             time_interleaved(timed, record, n, k, m, "default", fp16_m)
-    if "slots" in kinds:  # (stop 21) outlier slot gathers one chunk ahead, or one at a time
+    if "slots" in kinds:  # (stop 21) the outlier slots' sums with fewer instructions
         for m in SLOTS_BATCHES:
             x = torch.randn(m, k, device=device, dtype=torch.float16)
             fp16_m = bench(lambda x=x: x @ dense.T)
@@ -745,17 +744,19 @@ def split_variants(config, m: int) -> list[tm.DotConfig]:
 
 
 # batch sizes of --kinds slots, and its variants of a default word-plane config: the outlier
-# slot chunks' gathers one chunk ahead of their sums, or (the default) one chunk at a time; 4-16
-# slots per chunk. (A first run at d533809 summed a chunk in each main-loop step instead: slower
-# in every case, e.g. 11008x4096 batch 16 28.1-32.3 against 24.9 us; removed.)
+# slots' loads without masks and / or each chunk's products summed in fp16, 8 or 16 slots per
+# chunk. (Stop 21's first runs, both slower or even: a chunk summed in each main-loop step,
+# d533809, e.g. 11008x4096 batch 16 28.1-32.3 against 24.9 us; the next chunk's gather issued
+# before this chunk's sum, dc41986, 25.1 against 24.4 us.)
 SLOTS_BATCHES = (2, 8, 16, 32, 64, 128)
 
 
 def slots_variants(config) -> list[tm.DotConfig]:
     if not (isinstance(config, tm.DotConfig) and config.planes):
         return []
-    found = [config] + [replace(config, slot_ahead=a, slot_chunk=c)
-                        for a, c in ((True, 4), (True, 8), (True, 16), (False, 16))]  # fmt: skip
+    found = [config] + [replace(config, slot_unmasked=u, slot_half=h, slot_chunk=c)
+                        for u, h, c in ((True, False, 8), (False, True, 8), (True, True, 8),
+                                        (False, False, 16), (True, True, 16))]  # fmt: skip
     return list(dict.fromkeys(found))
 
 
@@ -766,12 +767,13 @@ def print_slots(rows: list[dict]) -> None:
         if r["kind"].startswith("dot-slots"):
             c = r["config"]
             name = "none" if r["kind"] == "dot-slots-none" else (
-                f"{'ahead' if c['slot_ahead'] else 'after'}/{c['slot_chunk']}")
+                ("unmasked " if c["slot_unmasked"] else "")
+                + ("half " if c["slot_half"] else "") + f"/{c['slot_chunk']}")
             name += " MISMATCH" if "MISMATCH" in r["kind"] else ""
             key = (r["shape"], r["batch"], r["fp16_us"])
             times.setdefault(key, {}).setdefault(name, []).append(r["us"])
-    print("\noutlier slot gathers one chunk ahead or one at a time (after), /slots per chunk, "
-          "us (best of two), 0.5% outliers; none: no outliers:")
+    print("\noutlier slots: loads unmasked, chunks summed in half, /slots per chunk; us (best "
+          "of two), 0.5% outliers; none: no outliers:")
     for (shape, m, fp16_us), by in times.items():
         line = "  ".join(f"{name} {min(us):.1f}" for name, us in by.items())
         print(f"  {shape} b={m} (fp16 {fp16_us}): {line}")

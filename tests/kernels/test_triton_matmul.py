@@ -220,30 +220,34 @@ def test_packed_word_plane_kernel_matches_reference(group, n, k, device):
             assert_close(out, reference(weight, x, bias), dtype)
 
 
-def test_outlier_slot_gathers_one_chunk_ahead(device):
-    """``slot_ahead``: each slot chunk's x gather goes out one chunk ahead of its sum (the chunks
-    of split ``pid_k`` are ``pid_k``, ``pid_k + split_k``, ...): the same products as one chunk
-    at a time, close to the reference with one chunk, several, split K over more programs than
-    chunks, the pair-ordered x, overflow, both tensor-core kernels and fp32 x."""
+def test_outlier_slots_unmasked_and_summed_in_half(device):
+    """``slot_unmasked`` (x the padded copy, slots a multiple of the chunk): the slots' loads
+    take no masks, so rows past N read row N - 1 and empty slots add 0 * x[m, 0]; ``slot_half``
+    (fp16 x): each chunk of products summed in fp16. Close to the reference and to the masked
+    fp32 sums with empty slots, a partial last row tile, split K, overflow and a padded batch;
+    a config they do not apply to (slots not a multiple, bf16 / fp32 x, x not copied) runs the
+    masked fp32 sums."""
     joined = tm.DotConfig(16, 16, 128, xt=True, planes=True, packed=True, joined=True,
-                          slot_chunk=4, slot_ahead=True)  # fmt: skip
+                          slot_chunk=4, slot_unmasked=True, slot_half=True)  # fmt: skip
     cases = (
-        (16, joined, 16, torch.float16),  # 4 chunks
-        (16, replace(joined, split_k=3), 16, torch.bfloat16),  # 2, 1 and 1 chunks per split
-        (4, replace(joined, block_n=32, joined=False), 5, torch.float16),  # 1 chunk
-        (3, replace(joined, slot_chunk=2, split_k=3, block_m=32), 20, torch.float16),  # overflow
-        (6, tm.DotConfig(16, 16, 32, split_k=2, slot_chunk=2, slot_ahead=True), 5, torch.float32),
+        (24, joined, 16, torch.float16),  # 6 chunks, empty slots in most rows
+        (8, replace(joined, split_k=3, block_n=32), 5, torch.float16),  # 2 chunks, split, overflow
+        (8, replace(joined, joined=False, slot_half=False), 20, torch.float16),  # unmasked only
+        (8, replace(joined, slot_unmasked=False), 16, torch.float16),  # half only
+        (6, joined, 16, torch.float16),  # 6 slots, chunks of 4: masked
+        (8, joined, 16, torch.bfloat16),  # bf16: fp32 sums
+        (8, replace(joined, xt=False, joined=False), 3, torch.float32),  # x as given: masked
     )
     for slots, config, m, dtype in cases:
         weight = random_weight(45, 296, 4, None, seed=slots, device=device, fraction=0.06,
                                slots=slots)  # fmt: skip
-        assert weight.outliers.slots == slots
+        assert weight.outliers.slots == slots and bool((weight.outliers.count < slots).any())
         x = fresh_x(m, 296, dtype, device, seed=m)
         bias = fresh_x(1, 45, dtype, device, seed=8)[0]
         out = tm.dot_matmul(weight, x, bias, config)
         assert_close(out, reference(weight, x, bias), dtype)
-        one_at_a_time = tm.dot_matmul(weight, x, bias, replace(config, slot_ahead=False))
-        assert_close(out, one_at_a_time.to(torch.float64), dtype)
+        masked = replace(config, slot_unmasked=False, slot_half=False)
+        assert_close(out, tm.dot_matmul(weight, x, bias, masked).to(torch.float64), dtype)
 
 
 def test_launch_while_x_is_copied(device):

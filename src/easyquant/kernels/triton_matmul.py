@@ -534,70 +534,54 @@ def _store_tile(acc, out_ptrs, out_mask, part_ptr, lock_ptr, tile, pid_k,
 
 
 @triton.jit
-def _slot_entries(ecol_ptr, eval_ptr, e_cnt, rows, row_ok, c, SLOTS: tl.constexpr,
-                  SLOT_CHUNK: tl.constexpr, PAIR_W: tl.constexpr):  # fmt: skip
-    """Slot chunk ``c`` of the tile's rows: columns (where x holds them), values, and which of
-    them are filled (none past the last chunk)."""
-    j = c * SLOT_CHUNK + tl.arange(0, SLOT_CHUNK)
-    ok = row_ok[:, None] & (j < SLOTS)[None, :]
-    p = rows[:, None].to(tl.int64) * SLOTS + j[None, :]
-    col = tl.load(ecol_ptr + p, mask=ok, other=0).to(tl.int32)
-    if PAIR_W > 0:
-        col = _pair_position(col, PAIR_W)
-    v = tl.load(eval_ptr + p, mask=ok, other=0.0)
-    return col, v, ok & (j[None, :] < e_cnt[:, None])
-
-
-@triton.jit
-def _gather_x(xm, col, g_ok, m_ok, stride_xk):
-    """``x[m, col[n, j]]`` ``[n, j, m]`` as stored (0 where not ``g_ok``)."""
-    return tl.load(xm + col[:, :, None] * stride_xk, mask=g_ok[:, :, None] & m_ok[None, None, :],
-                   other=0.0)  # fmt: skip
-
-
-@triton.jit
 def _table_2d(
     x_ptr, ecol_ptr, eval_ptr, ecnt_ptr, oind_ptr, ocol_ptr, oval_ptr,
     rows, row_ok, ms, m_ok, stride_xm, stride_xk, pid_k,
     SLOTS: tl.constexpr, HAS_OVERFLOW: tl.constexpr, SPLIT_K: tl.constexpr,
     SLOT_CHUNK: tl.constexpr, OUT_CHUNK: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_M: tl.constexpr, PAIR_W: tl.constexpr = 0, AHEAD: tl.constexpr = False,
+    BLOCK_M: tl.constexpr, PAIR_W: tl.constexpr = 0, UNMASKED: tl.constexpr = False,
+    HALF: tl.constexpr = False, N=1,
 ):  # fmt: skip
     """``sum_j v[n, j] * x[m, col[n, j]]`` ``[BLOCK_N, BLOCK_M]`` over this K split's share of
     the slots (chunk c goes to split c % SPLIT_K) and, in split 0, the overflow entries
-    (``PAIR_W``: x is the pair-ordered copy). ``AHEAD``: the next chunk's gather (and the one
-    after's entries) go out before this chunk is summed, so the chunks' L2 round trips overlap
-    instead of adding up."""
+    (``PAIR_W``: x is the pair-ordered copy). ``UNMASKED``: the slots' loads take no masks (x is
+    the padded copy and SLOTS a multiple of SLOT_CHUNK): rows past N read row N - 1, whose sums
+    are not stored, and an empty slot (column 0, value 0) adds 0 * x[m, 0]. ``HALF``: each
+    chunk's products and their sum in x's dtype (fp16), then added in fp32."""
     res = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     xm = x_ptr + ms[None, None, :].to(tl.int64) * stride_xm
     CHUNKS: tl.constexpr = (SLOTS + SLOT_CHUNK - 1) // SLOT_CHUNK
-    if SLOTS > 0 and AHEAD:
-        e_cnt = tl.load(ecnt_ptr + rows, mask=row_ok, other=0)
-        col, v, g_ok = _slot_entries(ecol_ptr, eval_ptr, e_cnt, rows, row_ok, pid_k, SLOTS,
-                                     SLOT_CHUNK, PAIR_W)  # fmt: skip
-        xg = _gather_x(xm, col, g_ok, m_ok, stride_xk)
-        col, v_next, g_ok = _slot_entries(ecol_ptr, eval_ptr, e_cnt, rows, row_ok,
-                                          pid_k + SPLIT_K, SLOTS, SLOT_CHUNK, PAIR_W)  # fmt: skip
-        # chunk pid_k + t * SPLIT_K in step t (a static trip count, for the interpreter; a
-        # chunk past the last is all masked)
-        for t in range((CHUNKS + SPLIT_K - 1) // SPLIT_K):
-            xg_next = _gather_x(xm, col, g_ok, m_ok, stride_xk)
-            col, v_after, g_ok = _slot_entries(ecol_ptr, eval_ptr, e_cnt, rows, row_ok,
-                                               pid_k + (t + 2) * SPLIT_K, SLOTS, SLOT_CHUNK,
-                                               PAIR_W)  # fmt: skip
-            res += tl.sum(v.to(tl.float32)[:, :, None] * xg.to(tl.float32), axis=1)
-            v = v_next
-            xg = xg_next
-            v_next = v_after
-    elif SLOTS > 0:
-        e_cnt = tl.load(ecnt_ptr + rows, mask=row_ok, other=0)
+    if SLOTS > 0:
+        if UNMASKED:
+            tl.static_assert(SLOTS % SLOT_CHUNK == 0)
+            p0 = tl.minimum(rows, N - 1)[:, None].to(tl.int64) * SLOTS
+            p0 += tl.arange(0, SLOT_CHUNK)[None, :]
+        else:
+            e_cnt = tl.load(ecnt_ptr + rows, mask=row_ok, other=0)
         # a run-time loop: unrolled, the chunks' gathers would all be live at once (registers)
         for c in range(CHUNKS):
             if c % SPLIT_K == pid_k:
-                col, v, g_ok = _slot_entries(ecol_ptr, eval_ptr, e_cnt, rows, row_ok, c, SLOTS,
-                                             SLOT_CHUNK, PAIR_W)  # fmt: skip
-                xg = _gather_x(xm, col, g_ok, m_ok, stride_xk).to(tl.float32)
-                res += tl.sum(v.to(tl.float32)[:, :, None] * xg, axis=1)
+                if UNMASKED:
+                    col = tl.load(ecol_ptr + p0 + c * SLOT_CHUNK).to(tl.int32)
+                    v = tl.load(eval_ptr + p0 + c * SLOT_CHUNK)
+                else:
+                    j = c * SLOT_CHUNK + tl.arange(0, SLOT_CHUNK)
+                    ok = row_ok[:, None] & (j < SLOTS)[None, :]
+                    p = rows[:, None].to(tl.int64) * SLOTS + j[None, :]
+                    col = tl.load(ecol_ptr + p, mask=ok, other=0).to(tl.int32)
+                    v = tl.load(eval_ptr + p, mask=ok, other=0.0)
+                    g_ok = ok & (j[None, :] < e_cnt[:, None])
+                if PAIR_W > 0:
+                    col = _pair_position(col, PAIR_W)
+                if UNMASKED:
+                    xg = tl.load(xm + col[:, :, None] * stride_xk)
+                else:
+                    xg = tl.load(xm + col[:, :, None] * stride_xk,
+                                 mask=g_ok[:, :, None] & m_ok[None, None, :], other=0.0)
+                if HALF:
+                    res += tl.sum(v.to(xg.dtype)[:, :, None] * xg, axis=1).to(tl.float32)
+                else:
+                    res += tl.sum(v.to(tl.float32)[:, :, None] * xg.to(tl.float32), axis=1)
     if HAS_OVERFLOW:
         o_start = tl.load(oind_ptr + rows, mask=row_ok, other=0)
         o_count = tl.load(oind_ptr + rows + 1, mask=row_ok, other=0) - o_start
@@ -817,7 +801,6 @@ def _dot_kernel(
     OUT_CHUNK: tl.constexpr,
     EMULATE_BF16: tl.constexpr,
     REDUCE: tl.constexpr = False,  # split K summed by the tile's last program (_store_tile)
-    SLOT_AHEAD: tl.constexpr = False,  # _table_2d: the slot chunks' gathers one chunk ahead
 ):
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -854,7 +837,7 @@ def _dot_kernel(
         acc += _table_2d(
             x_ptr, ecol_ptr, eval_ptr, ecnt_ptr, oind_ptr, ocol_ptr, oval_ptr,
             rows, row_ok, ms, m_ok, stride_xm, stride_xk, pid_k,
-            SLOTS, HAS_OVERFLOW, SPLIT_K, SLOT_CHUNK, OUT_CHUNK, BLOCK_N, BLOCK_M, 0, SLOT_AHEAD,
+            SLOTS, HAS_OVERFLOW, SPLIT_K, SLOT_CHUNK, OUT_CHUNK, BLOCK_N, BLOCK_M,
         )  # fmt: skip
     if HAS_BIAS:
         bias = tl.load(bias_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
@@ -931,7 +914,8 @@ def _dot_planes_kernel(
     JOINED: tl.constexpr = False,  # PACKED: x is the pair-ordered copy, planes j, j + 4 one dot
     PDL: tl.constexpr = False,  # launched while x's copy runs (waits for it before any load)
     REDUCE: tl.constexpr = False,  # split K summed by the tile's last program (_store_tile)
-    SLOT_AHEAD: tl.constexpr = False,  # _table_2d: the slot chunks' gathers one chunk ahead
+    SLOT_UNMASKED: tl.constexpr = False,  # _table_2d: slot loads unmasked (x: the padded copy)
+    SLOT_HALF: tl.constexpr = False,  # _table_2d: each slot chunk summed in fp16
 ):
     """The tensor-core product one code position at a time: plane ``k`` of a step is the tile of
     columns ``k0 + PER * w + k``, multiplied with the matching (strided) rows of ``x^T``."""
@@ -992,7 +976,7 @@ def _dot_planes_kernel(
             x_ptr, ecol_ptr, eval_ptr, ecnt_ptr, oind_ptr, ocol_ptr, oval_ptr,
             rows, row_ok, ms, m_ok, stride_xm, stride_xk, pid_k,
             SLOTS, HAS_OVERFLOW, SPLIT_K, SLOT_CHUNK, OUT_CHUNK, BLOCK_N, BLOCK_M,
-            BLOCK_W if JOINED else 0, SLOT_AHEAD,
+            BLOCK_W if JOINED else 0, SLOT_UNMASKED, SLOT_HALF, N,
         )  # fmt: skip
     if HAS_BIAS:
         bias = tl.load(bias_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
@@ -1388,7 +1372,8 @@ class DotConfig:
     packed: bool = False  # word-plane kernel, 4 bits, fp16 / bf16 x: planes decoded in pairs
     joined: bool = False  # packed, xt: each pair of planes one product, x copied in pair order
     pdl: bool = False  # planes, xt, sm_90: launched while x is copied (waits for it in-kernel)
-    slot_ahead: bool = False  # outlier slots: the next chunk's gather issued before this one's sum
+    slot_unmasked: bool = False  # planes, xt: the outlier slots' loads without masks
+    slot_half: bool = False  # planes, fp16 x: each chunk of slot products summed in fp16
 
 
 def _slots_p2(table: OutlierTable) -> int:
@@ -1574,6 +1559,7 @@ def dot_plan(
     locks = weight.locks
     reduce = config.split_k > 1 and config.reduce and locks is not None and tiles <= locks.numel()
     partials = tiles * config.split_k * config.block_n * config.block_m if reduce else 0
+    unmasked = config.slot_unmasked and config.xt and table.slots % config.slot_chunk == 0
     common = dict(
         GROUP=weight.group_size,
         BITS=weight.bits,
@@ -1588,7 +1574,6 @@ def dot_plan(
         OUT_CHUNK=config.out_chunk,
         EMULATE_BF16=interpreting(),
         REDUCE=reduce,
-        SLOT_AHEAD=config.slot_ahead,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )
@@ -1598,7 +1583,9 @@ def dot_plan(
             (X, WORDS, SCALES, *TABLE, BIAS, OUT, PARTIALS, LOCKS, m, n, k,
              weight.words.stride(0), stride_xm, stride_xk, weight.scales.stride(0), n),
             dict(BLOCK_W=block_w, EVICT=eviction(config.evict_first), PACKED=packed,
-                 JOINED=joined, PDL=pdl, **_pdl_launch(pdl), **common),
+                 JOINED=joined, PDL=pdl, SLOT_UNMASKED=unmasked,
+                 SLOT_HALF=config.slot_half and dtype == torch.float16,
+                 **_pdl_launch(pdl), **common),
         )  # fmt: skip
     else:
         q = weight.qweight
