@@ -81,10 +81,13 @@ def compile_planes(
     joined: bool = False,
     pdl: bool = False,
     split: int = 1,
+    slot_unmasked: bool = False,
+    slot_half: bool = False,
 ):
     """The batch-16 word-plane kernel (4 bits, per-channel scales, xt), as the GEMV above;
     ``config`` is block_n,block_k,num_warps,num_stages (``joined``: x in pair order; ``pdl``:
-    launched while x is copied; ``split`` > 1: K split, summed by each tile's last program)."""
+    launched while x is copied; ``split`` > 1: K split, summed by each tile's last program;
+    ``slot_unmasked`` / ``slot_half``: the outlier slots' loads without masks / chunks in fp16)."""
     block_n, block_k, warps, stages = config
     fn = tm._dot_planes_kernel
     dtype = "*fp16" if act == 1 else "*bf16"
@@ -97,8 +100,7 @@ def compile_planes(
         K=4096, GROUP=0, BITS=4, ACT=act, HAS_BIAS=False, SLOTS=32, HAS_OVERFLOW=True,
         BLOCK_N=block_n, BLOCK_M=16, BLOCK_W=block_k // 8, SPLIT_K=split, SLOT_CHUNK=8,
         OUT_CHUNK=8, EMULATE_BF16=False, EVICT="", PACKED=packed, JOINED=joined, PDL=pdl,
-        REDUCE=split > 1, SLOT_UNMASKED=os.environ.get("UNMASKED") == "1",
-        SLOT_HALF=os.environ.get("HALF") == "1",
+        REDUCE=split > 1, SLOT_UNMASKED=slot_unmasked, SLOT_HALF=slot_half,
     )  # fmt: skip
     divisible = [*pointers, "M", "N", "row_words", "stride_xk", "stride_om"]  # M: 16 rows
     return build(fn, signature, constants, divisible, warps, stages, launch_pdl=pdl)
@@ -174,12 +176,17 @@ def main() -> None:
         "--split", type=int, default=1, help="--planes: K split this many ways, summed in-kernel"
     )
     parser.add_argument("--sass", action="store_true", help="--planes: print the whole SASS")
+    parser.add_argument("--slot-unmasked", action="store_true",
+                        help="--planes: the outlier slots' loads without masks")
+    parser.add_argument("--slot-half", action="store_true",
+                        help="--planes: each chunk of outlier slots summed in fp16")
     args = parser.parse_args()
     if args.planes:
         for text in args.config:
             config = tuple(int(v) for v in text.split(","))
             kernel = compile_planes(
-                args.packed, 2 if args.bf16 else 1, config, args.joined, args.pdl, args.split
+                args.packed, 2 if args.bf16 else 1, config, args.joined, args.pdl, args.split,
+                args.slot_unmasked, args.slot_half,
             )
             sass = cuobjdump(kernel, "-sass")
             if args.sass:

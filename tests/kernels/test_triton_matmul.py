@@ -522,6 +522,10 @@ def test_default_configs_fit_and_run(device):
     assert tm.default_config(weight, 16).pdl and not tm.default_config(weight, 40).pdl
     many = random_weight(4104, 64, 4, None, seed=2, device="cpu")
     assert tm.default_config(many, 40).pdl
+    # the word-plane kernel's outlier slots: summed in fp16, and unmasked with 16-wide tiles
+    small, mid = tm.default_config(weight, 16), tm.default_config(weight, 40)
+    assert small.slot_half and small.slot_unmasked and small.block_m == 16
+    assert mid.slot_half and not mid.slot_unmasked and mid.block_m > 16
     x = fresh_x(40, 256, torch.float16, device, seed=40)
     assert_close(tm.matmul(weight, x, None), reference(weight, x, None), torch.float16)
 

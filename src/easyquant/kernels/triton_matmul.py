@@ -1875,11 +1875,21 @@ def default_config(weight: Weight, m: int) -> GemvConfig | DotConfig | None:
     results/…-2026-11-23-explore-pdl-dd4c057.json, …-decode-pdl-dd4c057.json); at batch 32-128
     1-3 us faster on 11008-22016 rows in 11 of 12 cases and within 1% either way on 53746x14336,
     but 1-5 us slower on 4096x4096 in both runs that timed it (stop 20,
-    …-explore-split-f9c221c.json). The GEMV does not, as it made batch-1 decode 3% slower."""
+    …-explore-split-f9c221c.json). The GEMV does not, as it made batch-1 decode 3% slower.
+
+    The word-plane kernel on x's copy sums each chunk of outlier slots in fp16 (as the GEMV sums
+    each word's eight products), and with 16-wide batch tiles loads the slots without masks: on
+    the H100 with 0.5% outliers up to batch 16, 4096x4096 16.8 -> 15.7 us, 11008x4096
+    24.4-25.5 -> 23.9-24.4, 14336x4096 26.7-27.9 -> 26.0-27.2, 53746x14336 203 -> 200; past
+    it, summed in fp16 only, even to 6% faster (unmasked as well, 53746x14336 at batch 32 was 4%
+    slower) (stop 21, results/…-2026-11-23-explore-slots-1e93821.json)."""
     config = _default_config(weight, m)
-    many_rows = weight.out_features > 4096
-    if isinstance(config, DotConfig) and (m <= SMALL_BATCH or many_rows):
-        return replace(config, pdl=True)
+    if not isinstance(config, DotConfig):
+        return config
+    if config.planes and config.xt:
+        config = replace(config, slot_half=True, slot_unmasked=config.block_m <= 16)
+    if m <= SMALL_BATCH or weight.out_features > 4096:
+        config = replace(config, pdl=True)
     return config
 
 
