@@ -755,8 +755,9 @@ def slots_variants(config) -> list[tm.DotConfig]:
     if not (isinstance(config, tm.DotConfig) and config.planes):
         return []
     found = [config] + [replace(config, slot_unmasked=u, slot_half=h, slot_chunk=c)
-                        for u, h, c in ((True, False, 8), (False, True, 8), (True, True, 8),
-                                        (False, False, 16), (True, True, 16))]  # fmt: skip
+                        for u, h, c in ((False, False, 8), (True, False, 8), (False, True, 8),
+                                        (True, True, 8), (False, False, 16), (True, True, 16))
+                        ]  # fmt: skip
     return list(dict.fromkeys(found))
 
 
