@@ -523,16 +523,16 @@ def test_default_configs_fit_and_run(device):
     many = random_weight(4104, 64, 4, None, seed=2, device="cpu")
     assert tm.default_config(many, 40).pdl
     # the word-plane kernel's outlier slots: summed in fp16; unmasked with 16-wide tiles, and
-    # in chunks of 16 with 32-wide tiles where the slots are a multiple of 16
+    # in chunks of 16 with 32-wide tiles up to batch 32 where the slots are a multiple of 16
     small, mid = tm.default_config(weight, 16), tm.default_config(weight, 100)
     assert small.slot_half and small.slot_unmasked and small.block_m == 16
     assert mid.slot_half and not mid.slot_unmasked and mid.block_m == 64
-    for slots, unmasked, chunk in ((16, True, 16), (8, False, 8)):
-        layer = random_weight(40, 256, 4, None, seed=4, device=device, slots=slots)
-        config = tm.default_config(layer, 40)
+    for slots, m, unmasked, chunk in ((16, 32, True, 16), (8, 32, False, 8), (16, 40, False, 8)):
+        layer = random_weight(4104, 256, 4, None, seed=4, device=device, slots=slots)
+        config = tm.default_config(layer, m)
         assert config.block_m == 32 and (config.slot_unmasked, config.slot_chunk) == (unmasked,
                                                                                        chunk)
-        x = fresh_x(40, 256, torch.float16, device, seed=40)
+        x = fresh_x(m, 256, torch.float16, device, seed=m)
         assert_close(tm.matmul(layer, x, None), reference(layer, x, None), torch.float16)
     x = fresh_x(40, 256, torch.float16, device, seed=40)
     assert_close(tm.matmul(weight, x, None), reference(weight, x, None), torch.float16)
