@@ -523,7 +523,8 @@ def test_default_configs_fit_and_run(device):
     many = random_weight(4104, 64, 4, None, seed=2, device="cpu")
     assert tm.default_config(many, 40).pdl
     # the word-plane kernel's outlier slots: summed in fp16; unmasked with 16-wide tiles, and
-    # in chunks of 16 with 32-wide tiles up to batch 32 where the slots are a multiple of 16
+    # in chunks of 16 with 32-wide tiles up to batch 32 where the slots are a multiple of 16 (on
+    # layers of at most 14336 rows)
     small, mid = tm.default_config(weight, 16), tm.default_config(weight, 100)
     assert small.slot_half and small.slot_unmasked and small.block_m == 16
     assert mid.slot_half and not mid.slot_unmasked and mid.block_m == 64
@@ -534,6 +535,8 @@ def test_default_configs_fit_and_run(device):
                                                                                        chunk)
         x = fresh_x(m, 256, torch.float16, device, seed=m)
         assert_close(tm.matmul(layer, x, None), reference(layer, x, None), torch.float16)
+    wider = random_weight(14344, 64, 4, None, seed=4, device="cpu", slots=16)
+    assert tm.default_config(wider, 32).slot_chunk == 8
     x = fresh_x(40, 256, torch.float16, device, seed=40)
     assert_close(tm.matmul(weight, x, None), reference(weight, x, None), torch.float16)
 

@@ -1883,16 +1883,18 @@ def default_config(weight: Weight, m: int) -> GemvConfig | DotConfig | None:
     24.4-25.5 -> 23.9-24.4, 14336x4096 26.7-27.9 -> 26.0-27.2, 53746x14336 203 -> 200; past
     it, summed in fp16 only, even to 6% faster (unmasked as well, 53746x14336 at batch 32 was 4%
     slower) (stop 21, results/…-2026-11-23-explore-slots-1e93821.json). With 32-wide batch tiles
-    and slots a multiple of 16, up to batch 32, unmasked chunks of 16: at batch 32 11008x4096
-    28.6 / 29.2 against 30.6 / 29.7 us, 14336x4096 31.3 / 30.3 against 34.1 / 35.4 in two runs
-    (…-1e93821.json, …-5e6d761.json); but 11008x4096 at batch 64 (32-wide tiles too) 44.6 / 44.0
-    against 36.3 / 36.1, and chunks of 16 spill with 64-wide tiles and were slower with 16-wide
-    ones."""
+    and slots a multiple of 16, up to batch 32, on layers of at most 14336 rows, unmasked chunks
+    of 16: at batch 32 11008x4096 28.6 / 29.2 / 28.0 against 30.6 / 29.7 / 29.1 us, 14336x4096
+    31.3 / 30.3 / 30.1 against 34.1 / 35.4 / 34.0 in three runs, 12288x4096 29.2 against 31.7
+    (…-1e93821.json, …-5e6d761.json, …-9360ecc.json). Not past those: 22016x4096 at batch 32
+    48.7 against 38.3, 11008x4096 at batch 64 (32-wide tiles too) 44.0-44.6 against 35.0-36.3;
+    chunks of 16 spill with 64-wide tiles and were slower with 16-wide ones."""
     config = _default_config(weight, m)
     if not isinstance(config, DotConfig):
         return config
     if config.planes and config.xt:
-        wide = config.block_m == 32 and m <= 32 and weight.outliers.slots % 16 == 0
+        wide = (config.block_m == 32 and m <= 32 and weight.out_features <= 14336
+                and weight.outliers.slots % 16 == 0)  # fmt: skip
         config = replace(config, slot_half=True, slot_unmasked=config.block_m <= 16 or wide,
                          slot_chunk=16 if wide else config.slot_chunk)  # fmt: skip
     if m <= SMALL_BATCH or weight.out_features > 4096:
