@@ -393,9 +393,12 @@ def main() -> None:
     if "pdl" in kinds:
         print_pdl(rows)
     if "split" in kinds:
-        print_split(rows)
+        print_variants(rows, "dot-split", "split K variants, us (best of two), 0.5% outliers",
+                       split_name)  # fmt: skip
     if "slots" in kinds:
-        print_slots(rows)
+        print_variants(rows, "dot-slots", "outlier slots: loads unmasked, chunks summed in half, "
+                       "/slots per chunk; us (best of two), 0.5% outliers; none: no outliers",
+                       slots_name)  # fmt: skip
     print("\nbest per case (outliers at the default table; none: same config, no outliers):")
     for (shape, m), group in sorted(best_rows(rows).items()):
         print(f"  {shape} b={m}: " + "  ".join(group))
@@ -465,23 +468,28 @@ def print_pdl(rows: list[dict]) -> None:
         print(f"  {shape} b={m} {tag}: {best}  (fp16 {fp16_us}){flag}")
 
 
-def print_split(rows: list[dict]) -> None:
-    """--kinds split: per shape and batch, the best of the two timings of each variant."""
+def print_variants(rows: list[dict], kind: str, title: str, name_of) -> None:
+    """Per shape and batch, the best of the two timings of each variant of ``kind`` (rows whose
+    kind starts with it), named by ``name_of(row)``."""
     times: dict = {}
     for r in rows:
-        if r["kind"].startswith("dot-split"):
-            c = r["config"]
-            how = "in-kernel" if c["reduce"] else "atomics"
-            name = f"split {c['split_k']}" + (f" {how}" if c["split_k"] > 1 else "")
-            name += " pdl" if c["pdl"] else ""
+        if r["kind"].startswith(kind):
             key = (r["shape"], r["batch"], r["fp16_us"])
-            flag = " MISMATCH" if "MISMATCH" in r["kind"] else ""
-            flag += " (nondeterministic)" if "NONDET" in r["kind"] else ""
-            times.setdefault(key, {}).setdefault(name + flag, []).append(r["us"])
-    print("\nsplit K variants, us (best of two), 0.5% outliers:")
+            times.setdefault(key, {}).setdefault(name_of(r), []).append(r["us"])
+    print(f"\n{title}:")
     for (shape, m, fp16_us), by in times.items():
         line = "  ".join(f"{name} {min(us):.1f}" for name, us in by.items())
         print(f"  {shape} b={m} (fp16 {fp16_us}): {line}")
+
+
+def split_name(r: dict) -> str:
+    """--kinds split: a variant's name in print_variants."""
+    c = r["config"]
+    how = "in-kernel" if c["reduce"] else "atomics"
+    name = f"split {c['split_k']}" + (f" {how}" if c["split_k"] > 1 else "")
+    name += " pdl" if c["pdl"] else ""
+    name += " MISMATCH" if "MISMATCH" in r["kind"] else ""
+    return name + (" (nondeterministic)" if "NONDET" in r["kind"] else "")
 
 
 def best_rows(rows: list[dict]) -> dict:
@@ -761,23 +769,13 @@ def slots_variants(config) -> list[tm.DotConfig]:
     return list(dict.fromkeys(found))
 
 
-def print_slots(rows: list[dict]) -> None:
-    """--kinds slots: per shape and batch, the best of the two timings of each variant."""
-    times: dict = {}
-    for r in rows:
-        if r["kind"].startswith("dot-slots"):
-            c = r["config"]
-            name = "none" if r["kind"] == "dot-slots-none" else (
-                ("unmasked " if c["slot_unmasked"] else "")
-                + ("half " if c["slot_half"] else "") + f"/{c['slot_chunk']}")
-            name += " MISMATCH" if "MISMATCH" in r["kind"] else ""
-            key = (r["shape"], r["batch"], r["fp16_us"])
-            times.setdefault(key, {}).setdefault(name, []).append(r["us"])
-    print("\noutlier slots: loads unmasked, chunks summed in half, /slots per chunk; us (best "
-          "of two), 0.5% outliers; none: no outliers:")
-    for (shape, m, fp16_us), by in times.items():
-        line = "  ".join(f"{name} {min(us):.1f}" for name, us in by.items())
-        print(f"  {shape} b={m} (fp16 {fp16_us}): {line}")
+def slots_name(r: dict) -> str:
+    """--kinds slots: a variant's name in print_variants."""
+    c = r["config"]
+    if r["kind"] == "dot-slots-none":
+        return "none"
+    name = ("unmasked " if c["slot_unmasked"] else "") + ("half " if c["slot_half"] else "")
+    return name + f"/{c['slot_chunk']}" + (" MISMATCH" if "MISMATCH" in r["kind"] else "")
 
 
 def is_gemv(configs: list) -> bool:
