@@ -83,11 +83,14 @@ def compile_planes(
     split: int = 1,
     slot_unmasked: bool = False,
     slot_half: bool = False,
+    pair_in_place: bool = True,
+    acc_in_place: bool = True,
 ):
     """The batch-16 word-plane kernel (4 bits, per-channel scales, xt), as the GEMV above;
     ``config`` is block_n,block_k,num_warps,num_stages (``joined``: x in pair order; ``pdl``:
     launched while x is copied; ``split`` > 1: K split, summed by each tile's last program;
-    ``slot_unmasked`` / ``slot_half``: the outlier slots' loads without masks / chunks in fp16)."""
+    ``slot_unmasked`` / ``slot_half``: the outlier slots' loads without masks / chunks in fp16;
+    ``pair_in_place`` / ``acc_in_place``: DotConfig's fields of the same names)."""
     block_n, block_k, warps, stages = config
     fn = tm._dot_planes_kernel
     dtype = "*fp16" if act == 1 else "*bf16"
@@ -101,6 +104,7 @@ def compile_planes(
         BLOCK_N=block_n, BLOCK_M=16, BLOCK_W=block_k // 8, SPLIT_K=split, SLOT_CHUNK=8,
         OUT_CHUNK=8, EMULATE_BF16=False, EVICT="", PACKED=packed, JOINED=joined, PDL=pdl,
         REDUCE=split > 1, SLOT_UNMASKED=slot_unmasked, SLOT_HALF=slot_half,
+        PAIR_IN_PLACE=pair_in_place, ACC_IN_PLACE=acc_in_place,
     )  # fmt: skip
     divisible = [*pointers, "M", "N", "row_words", "stride_xk", "stride_om"]  # M: 16 rows
     return build(fn, signature, constants, divisible, warps, stages, launch_pdl=pdl)
@@ -176,6 +180,10 @@ def main() -> None:
         "--split", type=int, default=1, help="--planes: K split this many ways, summed in-kernel"
     )
     parser.add_argument("--sass", action="store_true", help="--planes: print the whole SASS")
+    parser.add_argument("--pair-shifted", action="store_true",
+                        help="--planes --packed: every plane pair shifted (before stop 22)")
+    parser.add_argument("--acc-per-step", action="store_true",
+                        help="--planes: each step's products summed apart (before stop 22)")
     parser.add_argument("--slot-unmasked", action="store_true",
                         help="--planes: the outlier slots' loads without masks")
     parser.add_argument("--slot-half", action="store_true",
@@ -186,7 +194,7 @@ def main() -> None:
             config = tuple(int(v) for v in text.split(","))
             kernel = compile_planes(
                 args.packed, 2 if args.bf16 else 1, config, args.joined, args.pdl, args.split,
-                args.slot_unmasked, args.slot_half,
+                args.slot_unmasked, args.slot_half, not args.pair_shifted, not args.acc_per_step,
             )
             sass = cuobjdump(kernel, "-sass")
             if args.sass:

@@ -52,7 +52,7 @@ SHAPES = [
 G, D = tm.GemvConfig, tm.DotConfig
 SWEEP = "stop12"  # --sweep
 KINDS = ("gemv", "dot", "dequant", "floor", "rows", "mid", "batches", "transpose", "pdl", "split",
-         "slots")
+         "slots", "loop")
 
 
 # One step per row block (stop 13): a block covers up to 512 words of each of its rows at once,
@@ -271,7 +271,9 @@ def main() -> None:
         "launched plainly and with programmatic dependent launch; split: each default "
         "word-plane config at batch 16-128 with K split 1-6 ways, summed in the kernel or by "
         "fp32 atomics; slots: each default word-plane config at batch 2-128 with the outlier "
-        "slots' loads unmasked and / or summed in fp16); the table keeps the others' entries",
+        "slots' loads unmasked and / or summed in fp16; loop: the same with the main loop's "
+        "odd planes decoded unshifted and / or its products accumulated in place); the table "
+        "keeps the others' entries",
     )
     parser.add_argument(
         "--slot-quantile",
@@ -354,9 +356,11 @@ def main() -> None:
                 kind = "gemv" if is_gemv(configs) else "dot"
                 jobs += jobs_for(n, k, "default", m, kind, configs)
                 jobs += jobs_for(n, k, "none", m, kind, configs)
-        if "slots" in kinds:
-            for m in SLOTS_BATCHES:
-                configs = slots_variants(tm.default_config(weights[(n, k, "default")], m))
+        for kind, (batches, variants, _, _) in DEFAULT_VARIANTS.items():
+            if kind not in kinds:
+                continue
+            for m in batches:
+                configs = variants(tm.default_config(weights[(n, k, "default")], m))
                 jobs += jobs_for(n, k, "default", m, "dot", configs)
                 jobs += jobs_for(n, k, "none", m, "dot", configs[:1])
         if "split" in kinds:
@@ -395,10 +399,9 @@ def main() -> None:
     if "split" in kinds:
         print_variants(rows, "dot-split", "split K variants, us (best of two), 0.5% outliers",
                        split_name)  # fmt: skip
-    if "slots" in kinds:
-        print_variants(rows, "dot-slots", "outlier slots: loads unmasked, chunks summed in half, "
-                       "/slots per chunk; us (best of two), 0.5% outliers; none: no outliers",
-                       slots_name)  # fmt: skip
+    for kind, (_, _, name_of, title) in DEFAULT_VARIANTS.items():
+        if kind in kinds:
+            print_variants(rows, f"dot-{kind}", title, name_of)
     print("\nbest per case (outliers at the default table; none: same config, no outliers):")
     for (shape, m), group in sorted(best_rows(rows).items()):
         print(f"  {shape} b={m}: " + "  ".join(group))
@@ -613,22 +616,24 @@ def time_shape(
             timed = [(c, name, functools.partial(tm.dot_matmul, w, x, None, c))
                      for c, name in zip(configs, names, strict=True)]  # fmt: skip
             time_interleaved(timed, record, n, k, m, "default", fp16_m)
-    if "slots" in kinds:  # (stop 21) the outlier slots' sums with fewer instructions
-        for m in SLOTS_BATCHES:
+    for kind, (batches, variants, _, _) in DEFAULT_VARIANTS.items():
+        if kind not in kinds:  # (stops 21-22) variants of each default word-plane config
+            continue
+        for m in batches:
             x = torch.randn(m, k, device=device, dtype=torch.float16)
             fp16_m = bench(lambda x=x: x @ dense.T)
             w = weights[(n, k, "default")]
-            configs = slots_variants(tm.default_config(w, m))
+            configs = variants(tm.default_config(w, m))
             if not configs:
                 continue
             first = tm.dot_matmul(w, x, None, configs[0])
             timed = []
             for config in configs:
                 same = torch.allclose(first, tm.dot_matmul(w, x, None, config), 1e-2, 1e-2)
-                name = "dot-slots" + ("" if same else "-MISMATCH")
+                name = f"dot-{kind}" + ("" if same else "-MISMATCH")
                 timed.append((config, name, functools.partial(tm.dot_matmul, w, x, None, config)))
             none = weights[(n, k, "none")]
-            timed.append((configs[0], "dot-slots-none",
+            timed.append((configs[0], f"dot-{kind}-none",
                           functools.partial(tm.dot_matmul, none, x, None, configs[0])))  # fmt: skip
             time_interleaved(timed, record, n, k, m, "default", fp16_m)
     if "floor" in kinds:  # the same code bytes read by a kernel that does nothing else
@@ -776,6 +781,41 @@ def slots_name(r: dict) -> str:
         return "none"
     name = ("unmasked " if c["slot_unmasked"] else "") + ("half " if c["slot_half"] else "")
     return name + f"/{c['slot_chunk']}" + (" MISMATCH" if "MISMATCH" in r["kind"] else "")
+
+
+# batch sizes of --kinds loop, and its variants of a default word-plane config: fp16's odd planes
+# decoded unshifted (one shift per word, not three) and / or the products accumulated straight
+# into the output tile (no per-step partial sum and its add).
+LOOP_BATCHES = (2, 8, 16, 32, 64, 128)
+
+
+def loop_variants(config) -> list[tm.DotConfig]:
+    if not (isinstance(config, tm.DotConfig) and config.planes):
+        return []
+    found = [config] + [replace(config, pair_in_place=p, acc_in_place=a)
+                        for p, a in ((False, False), (True, False), (False, True), (True, True))]
+    return list(dict.fromkeys(found))
+
+
+def loop_name(r: dict) -> str:
+    """--kinds loop: a variant's name in print_variants."""
+    c = r["config"]
+    if r["kind"].endswith("-none"):
+        return "none"
+    name = ("pair " if c["pair_in_place"] else "") + ("acc " if c["acc_in_place"] else "")
+    return (name or "before ") + ("MISMATCH " if "MISMATCH" in r["kind"] else "")
+
+
+# --kinds that time variants of each shape's default config: kind -> (batches, variants of a
+# config, name of a recorded row, title of the printed summary)
+DEFAULT_VARIANTS = {
+    "slots": (SLOTS_BATCHES, slots_variants, slots_name,
+              "outlier slots: loads unmasked, chunks summed in half, /slots per chunk; us (best "
+              "of two), 0.5% outliers; none: no outliers"),
+    "loop": (LOOP_BATCHES, loop_variants, loop_name,
+             "main loop: pair = odd planes unshifted, acc = products accumulated in place; us "
+             "(best of two), 0.5% outliers; none: no outliers, both"),
+}  # fmt: skip
 
 
 def is_gemv(configs: list) -> bool:

@@ -203,14 +203,17 @@ def test_pair_ordered_copy_of_x(device):
 def test_packed_word_plane_kernel_matches_reference(group, n, k, device):
     """Planes decoded in pairs (4 bits, fp16 / bf16 x): on the CPU the one-plane decode, on a GPU
     the PTX; with and without overflow and split K; each pair of planes one product against x
-    copied in pair order (``joined``), K not a whole number of steps."""
+    copied in pair order (``joined``), K not a whole number of steps; stop 21's main loop
+    (every pair shifted into place, a partial sum per step) too."""
     joined = tm.DotConfig(16, 16, 128, xt=True, planes=True, packed=True, joined=True)
     for slots, config in ((None, tm.DotConfig(16, 16, 128, planes=True, packed=True)),
                           (1, tm.DotConfig(32, 16, 128, split_k=2, xt=True, planes=True,
                                            packed=True)),
                           (None, joined), (2, replace(joined, block_n=32, split_k=3)),
                           (1, replace(joined, block_k=256)),
-                          (2, replace(joined, block_m=32, split_k=2))):  # fmt: skip
+                          (2, replace(joined, block_m=32, split_k=2)),
+                          (1, replace(joined, pair_in_place=False,
+                                      acc_in_place=False))):  # fmt: skip
         weight = random_weight(n, k, 4, group, seed=n, device=device, slots=slots)
         assert tm.fits(weight, config)
         for dtype, m in ((torch.float16, 16), (torch.bfloat16, 5), (torch.float32, 3)):
@@ -380,6 +383,27 @@ def test_packed_gemv_matches_reference(bits, group, n, k, device):
     other = random_weight(n, k, 8, group, seed=n, device=device)
     assert not tm.packed_gemv(other, torch.float16, configs[0][1])
     assert not tm.packed_gemv(weight, torch.float32, configs[0][1])
+
+
+def test_plane_pairs_decode_every_4bit_code_exactly():
+    """The word-plane kernel's pair decode, simulated bit for bit: nibbles j and j + 4 (fp16 odd
+    j: where they are, at bits 4-7 and 20-23) dropped by the lop3 mask into two 1024.0s (bf16:
+    128.0s), then one f16x2 (bf16x2) FMA, give u - 8 in both halves for every 4-bit code."""
+    import numpy as np
+
+    def value(bits: int, act: int) -> float:
+        if act == 1:
+            return float(np.array(bits, dtype=np.uint16).view(np.float16))
+        return float(np.array(bits << 16, dtype=np.uint32).view(np.float32))  # bf16: fp32's top
+
+    for act, odd in ((1, False), (1, True), (2, False)):
+        mask, magic, mul, add = tm.plane_pair_constants(act, odd)
+        for u in range(16):
+            h = ((u << (4 if odd else 0)) & mask) | magic
+            result = value(h, act) * value(mul, act) + value(add, act)  # exact in fp64
+            assert result == u - 8
+    with pytest.raises(AssertionError):
+        tm.plane_pair_constants(2, odd=True)
 
 
 def test_triple_pairs_decode_every_3bit_code_exactly():

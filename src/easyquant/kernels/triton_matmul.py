@@ -167,41 +167,60 @@ def _plane_code(w0, w1, w2, k: tl.constexpr, BITS: tl.constexpr):
 
 
 # Batch 16, 4-bit codes, fp16 / bf16 activations (``DotConfig.packed``): planes j and j + 4 of a
-# word (nibbles j and j + 4) decoded together, as the GEMV's word dot does: the word shifted right
-# by 4 j, one lop3 that drops both nibbles into the mantissas of two 1024.0s (bf16: 128.0s, 7
-# mantissa bits), one f16x2 (bf16x2) FMA that subtracts 1024 + 8 (128 + 8), exactly; the two
-# halves are the two planes.
-def _plane_pair_asm(act: int) -> str:
-    magic, one, minus = (
-        ("0x6400", "0x3C00", "0xE408") if act == 1 else ("0x4300", "0x3F80", "0xC308")
-    )
+# word (nibbles j and j + 4) decoded together, as the GEMV's word dot does: one lop3 drops both
+# nibbles into the mantissas of two 1024.0s (bf16: 128.0s, 7 mantissa bits), one f16x2 (bf16x2)
+# FMA subtracts the magic and the offset 8, exactly; the two halves are the two planes. fp16 reads
+# odd nibbles where they are (bits 4-7 and 20-23: 1024 + 16 u, times 1/16 minus 72), so a word
+# takes one shift (by 8, for planes 2 and 3) where bf16, whose 7 mantissa bits cannot hold 16 u,
+# shifts by 4 j.
+def plane_pair_constants(act: int, odd: bool = False) -> tuple[int, int, int, int]:
+    """(lop3 mask, magic, multiplier, offset) of ``_plane_pair``'s PTX, each one half of the
+    f16x2 (bf16x2) register: ``(word & mask | magic) * multiplier + offset`` is ``u - 8`` in both
+    halves; ``odd``: the nibbles at bits 4-7 and 20-23 (fp16 only)."""
+    if act == 2:  # bf16: 128.0, 1.0, -136.0
+        assert not odd, "bf16's 7 mantissa bits cannot hold 16 u"
+        return 0x000F, 0x4300, 0x3F80, 0xC308
+    if odd:  # fp16: (1024 + 16 u) / 16 - 72
+        return 0x00F0, 0x6400, 0x2C00, 0xD480
+    return 0x000F, 0x6400, 0x3C00, 0xE408  # fp16: (1024 + u) * 1 - 1032
+
+
+def _plane_pair_asm(act: int, odd: bool = False) -> str:
+    mask, magic, mul, add = (f"0x{v:04X}{v:04X}" for v in plane_pair_constants(act, odd))
     fma = "fma.rn.f16x2" if act == 1 else "fma.rn.bf16x2"
     return (  # (fma takes no immediates)
         "{ .reg .b32 h, m, c; "
-        f"mov.b32 m, {one}{one[2:]}; "
-        f"mov.b32 c, {minus}{minus[2:]}; "
-        f"lop3.b32 h, $2, 0x000F000F, {magic}{magic[2:]}, 0xEA; "
+        f"mov.b32 m, {mul}; "
+        f"mov.b32 c, {add}; "
+        f"lop3.b32 h, $2, {mask}, {magic}, 0xEA; "
         f"{fma} h, h, m, c; "
         "mov.b32 {$0, $1}, h; }"
     )
 
 
 _PAIR_F16 = tl.constexpr(_plane_pair_asm(1))
+_PAIR_F16_ODD = tl.constexpr(_plane_pair_asm(1, odd=True))
 _PAIR_BF16 = tl.constexpr(_plane_pair_asm(2))
 
 
 @triton.jit
-def _plane_pair(word, j: tl.constexpr, ACT: tl.constexpr, INTERPRET: tl.constexpr):
+def _plane_pair(word, j: tl.constexpr, ACT: tl.constexpr, INTERPRET: tl.constexpr,
+                IN_PLACE: tl.constexpr = True):
     """Planes ``j`` and ``j + 4`` (signed 4-bit codes ``u - 8``) of int32 ``word``, in the
-    activation dtype (fp16: ``ACT == 1``, bf16: 2)."""
+    activation dtype (fp16: ``ACT == 1``, bf16: 2; ``IN_PLACE``: fp16's odd planes unshifted)."""
     if INTERPRET:  # the CPU interpreter cannot run PTX: the one-plane decode, same values
         lo = _codes_to_float(_plane_code(word, word, word, j, 4), 4, ACT)
         hi = _codes_to_float(_plane_code(word, word, word, j + 4, 4), 4, ACT)
         return lo, hi
-    # (an arithmetic shift: the sign bits land above bit 19, which the lop3's mask drops)
-    elif ACT == 1:
+    # (arithmetic shifts: the sign bits land above bit 23, which the lop3's masks drop)
+    elif ACT == 1 and (j % 2 == 0 or not IN_PLACE):
         return tl.inline_asm_elementwise(
             _PAIR_F16, "=h,=h,r", [word >> (4 * j)], dtype=(tl.float16, tl.float16),
+            is_pure=True, pack=1,
+        )  # fmt: skip
+    elif ACT == 1:
+        return tl.inline_asm_elementwise(
+            _PAIR_F16_ODD, "=h,=h,r", [word >> (4 * j - 4)], dtype=(tl.float16, tl.float16),
             is_pure=True, pack=1,
         )  # fmt: skip
     else:
@@ -916,6 +935,8 @@ def _dot_planes_kernel(
     REDUCE: tl.constexpr = False,  # split K summed by the tile's last program (_store_tile)
     SLOT_UNMASKED: tl.constexpr = False,  # _table_2d: slot loads unmasked (x: the padded copy)
     SLOT_HALF: tl.constexpr = False,  # _table_2d: each slot chunk summed in fp16
+    PAIR_IN_PLACE: tl.constexpr = True,  # PACKED, fp16: odd planes decoded unshifted (_plane_pair)
+    ACC_IN_PLACE: tl.constexpr = True,  # GROUP == 0: the products accumulate straight into acc
 ):
     """The tensor-core product one code position at a time: plane ``k`` of a step is the tile of
     columns ``k0 + PER * w + k``, multiplied with the matching (strided) rows of ``x^T``."""
@@ -943,17 +964,21 @@ def _dot_planes_kernel(
         step = pid_k * PER_SPLIT + i
         k0 = step * BLOCK_K
         w0, w1, w2 = _load_words(qrow, row_ok, step, GROUPS, WPG, BITS, BLOCK_W, EVICT)
-        part = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+        if GROUP == 0 and ACC_IN_PLACE:  # one scale per row, applied at the end
+            part = acc
+        else:
+            part = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
         if PACKED and JOINED:  # planes j and j + 4 as one product of 2 BLOCK_W columns
             for j in tl.static_range(4):
-                w_lo, w_hi = _plane_pair(w0, j, ACT, EMULATE_BF16)
+                w_lo, w_hi = _plane_pair(w0, j, ACT, EMULATE_BF16, PAIR_IN_PLACE)
                 w_pair = tl.reshape(tl.join(w_lo, w_hi), [BLOCK_N, 2 * BLOCK_W])
                 q = k0 + 2 * BLOCK_W * j + tl.arange(0, 2 * BLOCK_W)
                 x_pair = tl.load(xrow + q[:, None] * stride_xk)  # (the copy is padded)
                 part = _mma(w_pair, x_pair, part, ACT, EMULATE_BF16)
         elif PACKED:  # 4 bits, fp16 / bf16: planes j and j + 4 from one lop3 + one FMA
             for j in tl.static_range(4):
-                w_lo, w_hi = _plane_pair(w0, j, ACT, EMULATE_BF16)  # (EMULATE_BF16: interpreting)
+                # (EMULATE_BF16: interpreting)
+                w_lo, w_hi = _plane_pair(w0, j, ACT, EMULATE_BF16, PAIR_IN_PLACE)
                 x_lo = _x_plane(xrow, k0 + j, m_ok, K, stride_xk, BLOCK_W, PER)
                 part = _mma(w_lo, x_lo, part, ACT, EMULATE_BF16)
                 x_hi = _x_plane(xrow, k0 + j + 4, m_ok, K, stride_xk, BLOCK_W, PER)
@@ -966,6 +991,8 @@ def _dot_planes_kernel(
         if GROUP > 0:
             s = tl.load(s_ptr + rows * stride_s + k0 // GROUP, mask=row_ok & (k0 < K), other=0.0)
             acc += part * s.to(tl.float32)[:, None]
+        elif ACC_IN_PLACE:
+            acc = part
         else:
             acc += part
     if GROUP == 0:
@@ -1374,6 +1401,8 @@ class DotConfig:
     pdl: bool = False  # planes, xt, sm_90: launched while x is copied (waits for it in-kernel)
     slot_unmasked: bool = False  # planes, xt: the outlier slots' loads without masks
     slot_half: bool = False  # planes, fp16 x: each chunk of slot products summed in fp16
+    pair_in_place: bool = True  # packed, fp16 x: planes 1-3 and 5-7 from one shift per word
+    acc_in_place: bool = True  # planes, per-channel scales: no per-step partial sum
 
 
 def _slots_p2(table: OutlierTable) -> int:
@@ -1585,6 +1614,7 @@ def dot_plan(
             dict(BLOCK_W=block_w, EVICT=eviction(config.evict_first), PACKED=packed,
                  JOINED=joined, PDL=pdl, SLOT_UNMASKED=unmasked,
                  SLOT_HALF=config.slot_half and dtype == torch.float16,
+                 PAIR_IN_PLACE=config.pair_in_place, ACC_IN_PLACE=config.acc_in_place,
                  **_pdl_launch(pdl), **common),
         )  # fmt: skip
     else:
