@@ -28,6 +28,7 @@ import functools
 import json
 import multiprocessing as mp
 import os
+import statistics
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -51,6 +52,7 @@ SHAPES = [
 ]
 G, D = tm.GemvConfig, tm.DotConfig
 SWEEP = "stop12"  # --sweep
+ROUNDS = 2  # --rounds
 KINDS = ("gemv", "dot", "dequant", "floor", "rows", "mid", "batches", "transpose", "pdl", "split",
          "slots", "loop")
 
@@ -291,6 +293,12 @@ def main() -> None:
         "--bits", type=int, choices=(2, 3, 4), default=4, help="code width of the timed weights"
     )
     parser.add_argument(
+        "--rounds", type=int, default=2, help="interleaved timings of each variant (slots, loop)"
+    )
+    parser.add_argument(
+        "--batches", type=int, nargs="+", help="batch sizes of --kinds slots / loop (theirs)"
+    )
+    parser.add_argument(
         "--sweep",
         choices=("stop12", "wide", "evict", "packed", "dequant", "split", "joined", "joined-split"),
         default="stop12",
@@ -310,6 +318,11 @@ def main() -> None:
     if args.bits != 4 and (args.write_table or args.kinds != ["gemv"]):
         parser.error(f"--bits {args.bits} times the GEMV only (--kinds gemv) and writes no table")
     tm.SLOT_QUANTILE = args.slot_quantile
+    global ROUNDS
+    ROUNDS = args.rounds
+    if args.batches:
+        for kind, (_, *rest) in DEFAULT_VARIANTS.items():
+            DEFAULT_VARIANTS[kind] = (tuple(args.batches), *rest)
     bench_kernels.FLUSH_MODE = args.flush
     from bench_kernels import copy_bandwidth, random_parts, random_weight, warm_up
 
@@ -472,8 +485,8 @@ def print_pdl(rows: list[dict]) -> None:
 
 
 def print_variants(rows: list[dict], kind: str, title: str, name_of) -> None:
-    """Per shape and batch, the best of the two timings of each variant of ``kind`` (rows whose
-    kind starts with it), named by ``name_of(row)``."""
+    """Per shape and batch, the best of the timings of each variant of ``kind`` (rows whose kind
+    starts with it), named by ``name_of(row)``; with more than two rounds, best / median."""
     times: dict = {}
     for r in rows:
         if r["kind"].startswith(kind):
@@ -481,7 +494,9 @@ def print_variants(rows: list[dict], kind: str, title: str, name_of) -> None:
             times.setdefault(key, {}).setdefault(name_of(r), []).append(r["us"])
     print(f"\n{title}:")
     for (shape, m, fp16_us), by in times.items():
-        line = "  ".join(f"{name} {min(us):.1f}" for name, us in by.items())
+        line = "  ".join(f"{name} {min(us):.1f}" + (f"/{statistics.median(us):.1f}"
+                                                        if len(us) > 2 else "")
+                         for name, us in by.items())  # fmt: skip
         print(f"  {shape} b={m} (fp16 {fp16_us}): {line}")
 
 
@@ -679,9 +694,9 @@ def time_shape(
 
 
 def time_interleaved(timed: list[tuple], record, n, k, m, tag: str, fp16_us: float) -> None:
-    """Each (config, name, call) timed twice, the rounds interleaved (the differences compared
-    are a few percent), and recorded for this shape, batch and outlier tag."""
-    for _ in range(2):
+    """Each (config, name, call) timed ROUNDS times, the rounds interleaved (the differences
+    compared are a few percent), and recorded for this shape, batch and outlier tag."""
+    for _ in range(ROUNDS):
         for config, name, call in timed:
             record(n, k, m, tag, name, config, bench(call), fp16_us)
 
@@ -793,7 +808,8 @@ def loop_variants(config) -> list[tm.DotConfig]:
     if not (isinstance(config, tm.DotConfig) and config.planes):
         return []
     found = [config] + [replace(config, pair_in_place=p, acc_in_place=a)
-                        for p, a in ((False, False), (True, False), (False, True), (True, True))]
+                        for p, a in ((False, False), (True, False), (False, True), (True, True))
+                        ]  # fmt: skip
     return list(dict.fromkeys(found))
 
 
@@ -814,7 +830,8 @@ DEFAULT_VARIANTS = {
               "of two), 0.5% outliers; none: no outliers"),
     "loop": (LOOP_BATCHES, loop_variants, loop_name,
              "main loop: pair = odd planes unshifted, acc = products accumulated in place; us "
-             "(best of two), 0.5% outliers; none: no outliers, both"),
+             "(best of the rounds / their median past two), 0.5% outliers; none: no outliers, "
+             "both"),
 }  # fmt: skip
 
 
