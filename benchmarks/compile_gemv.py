@@ -85,12 +85,16 @@ def compile_planes(
     slot_half: bool = False,
     pair_in_place: bool = True,
     acc_in_place: bool = True,
+    block_m: int = 16,
+    k: int = 4096,
+    slots: int = 32,
 ):
     """The batch-16 word-plane kernel (4 bits, per-channel scales, xt), as the GEMV above;
     ``config`` is block_n,block_k,num_warps,num_stages (``joined``: x in pair order; ``pdl``:
     launched while x is copied; ``split`` > 1: K split, summed by each tile's last program;
     ``slot_unmasked`` / ``slot_half``: the outlier slots' loads without masks / chunks in fp16;
-    ``pair_in_place`` / ``acc_in_place``: DotConfig's fields of the same names)."""
+    ``pair_in_place`` / ``acc_in_place``: DotConfig's fields of the same names; ``block_m``,
+    ``k``, ``slots``: the batch tile, K and outlier slots per row)."""
     block_n, block_k, warps, stages = config
     fn = tm._dot_planes_kernel
     dtype = "*fp16" if act == 1 else "*bf16"
@@ -100,8 +104,8 @@ def compile_planes(
                                                "stride_om"), "i32")}  # fmt: skip
     constants = dict(
         stride_xm=1,  # x^T's batch side is contiguous (xt), which the JIT specialises as 1
-        K=4096, GROUP=0, BITS=4, ACT=act, HAS_BIAS=False, SLOTS=32, HAS_OVERFLOW=True,
-        BLOCK_N=block_n, BLOCK_M=16, BLOCK_W=block_k // 8, SPLIT_K=split, SLOT_CHUNK=8,
+        K=k, GROUP=0, BITS=4, ACT=act, HAS_BIAS=False, SLOTS=slots, HAS_OVERFLOW=True,
+        BLOCK_N=block_n, BLOCK_M=block_m, BLOCK_W=block_k // 8, SPLIT_K=split, SLOT_CHUNK=8,
         OUT_CHUNK=8, EMULATE_BF16=False, EVICT="", PACKED=packed, JOINED=joined, PDL=pdl,
         REDUCE=split > 1, SLOT_UNMASKED=slot_unmasked, SLOT_HALF=slot_half,
         PAIR_IN_PLACE=pair_in_place, ACC_IN_PLACE=acc_in_place,
@@ -182,6 +186,9 @@ def main() -> None:
     parser.add_argument("--sass", action="store_true", help="--planes: print the whole SASS")
     parser.add_argument("--pair-shifted", action="store_true",
                         help="--planes --packed: every plane pair shifted (before stop 22)")
+    parser.add_argument("--block-m", type=int, default=16, help="--planes: the batch tile")
+    parser.add_argument("--k", type=int, default=4096, help="--planes: K")
+    parser.add_argument("--slots", type=int, default=32, help="--planes: outlier slots per row")
     parser.add_argument("--acc-per-step", action="store_true",
                         help="--planes: each step's products summed apart (before stop 22)")
     parser.add_argument("--slot-unmasked", action="store_true",
@@ -195,6 +202,7 @@ def main() -> None:
             kernel = compile_planes(
                 args.packed, 2 if args.bf16 else 1, config, args.joined, args.pdl, args.split,
                 args.slot_unmasked, args.slot_half, not args.pair_shifted, not args.acc_per_step,
+                args.block_m, args.k, args.slots,
             )
             sass = cuobjdump(kernel, "-sass")
             if args.sass:

@@ -1918,7 +1918,17 @@ def default_config(weight: Weight, m: int) -> GemvConfig | DotConfig | None:
     31.3 / 30.3 / 30.1 against 34.1 / 35.4 / 34.0 in three runs, 12288x4096 29.2 against 31.7
     (…-1e93821.json, …-5e6d761.json, …-9360ecc.json). Not past those: 22016x4096 at batch 32
     48.7 against 38.3, 11008x4096 at batch 64 (32-wide tiles too) 44.0-44.6 against 35.0-36.3;
-    chunks of 16 spill with 64-wide tiles and were slower with 16-wide ones."""
+    chunks of 16 spill with 64-wide tiles and were slower with 16-wide ones.
+
+    The packed word-plane kernel's products accumulate in place (no per-step partial sum) except
+    with 16-wide batch tiles and split K: on the H100 with 0.5% outliers (best of five
+    interleaved timings, us) batch 128 11008x4096 58.0 -> 55.3, 14336x4096 61.5 -> 59.0,
+    4096x11008 51.5 -> 48.4, 53746x14336 616.9 -> 605.9 (with fp16's odd planes decoded
+    unshifted, which is on everywhere: 11 % fewer instructions per step); batch 16 11008x4096
+    23.9 -> 23.3, 14336x4096 26.1 -> 25.8; but 4096x11008 at batch 2-16 (K split 4 ways)
+    24.8-25.0 -> 26.1-26.2, where the unshifted decode alone gives 24.6-24.9. Slower:
+    53746x14336 at batch 32, 251.4 -> 259.8 (either change alone alike; not explained), and at
+    2-16 by 0.6% (stop 22, results/…-2026-11-23-explore-loop-c6edb69.json)."""
     config = _default_config(weight, m)
     if not isinstance(config, DotConfig):
         return config
@@ -1927,6 +1937,9 @@ def default_config(weight: Weight, m: int) -> GemvConfig | DotConfig | None:
                 and weight.outliers.slots % 16 == 0)  # fmt: skip
         config = replace(config, slot_half=True, slot_unmasked=config.block_m <= 16 or wide,
                          slot_chunk=16 if wide else config.slot_chunk)  # fmt: skip
+    if config.planes:
+        config = replace(config, acc_in_place=config.packed
+                         and (config.block_m > 16 or config.split_k == 1))  # fmt: skip
     if m <= SMALL_BATCH or weight.out_features > 4096:
         config = replace(config, pdl=True)
     return config
