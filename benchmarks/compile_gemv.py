@@ -88,13 +88,15 @@ def compile_planes(
     block_m: int = 16,
     k: int = 4096,
     slots: int = 32,
+    pair_order: bool = True,
 ):
     """The batch-16 word-plane kernel (4 bits, per-channel scales, xt), as the GEMV above;
     ``config`` is block_n,block_k,num_warps,num_stages (``joined``: x in pair order; ``pdl``:
     launched while x is copied; ``split`` > 1: K split, summed by each tile's last program;
     ``slot_unmasked`` / ``slot_half``: the outlier slots' loads without masks / chunks in fp16;
     ``pair_in_place`` / ``acc_in_place``: DotConfig's fields of the same names; ``block_m``,
-    ``k``, ``slots``: the batch tile, K and outlier slots per row)."""
+    ``k``, ``slots``: the batch tile, K and outlier slots per row; ``pair_order``: x copied in
+    pair order, else in column order)."""
     block_n, block_k, warps, stages = config
     fn = tm._dot_planes_kernel
     dtype = "*fp16" if act == 1 else "*bf16"
@@ -108,7 +110,7 @@ def compile_planes(
         BLOCK_N=block_n, BLOCK_M=block_m, BLOCK_W=block_k // 8, SPLIT_K=split, SLOT_CHUNK=8,
         OUT_CHUNK=8, EMULATE_BF16=False, EVICT="", PACKED=packed, JOINED=joined, PDL=pdl,
         REDUCE=split > 1, SLOT_UNMASKED=slot_unmasked, SLOT_HALF=slot_half,
-        PAIR_IN_PLACE=pair_in_place, ACC_IN_PLACE=acc_in_place,
+        PAIR_IN_PLACE=pair_in_place, ACC_IN_PLACE=acc_in_place, PAIR_ORDER=pair_order,
     )  # fmt: skip
     divisible = [*pointers, "M", "N", "row_words", "stride_xk", "stride_om"]  # M: 16 rows
     return build(fn, signature, constants, divisible, warps, stages, launch_pdl=pdl)
@@ -187,6 +189,8 @@ def main() -> None:
     parser.add_argument("--pair-shifted", action="store_true",
                         help="--planes --packed: every plane pair shifted (before stop 22)")
     parser.add_argument("--block-m", type=int, default=16, help="--planes: the batch tile")
+    parser.add_argument("--column-order", action="store_true",
+                        help="--planes --joined: x copied in column order, not pair order")
     parser.add_argument("--k", type=int, default=4096, help="--planes: K")
     parser.add_argument("--slots", type=int, default=32, help="--planes: outlier slots per row")
     parser.add_argument("--acc-per-step", action="store_true",
@@ -202,7 +206,7 @@ def main() -> None:
             kernel = compile_planes(
                 args.packed, 2 if args.bf16 else 1, config, args.joined, args.pdl, args.split,
                 args.slot_unmasked, args.slot_half, not args.pair_shifted, not args.acc_per_step,
-                args.block_m, args.k, args.slots,
+                args.block_m, args.k, args.slots, not args.column_order,
             )
             sass = cuobjdump(kernel, "-sass")
             if args.sass:

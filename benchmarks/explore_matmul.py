@@ -54,7 +54,7 @@ G, D = tm.GemvConfig, tm.DotConfig
 SWEEP = "stop12"  # --sweep
 ROUNDS = 2  # --rounds
 KINDS = ("gemv", "dot", "dequant", "floor", "rows", "mid", "batches", "transpose", "pdl", "split",
-         "slots", "loop")
+         "slots", "loop", "order")
 
 
 # One step per row block (stop 13): a block covers up to 512 words of each of its rows at once,
@@ -274,8 +274,9 @@ def main() -> None:
         "word-plane config at batch 16-128 with K split 1-6 ways, summed in the kernel or by "
         "fp32 atomics; slots: each default word-plane config at batch 2-128 with the outlier "
         "slots' loads unmasked and / or summed in fp16; loop: the same with the main loop's "
-        "odd planes decoded unshifted and / or its products accumulated in place); the table "
-        "keeps the others' entries",
+        "odd planes decoded unshifted and / or its products accumulated in place; order: the "
+        "joined kernel on x copied in pair order or in column order); the table keeps the "
+        "others' entries",
     )
     parser.add_argument(
         "--slot-quantile",
@@ -822,6 +823,26 @@ def loop_name(r: dict) -> str:
     return (name or "before ") + ("MISMATCH " if "MISMATCH" in r["kind"] else "")
 
 
+# batch sizes of --kinds order, and its variants of a default joined config: x copied in pair order
+# (each pair of planes one run of the copy's rows) or in column order (every 4th row: no pair
+# position to compute for the outlier gather, a plain transpose for the copy).
+ORDER_BATCHES = (2, 8, 16, 32, 64, 128)
+
+
+def order_variants(config) -> list[tm.DotConfig]:
+    if not (isinstance(config, tm.DotConfig) and config.joined):
+        return []
+    return list(dict.fromkeys([config, replace(config, pair_order=not config.pair_order)]))
+
+
+def order_name(r: dict) -> str:
+    """--kinds order: a variant's name in print_variants."""
+    if r["kind"].endswith("-none"):
+        return "none"
+    name = "pair-order" if r["config"]["pair_order"] else "column-order"
+    return name + (" MISMATCH" if "MISMATCH" in r["kind"] else "")
+
+
 # --kinds that time variants of each shape's default config: kind -> (batches, variants of a
 # config, name of a recorded row, title of the printed summary)
 DEFAULT_VARIANTS = {
@@ -832,6 +853,9 @@ DEFAULT_VARIANTS = {
              "main loop: pair = odd planes unshifted, acc = products accumulated in place; us "
              "(best of the rounds / their median past two), 0.5% outliers; none: no outliers, "
              "both"),
+    "order": (ORDER_BATCHES, order_variants, order_name,
+              "x's copy: pair order against column order; us (best of the rounds / their median "
+              "past two), 0.5% outliers; none: no outliers, the default"),
 }  # fmt: skip
 
 

@@ -204,7 +204,7 @@ def test_packed_word_plane_kernel_matches_reference(group, n, k, device):
     """Planes decoded in pairs (4 bits, fp16 / bf16 x): on the CPU the one-plane decode, on a GPU
     the PTX; with and without overflow and split K; each pair of planes one product against x
     copied in pair order (``joined``), K not a whole number of steps; stop 21's main loop
-    (every pair shifted into place, a partial sum per step) too."""
+    (every pair shifted into place, a partial sum per step) too; x copied in column order."""
     joined = tm.DotConfig(16, 16, 128, xt=True, planes=True, packed=True, joined=True)
     for slots, config in ((None, tm.DotConfig(16, 16, 128, planes=True, packed=True)),
                           (1, tm.DotConfig(32, 16, 128, split_k=2, xt=True, planes=True,
@@ -213,7 +213,9 @@ def test_packed_word_plane_kernel_matches_reference(group, n, k, device):
                           (1, replace(joined, block_k=256)),
                           (2, replace(joined, block_m=32, split_k=2)),
                           (1, replace(joined, pair_in_place=False,
-                                      acc_in_place=False))):  # fmt: skip
+                                      acc_in_place=False)),
+                          (2, replace(joined, pair_order=False, split_k=2)),
+                          (1, replace(joined, pair_order=False, block_k=256))):  # fmt: skip
         weight = random_weight(n, k, 4, group, seed=n, device=device, slots=slots)
         assert tm.fits(weight, config)
         for dtype, m in ((torch.float16, 16), (torch.bfloat16, 5), (torch.float32, 3)):
@@ -227,7 +229,8 @@ def test_outlier_slots_unmasked_and_summed_in_half(device):
     """``slot_unmasked`` (x the padded copy, slots a multiple of the chunk): the slots' loads
     take no masks, so rows past N read row N - 1 and empty slots add 0 * x[m, 0]; ``slot_half``
     (fp16 x): each chunk of products summed in fp16. Close to the reference and to the masked
-    fp32 sums with empty slots, a partial last row tile, split K, overflow and a padded batch;
+    fp32 sums with empty slots, a partial last row tile, split K, overflow, a padded batch and x
+    copied in column order;
     a config they do not apply to (slots not a multiple, bf16 / fp32 x, x not copied) runs the
     masked fp32 sums."""
     joined = tm.DotConfig(16, 16, 128, xt=True, planes=True, packed=True, joined=True,
@@ -235,6 +238,7 @@ def test_outlier_slots_unmasked_and_summed_in_half(device):
     cases = (
         (24, joined, 16, torch.float16),  # 6 chunks, empty slots in most rows
         (8, replace(joined, split_k=3, block_n=32), 5, torch.float16),  # 2 chunks, split, overflow
+        (8, replace(joined, split_k=3, block_n=32, pair_order=False), 5, torch.float16),
         (8, replace(joined, joined=False, slot_half=False), 20, torch.float16),  # unmasked only
         (8, replace(joined, slot_unmasked=False), 16, torch.float16),  # half only
         (6, joined, 16, torch.float16),  # 6 slots, chunks of 4: masked

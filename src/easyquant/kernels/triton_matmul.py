@@ -937,6 +937,7 @@ def _dot_planes_kernel(
     SLOT_HALF: tl.constexpr = False,  # _table_2d: each slot chunk summed in fp16
     PAIR_IN_PLACE: tl.constexpr = True,  # PACKED, fp16: odd planes decoded unshifted (_plane_pair)
     ACC_IN_PLACE: tl.constexpr = True,  # GROUP == 0: the products accumulate straight into acc
+    PAIR_ORDER: tl.constexpr = True,  # JOINED: x's copy in pair order (else columns in order)
 ):
     """The tensor-core product one code position at a time: plane ``k`` of a step is the tile of
     columns ``k0 + PER * w + k``, multiplied with the matching (strided) rows of ``x^T``."""
@@ -972,7 +973,10 @@ def _dot_planes_kernel(
             for j in tl.static_range(4):
                 w_lo, w_hi = _plane_pair(w0, j, ACT, EMULATE_BF16, PAIR_IN_PLACE)
                 w_pair = tl.reshape(tl.join(w_lo, w_hi), [BLOCK_N, 2 * BLOCK_W])
-                q = k0 + 2 * BLOCK_W * j + tl.arange(0, 2 * BLOCK_W)
+                if PAIR_ORDER:  # one run of the copy's rows
+                    q = k0 + 2 * BLOCK_W * j + tl.arange(0, 2 * BLOCK_W)
+                else:  # column 2 w + h of the pair is x's column k0 + 8 w + j + 4 h
+                    q = k0 + j + 4 * tl.arange(0, 2 * BLOCK_W)
                 x_pair = tl.load(xrow + q[:, None] * stride_xk)  # (the copy is padded)
                 part = _mma(w_pair, x_pair, part, ACT, EMULATE_BF16)
         elif PACKED:  # 4 bits, fp16 / bf16: planes j and j + 4 from one lop3 + one FMA
@@ -1003,7 +1007,7 @@ def _dot_planes_kernel(
             x_ptr, ecol_ptr, eval_ptr, ecnt_ptr, oind_ptr, ocol_ptr, oval_ptr,
             rows, row_ok, ms, m_ok, stride_xm, stride_xk, pid_k,
             SLOTS, HAS_OVERFLOW, SPLIT_K, SLOT_CHUNK, OUT_CHUNK, BLOCK_N, BLOCK_M,
-            BLOCK_W if JOINED else 0, SLOT_UNMASKED, SLOT_HALF, N,
+            BLOCK_W if JOINED and PAIR_ORDER else 0, SLOT_UNMASKED, SLOT_HALF, N,
         )  # fmt: skip
     if HAS_BIAS:
         bias = tl.load(bias_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
@@ -1403,6 +1407,7 @@ class DotConfig:
     slot_half: bool = False  # planes, fp16 x: each chunk of slot products summed in fp16
     pair_in_place: bool = True  # packed, fp16 x: planes 1-3 and 5-7 from one shift per word
     acc_in_place: bool = True  # planes, per-channel scales: no per-step partial sum
+    pair_order: bool = True  # joined: x copied in pair order (False: in column order, strided)
 
 
 def _slots_p2(table: OutlierTable) -> int:
@@ -1569,7 +1574,8 @@ def dot_plan(
         pair_w, out_rows = 0, k
         if joined:  # every split's steps, padded: the kernel reads them unmasked
             per_split = triton.cdiv(triton.cdiv(triton.cdiv(k, 8), block_w), config.split_k)
-            pair_w, out_rows = block_w, per_split * config.split_k * 8 * block_w
+            pair_w = block_w if config.pair_order else 0
+            out_rows = per_split * config.split_k * 8 * block_w
         prepare = transpose_plan(
             rows, k, m, stride_xm, stride_xk, dtype, None, pair_w, out_rows, pdl
         )  # fmt: skip
@@ -1615,6 +1621,7 @@ def dot_plan(
                  JOINED=joined, PDL=pdl, SLOT_UNMASKED=unmasked,
                  SLOT_HALF=config.slot_half and dtype == torch.float16,
                  PAIR_IN_PLACE=config.pair_in_place, ACC_IN_PLACE=config.acc_in_place,
+                 PAIR_ORDER=config.pair_order,
                  **_pdl_launch(pdl), **common),
         )  # fmt: skip
     else:
