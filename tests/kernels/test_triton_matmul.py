@@ -230,9 +230,8 @@ def test_outlier_slots_unmasked_and_summed_in_half(device):
     take no masks, so rows past N read row N - 1 and empty slots add 0 * x[m, 0]; ``slot_half``
     (fp16 x): each chunk of products summed in fp16. Close to the reference and to the masked
     fp32 sums with empty slots, a partial last row tile, split K, overflow, a padded batch and x
-    copied in column order;
-    a config they do not apply to (slots not a multiple, bf16 / fp32 x, x not copied) runs the
-    masked fp32 sums."""
+    copied in column order; a config they do not apply to (slots not a multiple, bf16 / fp32 x,
+    x not copied) runs the masked fp32 sums."""
     joined = tm.DotConfig(16, 16, 128, xt=True, planes=True, packed=True, joined=True,
                           slot_chunk=4, slot_unmasked=True, slot_half=True)  # fmt: skip
     cases = (
