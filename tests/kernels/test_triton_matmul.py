@@ -564,8 +564,10 @@ def test_default_configs_fit_and_run(device):
         assert_close(tm.matmul(layer, x, None), reference(layer, x, None), torch.float16)
     wider = random_weight(14344, 64, 4, None, seed=4, device="cpu", slots=16)
     assert tm.default_config(wider, 32).slot_chunk == 8
-    # the packed kernel's products accumulate in place, but with 16-wide tiles and split K
+    # the packed kernel's products accumulate in place, but with 16-wide tiles and split K;
+    # past batch 32 the joined kernel reads x copied in column order
     assert small.packed and small.acc_in_place and mid.acc_in_place
+    assert small.pair_order and tm.default_config(weight, 32).pair_order and not mid.pair_order
     split = tm.default_config(long_k, 16)
     assert split.block_m == 16 and split.split_k > 1 and not split.acc_in_place
     x = fresh_x(40, 256, torch.float16, device, seed=40)

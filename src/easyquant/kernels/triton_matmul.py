@@ -1935,7 +1935,15 @@ def default_config(weight: Weight, m: int) -> GemvConfig | DotConfig | None:
     23.9 -> 23.3, 14336x4096 26.1 -> 25.8; but 4096x11008 at batch 2-16 (K split 4 ways)
     24.8-25.0 -> 26.1-26.2, where the unshifted decode alone gives 24.6-24.9. Slower:
     53746x14336 at batch 32, 251.4 -> 259.8 (either change alone alike; not explained), and at
-    2-16 by 0.6% (stop 22, results/…-2026-11-23-explore-loop-c6edb69.json)."""
+    2-16 by 0.6% (stop 22, results/…-2026-11-23-explore-loop-c6edb69.json).
+
+    Past batch 32 the joined kernel reads x copied in column order (every 4th row of x^T for each
+    pair of planes) instead of pair order, so the outlier gather computes no pair positions
+    (202 -> 152 instructions per chunk of 8 slots): on the H100, 0.5% outliers, best of five
+    interleaved timings, 1-4% faster on all seven measured shapes at batch 64 and 128 (11008x4096
+    at 64 35.0 -> 33.7 us, 53746x14336 at 128 595.5 -> 579.3, 22016x4096 86.5 -> 83.2); even or
+    slower at 32 (53746x14336 259.5 -> 269.6) and 11-16% slower up to 16, where a row of x^T is
+    32 bytes (11008x4096 at 16 23.4 -> 26.2; stop 22, …-explore-order-4b10a0a.json)."""
     config = _default_config(weight, m)
     if not isinstance(config, DotConfig):
         return config
@@ -1946,7 +1954,8 @@ def default_config(weight: Weight, m: int) -> GemvConfig | DotConfig | None:
                          slot_chunk=16 if wide else config.slot_chunk)  # fmt: skip
     if config.planes:
         config = replace(config, acc_in_place=config.packed
-                         and (config.block_m > 16 or config.split_k == 1))  # fmt: skip
+                         and (config.block_m > 16 or config.split_k == 1),
+                         pair_order=m <= 32)  # fmt: skip
     if m <= SMALL_BATCH or weight.out_features > 4096:
         config = replace(config, pdl=True)
     return config
