@@ -1943,7 +1943,8 @@ def default_config(weight: Weight, m: int) -> GemvConfig | DotConfig | None:
     interleaved timings, 1-4% faster on all seven measured shapes at batch 64 and 128 (11008x4096
     at 64 35.0 -> 33.7 us, 53746x14336 at 128 595.5 -> 579.3, 22016x4096 86.5 -> 83.2); even or
     slower at 32 (53746x14336 259.5 -> 269.6) and 11-16% slower up to 16, where a row of x^T is
-    32 bytes (11008x4096 at 16 23.4 -> 26.2; stop 22, …-explore-order-4b10a0a.json)."""
+    32 bytes (11008x4096 at 16 23.4 -> 26.2; stop 22, …-explore-order-4b10a0a.json). A second
+    run agreed at 40-96 but for 53746x14336 at 40-48, 3% slower (…-explore-order-f61c8a9.json)."""
     config = _default_config(weight, m)
     if not isinstance(config, DotConfig):
         return config
