@@ -294,10 +294,10 @@ def main() -> None:
         "--bits", type=int, choices=(2, 3, 4), default=4, help="code width of the timed weights"
     )
     parser.add_argument(
-        "--rounds", type=int, default=2, help="interleaved timings of each variant (slots, loop)"
+        "--rounds", type=int, default=2, help="interleaved timings of each compared variant"
     )
     parser.add_argument(
-        "--batches", type=int, nargs="+", help="batch sizes of --kinds slots / loop (theirs)"
+        "--batches", type=int, nargs="+", help="batch sizes of --kinds slots / loop / order"
     )
     parser.add_argument(
         "--sweep",
@@ -848,7 +848,7 @@ def order_name(r: dict) -> str:
 DEFAULT_VARIANTS = {
     "slots": (SLOTS_BATCHES, slots_variants, slots_name,
               "outlier slots: loads unmasked, chunks summed in half, /slots per chunk; us (best "
-              "of two), 0.5% outliers; none: no outliers"),
+              "of the rounds / their median past two), 0.5% outliers; none: no outliers"),
     "loop": (LOOP_BATCHES, loop_variants, loop_name,
              "main loop: pair = odd planes unshifted, acc = products accumulated in place; us "
              "(best of the rounds / their median past two), 0.5% outliers; none: no outliers, "

@@ -182,7 +182,8 @@ def outlier_free_weight(n: int, k: int, device: str = "cpu") -> tm.Weight:
 
 def test_pair_ordered_copy_of_x(device):
     """The joined kernel's copy of x: column ``8 W s + 8 w + j + 4 h`` at row
-    ``8 W s + 2 W j + 2 w + h``, the batch padded, rows past K zero."""
+    ``8 W s + 2 W j + 2 w + h``, the batch padded, rows past K zero; in column order, rows past
+    K zero too, also where torch copies x (strided along K)."""
     rows, k, m, pair_w, out_rows = 5, 296, 16, 16, 384
     x = fresh_x(rows, k, torch.float16, device, seed=3)
     copy = tm.transpose_plan(rows, k, m, k, 1, x.dtype, None, pair_w, out_rows)(x).t()
@@ -197,6 +198,19 @@ def test_pair_ordered_copy_of_x(device):
     assert torch.equal(copy.cpu(), expected)
     with pytest.raises(ValueError, match="pair-ordered"):
         tm.transpose_plan(rows, k, m, 1, rows, x.dtype, None, pair_w, out_rows)
+    # in column order, by the kernel or (x strided along K) by torch: rows past K zero as well
+    strided = x.t().contiguous().t()
+    for source, kernel in ((x, True), (strided, False)):
+        plan = tm.transpose_plan(rows, k, m, source.stride(0), source.stride(1), x.dtype, kernel,
+                                 0, out_rows)  # fmt: skip
+        expected = torch.zeros(out_rows, m, dtype=x.dtype)
+        expected[:k, :rows] = x.cpu().t()
+        assert torch.equal(plan(source).t().cpu(), expected)
+    joined = tm.DotConfig(16, 16, 128, xt=True, planes=True, packed=True, joined=True,
+                          pair_order=False)  # fmt: skip
+    weight = random_weight(24, k, 4, None, seed=5, device=device, slots=2)
+    assert_close(tm.dot_matmul(weight, strided, None, joined), reference(weight, x, None),
+                 torch.float16)  # fmt: skip
 
 
 @pytest.mark.parametrize(("group", "n", "k"), [(None, 45, 296), (128, 37, 384), (256, 20, 512)])

@@ -1075,11 +1075,13 @@ def transpose_plan(
         kernel = (m <= 256 or pair_w > 0) and stride_xk == 1
     if pair_w > 0 and not kernel:
         raise ValueError("the pair-ordered copy of x needs the kernel and x unit-stride along K")
-    if not kernel:  # (wide batches: torch's copies)
+    if not kernel:  # (wide batches, or x strided along K: torch's copies)
 
         def torch_copy(x: torch.Tensor) -> torch.Tensor:
-            xt = torch.nn.functional.pad(x.t(), (0, m - rows)) if m != rows else x.t().contiguous()
-            return xt.t()
+            xt = x.t()
+            if m != rows or out_rows != k:  # (zero batch columns, and rows past K)
+                xt = torch.nn.functional.pad(xt, (0, m - rows, 0, out_rows - k))
+            return xt.contiguous().t()
 
         return torch_copy
     m_p2 = triton.next_power_of_2(m)
