@@ -213,21 +213,20 @@ def _plane_pair(word, j: tl.constexpr, ACT: tl.constexpr, INTERPRET: tl.constexp
         hi = _codes_to_float(_plane_code(word, word, word, j + 4, 4), 4, ACT)
         return lo, hi
     # (arithmetic shifts: the sign bits land above bit 23, which the lop3's masks drop)
-    elif ACT == 1 and (j % 2 == 0 or not IN_PLACE):
-        return tl.inline_asm_elementwise(
-            _PAIR_F16, "=h,=h,r", [word >> (4 * j)], dtype=(tl.float16, tl.float16),
-            is_pure=True, pack=1,
-        )  # fmt: skip
+    elif ACT == 1 and j % 2 == 1 and IN_PLACE:
+        return _pair_asm(word >> (4 * j - 4), _PAIR_F16_ODD, tl.float16)
     elif ACT == 1:
-        return tl.inline_asm_elementwise(
-            _PAIR_F16_ODD, "=h,=h,r", [word >> (4 * j - 4)], dtype=(tl.float16, tl.float16),
-            is_pure=True, pack=1,
-        )  # fmt: skip
+        return _pair_asm(word >> (4 * j), _PAIR_F16, tl.float16)
     else:
-        return tl.inline_asm_elementwise(
-            _PAIR_BF16, "=h,=h,r", [word >> (4 * j)], dtype=(tl.bfloat16, tl.bfloat16),
-            is_pure=True, pack=1,
-        )  # fmt: skip
+        return _pair_asm(word >> (4 * j), _PAIR_BF16, tl.bfloat16)
+
+
+@triton.jit
+def _pair_asm(bits, ASM: tl.constexpr, DTYPE: tl.constexpr):
+    """The two halves of ``_plane_pair_asm``'s PTX ``ASM`` applied to int32 ``bits``."""
+    return tl.inline_asm_elementwise(
+        ASM, "=h,=h,r", [bits], dtype=(DTYPE.value, DTYPE.value), is_pure=True, pack=1
+    )
 
 
 @triton.jit
