@@ -73,3 +73,40 @@ def tiny_llama_dir(tmp_path_factory) -> Path:
     directory = tmp_path_factory.mktemp("tiny-llama")
     save_tiny_llama(directory, max_shard_size="100KB")
     return directory
+
+
+def rewrite_as_format_1(directory: Path) -> None:
+    """Rewrite an easyquant checkpoint as format version 1 wrote it: the outliers' positions as
+    CSR (``outlier_indptr`` int32, ``outlier_indices``), version 1 in ``meta`` and config.json."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from easyquant.format.outlier_store import decode
+
+    renamed: dict[str, str] = {}
+    for shard in sorted(directory.glob("*.safetensors")):
+        with safe_open(shard, "pt") as f:
+            metadata = f.metadata()
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        for key in [k for k in tensors if k.endswith(".outlier_counts")]:
+            prefix = key.removesuffix("outlier_counts")
+            meta = tensors[prefix + "meta"].clone()
+            indptr, indices = decode(
+                tensors.pop(key), tensors.pop(prefix + "outlier_columns"), int(meta[4])
+            )
+            meta[0] = 1
+            tensors.update({prefix + "outlier_indptr": indptr, prefix + "outlier_indices": indices})
+            tensors[prefix + "meta"] = meta
+            renamed[prefix + "outlier_counts"] = prefix + "outlier_indptr"
+            renamed[prefix + "outlier_columns"] = prefix + "outlier_indices"
+        save_file(tensors, shard, metadata=metadata)
+    index = directory / "model.safetensors.index.json"
+    if index.exists():
+        data = json.loads(index.read_text())
+        data["weight_map"] = {renamed.get(k, k): v for k, v in data["weight_map"].items()}
+        index.write_text(json.dumps(data))
+    config = json.loads((directory / "config.json").read_text())
+    config["quantization_config"]["format_version"] = 1
+    (directory / "config.json").write_text(json.dumps(config))

@@ -91,8 +91,8 @@ def test_bits_per_weight_counts_everything():
     expected = (
         64 * 128 * 8  # codes
         + 64 * 2 * 16  # fp16 scales
-        + 65 * 32  # row offsets
-        + qw.num_outliers * (16 + 32)  # int16 column + fp32 value
+        + 64 * 8  # uint8 outlier count per row and block of 256 columns (one block here)
+        + qw.num_outliers * (8 + 32)  # uint8 column in its block + fp32 value
     ) / (64 * 256)
     assert qw.bits_per_weight == pytest.approx(expected)
 

@@ -3,6 +3,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from easyquant import FORMAT_VERSION, QuantConfig, QuantizedWeight, quantize_tensor
+from easyquant.format.qweight import STATE_KEYS
 from tests.conftest import student_t
 
 
@@ -54,6 +55,40 @@ def test_load_checks_version_and_shapes():
         QuantizedWeight.from_state_dict({k: v for k, v in state.items() if k != "scales"})
     with pytest.raises(ValueError, match="qweight"):
         QuantizedWeight.from_state_dict(dict(state, qweight=state["qweight"].to(torch.int32)))
+
+
+def version_1_state(qw: QuantizedWeight) -> dict[str, torch.Tensor]:
+    """The tensors format version 1 stored: the in-memory CSR as it is."""
+    meta = qw.meta().clone()
+    meta[0] = 1
+    return {
+        "qweight": qw.qweight,
+        "scales": qw.scales,
+        "outlier_indptr": qw.outlier_indptr,
+        "outlier_indices": qw.outlier_indices,
+        "outlier_values": qw.outlier_values,
+        "meta": meta,
+    }
+
+
+def test_version_1_is_still_read_and_written_as_version_2():
+    qw = quantize_tensor(student_t(24, 300, seed=6), QuantConfig(steps=2, outlier_sigma=2.5))
+    assert qw.num_outliers > 0
+    old = QuantizedWeight.from_state_dict(version_1_state(qw))
+    assert torch.equal(old.dequantize(), qw.dequantize())
+    assert set(old.state_dict()) == set(STATE_KEYS) and int(old.state_dict()["meta"][0]) == 2
+    with pytest.raises(ValueError, match="outlier_indptr"):
+        QuantizedWeight.from_state_dict(
+            {k: v for k, v in version_1_state(qw).items() if k != "outlier_indptr"}
+        )
+
+
+def test_bits_per_weight_counts_the_stored_tensors():
+    for sigma in (2.0, 3.0, None):
+        qw = quantize_tensor(student_t(40, 600, seed=7), QuantConfig(steps=2, outlier_sigma=sigma))
+        state = qw.state_dict()
+        stored = sum(t.numel() * t.element_size() * 8 for k, t in state.items() if k != "meta")
+        assert qw.storage_bits == stored
 
 
 def test_to_device_keeps_everything():

@@ -4,6 +4,7 @@ quantize on load (data-free), generate, version guard, import hook. A tiny rando
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +19,7 @@ from easyquant import QuantConfig, QuantLinear
 from easyquant.integrations import install_import_hook, is_registered, register
 from easyquant.integrations import transformers as hf
 from easyquant.models import Selection, load_quantized, quantize_model, quantize_model_inplace
-from tests.conftest import REPO, save_tiny_llama
+from tests.conftest import REPO, rewrite_as_format_1, save_tiny_llama
 
 register()
 
@@ -70,7 +71,8 @@ def test_from_pretrained_builds_quantlinear_with_load_quantized_logits(dirs):
     reference = load_quantized(dirs["q"])
     for name in modules:  # the stored tensors, bit for bit, dtypes included
         ours, theirs = model.get_submodule(name), reference.get_submodule(name)
-        for key in ("qweight", "scales", "outlier_indptr", "outlier_indices", "outlier_values"):
+        keys = ("qweight", "scales", "outlier_counts", "outlier_columns", "outlier_values")
+        for key in (*keys, "outlier_indptr", "outlier_indices"):
             a, b = getattr(ours, key), getattr(theirs, key)
             assert a.dtype == b.dtype and torch.equal(a, b), (name, key)
     assert model.get_submodule(modules[1]).outlier_values.numel() == 0  # k_proj: no outliers
@@ -90,6 +92,21 @@ def test_save_pretrained_round_trips(dirs, tmp_path):
     again = AutoModelForCausalLM.from_pretrained(tmp_path / "saved")
     assert torch.equal(logits(again), logits(model))
     assert torch.equal(logits(load_quantized(tmp_path / "saved")), logits(model))
+
+
+def test_a_format_1_checkpoint_loads_and_saves_as_format_2(dirs, tmp_path):
+    old = tmp_path / "old"
+    shutil.copytree(dirs["q"], old)
+    rewrite_as_format_1(old)
+    assert quantization_config(old)["format_version"] == 1
+    model = AutoModelForCausalLM.from_pretrained(old)
+    assert torch.equal(logits(model), logits(load_quantized(dirs["q"])))
+    model.save_pretrained(tmp_path / "saved")
+    assert quantization_config(tmp_path / "saved") == quantization_config(dirs["q"])
+    before, after = tensors(dirs["q"]), tensors(tmp_path / "saved")
+    assert sorted(before) == sorted(after)
+    for name, tensor in before.items():
+        assert after[name].dtype == tensor.dtype and torch.equal(after[name], tensor), name
 
 
 def test_quantize_on_load_equals_quantize_model_inplace(dirs, monkeypatch):

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from easyquant import QuantConfig, QuantLinear, quantize_tensor
+from easyquant.format.outlier_store import csr_block_counts
 from easyquant.models import Selection, load_quantized, quantize_model
 from easyquant.models.budget import (
     BudgetSelection,
@@ -48,9 +49,8 @@ def test_candidates_cost_and_error_are_what_quantize_tensor_stores(config, dtype
         qweight = quantize_tensor(weight, candidate.key, backend="torch")
         assert candidate.key.steps == config.steps  # the real quantization keeps every step
         assert candidate.bits_per_weight == qweight.bits_per_weight
-        assert storage_bits(qweight.shape, candidate.key, qweight.num_outliers, dtype) == (
-            qweight.storage_bits
-        )
+        counts = csr_block_counts(qweight.outlier_indptr, qweight.outlier_indices, 256)
+        assert storage_bits(qweight.shape, candidate.key, counts, dtype) == qweight.storage_bits
         error = relative_error(qweight.dequantize(torch.float32), weight)
         assert candidate.error == pytest.approx(error, rel=1e-4, abs=1e-9)
 
@@ -129,7 +129,7 @@ def test_cli_target_bpw_and_one_line_errors(tiny_llama_dir, tmp_path):
     for extra, message in [
         (["--target-bpw", "four"], "--target-bpw expects a number of bits per weight"),
         (["--target-bpw", "1.5"], "below 2 bits per weight"),
-        (["--target-bpw", "4.2"], "cannot be met: the lowest achievable is 4.6"),
+        (["--target-bpw", "4.2"], "cannot be met: the lowest achievable is 4.2222"),
         (["--target-bpw", "5", "--group-size", "32"], "leave them out"),
         (["--target-bpw", "5", "--override", "*.q_proj:outlier_sigma=2"], "drop those fields"),
     ]:

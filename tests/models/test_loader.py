@@ -8,7 +8,7 @@ from easyquant import FORMAT_VERSION, QuantConfig, QuantLinear, quantize_tensor
 from easyquant.models import Selection, is_quantized, load_quantized, quantize_model
 from easyquant.models.errors import ModelInputError
 from easyquant.models.safetensors_io import read_header, read_tensor
-from tests.conftest import tiny_llama
+from tests.conftest import rewrite_as_format_1, tiny_llama
 
 CONFIG = QuantConfig(steps=20)
 
@@ -99,9 +99,25 @@ def test_is_quantized(quantized_dir, tiny_llama_dir, tmp_path):
 def test_refuses_another_format_version(quantized_dir):
     edit_config(quantized_dir, lambda c: c["quantization_config"].update(format_version=99))
     with pytest.raises(
-        ModelInputError, match=f"version 99; this easyquant reads version {FORMAT_VERSION}"
+        ModelInputError, match=f"version 99; this easyquant reads versions 1, {FORMAT_VERSION}"
     ):
         load_quantized(quantized_dir)
+
+
+def test_reads_a_format_1_checkpoint(tmp_path):
+    """Checkpoints written before format 2 (CSR positions) load with the same logits."""
+    model = tiny_llama(seed=4)
+    config = CONFIG.replace(outlier_sigma=2.5)
+    quantize_model(model, config, tmp_path / "q", log=None)
+    current = load_quantized(tmp_path / "q")
+    rewrite_as_format_1(tmp_path / "q")
+    entries = read_header(next((tmp_path / "q").glob("*.safetensors")))[0]
+    names = [e.name for e in entries if "outlier" in e.name]
+    assert any(k.endswith(".outlier_indptr") for k in names)
+    assert not any(k.endswith(".outlier_counts") for k in names)
+    old = load_quantized(tmp_path / "q")
+    assert sum(m.outlier_values.numel() for m in old.modules() if isinstance(m, QuantLinear)) > 0
+    assert torch.equal(logits(old), logits(current))
 
 
 def test_refuses_a_directory_that_is_not_easyquant(tiny_llama_dir, tmp_path):

@@ -22,18 +22,27 @@ def test_forward_equals_reference_matmul(dtype, group_size):
 
 def test_from_linear_and_state_dict_round_trip():
     linear = nn.Linear(64, 32)
+    with torch.no_grad():
+        linear.weight.copy_(student_t(32, 64, seed=3))  # heavy tails: outliers at 3 sigma
     layer = QuantLinear.from_linear(linear, QuantConfig(steps=5))
+    assert layer.outlier_values.numel() > 0
     assert set(layer.state_dict()) == {
         "qweight",
         "scales",
-        "outlier_indptr",
-        "outlier_indices",
+        "outlier_counts",
+        "outlier_columns",
         "outlier_values",
         "meta",
         "bias",
     }
-    twin = QuantLinear(layer.quantized, torch.zeros(32))
+    # The rows reversed: as many outliers, at other places. Loading must decode the new places
+    # (the CSR buffers and the kernels' table are not in the state dict).
+    flipped = quantize_tensor(linear.weight.detach().flip(0), QuantConfig(steps=5))
+    twin = QuantLinear(flipped, torch.zeros(32))
+    assert not torch.equal(twin.outlier_indptr, layer.outlier_indptr)
     twin.load_state_dict(layer.state_dict())
+    assert torch.equal(twin.outlier_indptr, layer.outlier_indptr)
+    assert torch.equal(twin.outlier_indices, layer.outlier_indices)
     x = torch.randn(4, 64)
     torch.testing.assert_close(twin(x), layer(x), rtol=0, atol=0)
     assert "bits=4" in repr(layer)

@@ -5,10 +5,15 @@ Tensors (all plain, safetensors-ready; see ``QuantizedWeight.state_dict``):
   signed codes in [-8, 7] as symmetric int4 kernels expect), packed by :mod:`.bitpack`.
   Outlier positions hold the code of zero, so a kernel adds outliers without subtracting anything.
 - ``scales``   ``[out, groups]`` in the config's scale dtype (float16 by default).
-- ``outlier_indptr`` int32 ``[out + 1]``, ``outlier_indices`` int16 (int32 when in > 32767)
-  ``[nnz]`` sorted within each row, ``outlier_values`` ``[nnz]`` in the weight's own dtype: CSR.
+- ``outlier_counts``, ``outlier_columns``: where the outliers are, row by row (columns sorted
+  within each row), in one of :mod:`.outlier_store`'s two layouts; ``outlier_values`` ``[nnz]``
+  in the weight's own dtype (or the config's ``outlier_dtype``).
 - ``meta``     int64 ``[6]``: format version, bits, group size (0 = per channel), out, in, and the
   original weight's dtype (0 float32, 1 float16, 2 bfloat16): the default of ``dequantize``.
+
+In memory the positions are CSR (``outlier_indptr`` int32 ``[out + 1]``, ``outlier_indices``
+int16, int32 when in > 32767), which the kernels read. Format version 1 stored that CSR as it is
+(``outlier_indptr``, ``outlier_indices``); :meth:`QuantizedWeight.from_state_dict` still reads it.
 """
 
 from __future__ import annotations
@@ -17,16 +22,34 @@ from dataclasses import dataclass
 
 import torch
 
+from easyquant.format import outlier_store
 from easyquant.format.bitpack import pack_codes, packed_length, unpack_codes
+from easyquant.format.outlier_store import csr_rows, index_dtype
 
-FORMAT_VERSION = 1
-STATE_KEYS = ("qweight", "scales", "outlier_indptr", "outlier_indices", "outlier_values", "meta")
+FORMAT_VERSION = 2
+STATE_KEYS = ("qweight", "scales", "outlier_counts", "outlier_columns", "outlier_values", "meta")
+# What each readable format version stores (version 1: the in-memory CSR as it is).
+VERSION_STATE_KEYS = {
+    1: ("qweight", "scales", "outlier_indptr", "outlier_indices", "outlier_values", "meta"),
+    FORMAT_VERSION: STATE_KEYS,
+}
+READABLE_VERSIONS = tuple(VERSION_STATE_KEYS)
+# The in-memory tensors of a QuantizedWeight (its fields; outliers as CSR).
+PAYLOAD_KEYS = ("qweight", "scales", "outlier_indptr", "outlier_indices", "outlier_values")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
+__all__ = ["csr_rows", "index_dtype"]  # re-exported: the in-memory CSR's helpers
 
-def index_dtype(in_features: int) -> torch.dtype:
-    return torch.int16 if in_features <= torch.iinfo(torch.int16).max else torch.int32
+
+def state_keys(version: int) -> tuple[str, ...]:
+    """The tensors a checkpoint of format ``version`` stores per quantized weight."""
+    if version not in VERSION_STATE_KEYS:
+        raise ValueError(
+            f"easyquant format version {version} is not supported (this easyquant reads "
+            f"versions {', '.join(map(str, READABLE_VERSIONS))})"
+        )
+    return VERSION_STATE_KEYS[version]
 
 
 @dataclass
@@ -72,8 +95,12 @@ class QuantizedWeight:
 
     @property
     def storage_bits(self) -> int:
-        """Every stored bit: codes (row padding too), scales, outlier offsets, indices, values."""
-        return sum(t.numel() * t.element_size() * 8 for t in self._payload())
+        """Every stored bit: codes (row padding too), scales, outlier counts, columns, values."""
+        dense = (self.qweight, self.scales, self.outlier_values)
+        positions = outlier_store.stored_bits(
+            self.outlier_indptr, self.outlier_indices, self.in_features
+        )
+        return sum(t.numel() * t.element_size() * 8 for t in dense) + positions
 
     @property
     def bits_per_weight(self) -> float:
@@ -141,33 +168,46 @@ class QuantizedWeight:
         )
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return dict(zip(STATE_KEYS, (*self._payload(), self.meta()), strict=True))
+        """The stored tensors (``STATE_KEYS``, the current format version)."""
+        counts, columns = outlier_store.encode(
+            self.outlier_indptr, self.outlier_indices, self.in_features
+        )
+        parts = (self.qweight, self.scales, counts, columns, self.outlier_values, self.meta())
+        return dict(zip(STATE_KEYS, parts, strict=True))
 
     @classmethod
     def from_state_dict(cls, state: dict[str, torch.Tensor]) -> QuantizedWeight:
-        missing = [k for k in STATE_KEYS if k not in state]
-        if missing:
-            raise ValueError(f"quantized weight is missing tensor(s) {missing}")
-        meta = state["meta"]
+        """Read the tensors of any readable format version (its ``meta`` says which)."""
+        meta = state.get("meta")
+        if meta is None:
+            raise ValueError("quantized weight is missing tensor(s) ['meta']")
         if meta.dtype != torch.int64 or meta.dim() != 1 or meta.numel() < 1:
             raise ValueError(f"quantized weight 'meta' must be int64 [6], got {meta.dtype}")
         version = int(meta[0])
-        if version != FORMAT_VERSION:
-            raise ValueError(
-                f"quantized weight format version {version} is not supported "
-                f"(this easyquant reads version {FORMAT_VERSION})"
-            )
+        missing = [k for k in state_keys(version) if k not in state]
+        if missing:
+            raise ValueError(f"quantized weight is missing tensor(s) {missing}")
         if meta.shape != (6,):
             raise ValueError(f"quantized weight 'meta' must be int64 [6], got {tuple(meta.shape)}")
         _, bits, group, out_f, in_f, dtype_code = (int(v) for v in meta.tolist())
         dtypes = {code: dtype for dtype, code in DTYPE_CODES.items()}
         if dtype_code not in dtypes:
             raise ValueError(f"quantized weight 'meta' names unknown dtype code {dtype_code}")
+        if version == 1:
+            indptr, indices = state["outlier_indptr"], state["outlier_indices"]
+        else:
+            counts = state["outlier_counts"]
+            if counts.dim() != 2 or counts.shape[0] != out_f:
+                raise ValueError(
+                    f"quantized weight tensor 'outlier_counts' is {tuple(counts.shape)}, "
+                    f"expected {out_f} rows"
+                )
+            indptr, indices = outlier_store.decode(counts, state["outlier_columns"], in_f)
         return cls(
             qweight=state["qweight"],
             scales=state["scales"],
-            outlier_indptr=state["outlier_indptr"],
-            outlier_indices=state["outlier_indices"],
+            outlier_indptr=indptr,
+            outlier_indices=indices,
             outlier_values=state["outlier_values"],
             shape=(out_f, in_f),
             bits=bits,
@@ -208,16 +248,10 @@ class QuantizedWeight:
             )
 
     def to(self, device: torch.device | str) -> QuantizedWeight:
-        moved = {k: t.to(device) for k, t in zip(STATE_KEYS, self._payload(), strict=False)}
+        moved = {k: t.to(device) for k, t in zip(PAYLOAD_KEYS, self._payload(), strict=True)}
         return QuantizedWeight(
             **moved, shape=self.shape, bits=self.bits, group_size=self.group_size, dtype=self.dtype
         )
-
-
-def csr_rows(indptr: torch.Tensor) -> torch.Tensor:
-    """Expand CSR row offsets ``[rows + 1]`` to one row index (int64) per stored entry."""
-    counts = (indptr[1:] - indptr[:-1]).long()
-    return torch.repeat_interleave(torch.arange(counts.numel(), device=indptr.device), counts)
 
 
 def num_groups(in_features: int, group_size: int | None) -> int:

@@ -40,7 +40,12 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from easyquant import __version__ as EASYQUANT_VERSION
 from easyquant.config import QuantConfig
-from easyquant.format.qweight import FORMAT_VERSION, STATE_KEYS, QuantizedWeight
+from easyquant.format.qweight import (
+    FORMAT_VERSION,
+    READABLE_VERSIONS,
+    QuantizedWeight,
+    state_keys,
+)
 from easyquant.models.errors import one_line
 from easyquant.models.pipeline import QUANT_METHOD
 from easyquant.models.select import Selection, TensorReport, quantize_with_report
@@ -102,10 +107,10 @@ class EasyQuantConfig(QuantizationConfigMixin):
             )
         if quant_method != QUANT_METHOD:
             raise ValueError(f"quant_method must be {QUANT_METHOD!r}, got {quant_method!r}")
-        if format_version != FORMAT_VERSION:
+        if format_version not in READABLE_VERSIONS:
             raise ValueError(
                 f"the model uses easyquant format version {format_version}; this easyquant "
-                f"reads version {FORMAT_VERSION}"
+                f"reads versions {', '.join(map(str, READABLE_VERSIONS))}"
             )
         if quantized_modules is not None and (
             not isinstance(quantized_modules, (list, tuple))
@@ -169,6 +174,7 @@ class PendingQuantLinear(nn.Module):
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.config = config
         self.error: str | None = None
+        self.stored_keys = state_keys(FORMAT_VERSION)
         self.bias = linear.bias
         if config is not None:
             self.weight = linear.weight
@@ -177,9 +183,10 @@ class PendingQuantLinear(nn.Module):
     def for_checkpoint(
         cls, linear: nn.Linear, stored: Mapping[str, tuple[tuple[int, ...], torch.dtype]]
     ) -> PendingQuantLinear:
+        """Placeholders for the tensors in ``stored`` (one format version's keys)."""
         pending = cls(linear)
-        for key in STATE_KEYS:
-            shape, dtype = stored[key]
+        pending.stored_keys = tuple(stored)
+        for key, (shape, dtype) in stored.items():
             pending.register_buffer(key, torch.empty(shape, dtype=dtype, device="meta"))
         return pending
 
@@ -195,14 +202,15 @@ class PendingQuantLinear(nn.Module):
             self.register_buffer(key, tensor.to(qweight.device))
 
     def finish(self, name: str) -> QuantLinear:
-        missing = [k for k in STATE_KEYS if k not in self._buffers or self._buffers[k].is_meta]
+        keys = self.stored_keys
+        missing = [k for k in keys if k not in self._buffers or self._buffers[k].is_meta]
         if missing:
             why = self.error or f"tensor(s) {missing} were not loaded"
             raise ValueError(f"easyquant could not build {name}: {why}")
         if self.bias is not None and self.bias.is_meta:
             raise ValueError(f"easyquant could not build {name}: its bias was not loaded")
         try:
-            qweight = QuantizedWeight.from_state_dict({k: self._buffers[k] for k in STATE_KEYS})
+            qweight = QuantizedWeight.from_state_dict({k: self._buffers[k] for k in keys})
         except ValueError as exc:
             raise ValueError(f"{name}: {exc}") from exc
         if qweight.shape != (self.out_features, self.in_features):
@@ -310,12 +318,13 @@ class EasyQuantHfQuantizer(HfQuantizer):
         if modules is None:
             raise ValueError("the easyquant quantization_config lacks its quantized_modules list")
         stored = checkpoint_tensors(checkpoint_files)
+        keys = state_keys(self.quantization_config.format_version)
         for name in modules:
             linear = self._linear(model, name)
-            missing = [f"{name}.{k}" for k in STATE_KEYS if f"{name}.{k}" not in stored]
+            missing = [f"{name}.{k}" for k in keys if f"{name}.{k}" not in stored]
             if missing:
                 raise ValueError(f"the checkpoint lacks tensor(s) {missing}")
-            shapes = {k: stored[f"{name}.{k}"] for k in STATE_KEYS}
+            shapes = {k: stored[f"{name}.{k}"] for k in keys}
             replace_module(model, name, PendingQuantLinear.for_checkpoint(linear, shapes))
 
     def _expect_full_precision(self, model: nn.Module) -> None:
@@ -359,6 +368,8 @@ class EasyQuantHfQuantizer(HfQuantizer):
         if not self.pre_quantized:
             self.quantization_config.quantized_modules = names
             self.quantization_config.easyquant_version = EASYQUANT_VERSION
+        # The layers hold (and save_pretrained writes) this version's tensors, whichever was read.
+        self.quantization_config.format_version = FORMAT_VERSION
         return model
 
 

@@ -41,7 +41,8 @@ from easyquant.algorithm.outliers import outlier_mask, zeroed_float
 from easyquant.algorithm.range_search import as_ranges
 from easyquant.config import QuantConfig
 from easyquant.format.bitpack import packed_length
-from easyquant.format.qweight import index_dtype, num_groups
+from easyquant.format.outlier_store import choose_layout, mask_block_counts
+from easyquant.format.qweight import num_groups
 from easyquant.models.select import Selection
 from easyquant.models.sources import Source, open_source
 from easyquant.quantize import check_weight, resolve_backend, stored_ranges
@@ -97,19 +98,21 @@ def check_target(target_bpw: Any) -> float:
 
 
 def storage_bits(
-    shape: tuple[int, int], config: QuantConfig, outliers: int, dtype: torch.dtype
+    shape: tuple[int, int], config: QuantConfig, block_counts: torch.Tensor, dtype: torch.dtype
 ) -> int:
     """Every bit :class:`QuantizedWeight` stores for a ``dtype`` weight of ``shape`` quantized
-    with ``config`` and ``outliers`` outliers: codes (row padding too), scales, outlier row
-    offsets (int32), column indices and values."""
+    with ``config``, its outliers counted per row and block of 256 columns (``block_counts``,
+    see ``mask_block_counts``): codes (row padding too), scales, outlier counts, columns and
+    values."""
     out_f, in_f = shape
     groups = num_groups(in_f, config.group_size)
     value_dtype = getattr(torch, config.outlier_dtype) if config.outlier_dtype else dtype
+    outliers = int(block_counts.sum())
     return (
         out_f * packed_length(in_f, config.bits) * 8
         + out_f * groups * torch.finfo(getattr(torch, config.scale_dtype)).bits
-        + (out_f + 1) * 32
-        + outliers * (torch.iinfo(index_dtype(in_f)).bits + torch.finfo(value_dtype).bits)
+        + choose_layout(block_counts, in_f).bits(out_f, in_f, outliers)
+        + outliers * torch.finfo(value_dtype).bits
     )
 
 
@@ -169,8 +172,8 @@ def evaluate_candidates(
             key = mask_key(group)
             if key not in masks:
                 mask = outlier_mask(weight, sigma, final.outlier_scope, group)
-                masks[key] = (mask, int(mask.sum()), outlier_error(weight, mask, final))
-            mask, outliers, stored_error = masks[key]
+                masks[key] = (mask, mask_block_counts(mask), outlier_error(weight, mask, final))
+            mask, block_counts, stored_error = masks[key]
             length = group or in_f
             ranges, flags = ranges_of[group], as_ranges(mask, length)
             if group not in losses:
@@ -183,7 +186,7 @@ def evaluate_candidates(
                         ranges[changed], flags[changed], search, backend, chunk
                     )
             error = float(losses[group].sum()) + stored_error
-            bits = storage_bits((out_f, in_f), final, outliers, weight.dtype)
+            bits = storage_bits((out_f, in_f), final, block_counts, weight.dtype)
             found[sigma, group] = Candidate(bits / (out_f * in_f), error / norm, final)
         previous = {key: mask for key, (mask, _, _) in masks.items()}
         del masks

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from easyquant.format.qweight import FORMAT_VERSION, STATE_KEYS, QuantizedWeight
+from easyquant.format.qweight import READABLE_VERSIONS, QuantizedWeight, state_keys
 from easyquant.models.errors import ModelInputError
 from easyquant.models.hf import build_skeleton, hf_config_from_dict
 from easyquant.models.pipeline import QUANT_METHOD
@@ -89,10 +89,10 @@ def load_quantized(
             f"with quant_method {QUANT_METHOD!r})"
         )
     version = qc.get("format_version")
-    if version != FORMAT_VERSION:
+    if version not in READABLE_VERSIONS:
         raise ModelInputError(
             f"{directory} uses easyquant format version {version}; this easyquant reads "
-            f"version {FORMAT_VERSION}"
+            f"versions {', '.join(map(str, READABLE_VERSIONS))}"
         )
     modules = qc.get("quantized_modules")
     if not isinstance(modules, list):
@@ -115,7 +115,7 @@ def load_quantized(
             raise ModelInputError(f"the model has no module {module_name!r}") from exc
         if not isinstance(linear, nn.Linear):
             raise ModelInputError(f"{module_name!r} is a {type(linear).__name__}, not a Linear")
-        state = {key: take(f"{module_name}.{key}") for key in STATE_KEYS}
+        state = {key: take(f"{module_name}.{key}") for key in state_keys(version)}
         try:
             qweight = QuantizedWeight.from_state_dict(state)
         except ValueError as exc:

@@ -2,8 +2,11 @@
 
 The stored tensors are buffers, so ``.to(device)``, ``state_dict()`` and ``load_state_dict()`` work
 as for any module; their names (``qweight``, ``scales``, ``outlier_*``, ``meta``) are the checkpoint
-names. The reference forward is ``x @ dequantize(x.dtype).T + bias`` and runs on any device; fused
-kernels are chosen by :meth:`set_backend` ("auto" picks them on CUDA when available).
+names. The outliers' positions are also kept as CSR (``outlier_indptr``, ``outlier_indices``:
+non-persistent buffers decoded from the stored counts and columns), which ``dequantize`` and the
+kernels read. The reference forward is ``x @ dequantize(x.dtype).T + bias`` and runs on any
+device; fused kernels are chosen by :meth:`set_backend` ("auto" picks them on CUDA when
+available).
 
 For the fused kernels each layer also keeps a copy of its outliers in the kernels' layout (fixed
 slots per row plus a CSR overflow: ``easyquant.kernels.triton_matmul.build_outlier_table``), built
@@ -21,9 +24,12 @@ import torch
 from torch import nn
 
 from easyquant.config import QuantConfig
-from easyquant.format.qweight import STATE_KEYS, QuantizedWeight, dequantize_parts
+from easyquant.format import outlier_store
+from easyquant.format.qweight import QuantizedWeight, dequantize_parts
 
 LINEAR_BACKENDS = ("auto", "torch", "triton")
+# Non-persistent: the outliers' positions as CSR, decoded from outlier_counts/outlier_columns.
+CSR_KEYS = ("outlier_indptr", "outlier_indices")
 # Non-persistent buffers: the kernels' copy of the outliers (see build_outlier_table).
 TABLE_KEYS = (
     "slot_cols",
@@ -42,10 +48,12 @@ class QuantLinear(nn.Module):
 
     qweight: torch.Tensor
     scales: torch.Tensor
-    outlier_indptr: torch.Tensor
-    outlier_indices: torch.Tensor
+    outlier_counts: torch.Tensor
+    outlier_columns: torch.Tensor
     outlier_values: torch.Tensor
     meta: torch.Tensor
+    outlier_indptr: torch.Tensor
+    outlier_indices: torch.Tensor
 
     def __init__(self, qweight: QuantizedWeight, bias: torch.Tensor | None = None) -> None:
         super().__init__()
@@ -55,6 +63,8 @@ class QuantLinear(nn.Module):
         self.weight_dtype = qweight.dtype
         for key, tensor in qweight.state_dict().items():
             self.register_buffer(key, tensor)
+        self.register_buffer("outlier_indptr", qweight.outlier_indptr, persistent=False)
+        self.register_buffer("outlier_indices", qweight.outlier_indices, persistent=False)
         if bias is not None:
             if tuple(bias.shape) != (self.out_features,):
                 raise ValueError(
@@ -84,7 +94,25 @@ class QuantLinear(nn.Module):
     @property
     def quantized(self) -> QuantizedWeight:
         """The stored weight as a :class:`QuantizedWeight` (validated)."""
-        return QuantizedWeight.from_state_dict({k: getattr(self, k) for k in STATE_KEYS})
+        return QuantizedWeight(
+            qweight=self.qweight,
+            scales=self.scales,
+            outlier_indptr=self.outlier_indptr,
+            outlier_indices=self.outlier_indices,
+            outlier_values=self.outlier_values,
+            shape=(self.out_features, self.in_features),
+            bits=self.bits,
+            group_size=self.group_size,
+            dtype=self.weight_dtype,
+        )
+
+    def decode_outliers(self) -> None:
+        """(Re)build the CSR buffers from the stored counts and columns (after a load)."""
+        indptr, indices = outlier_store.decode(
+            self.outlier_counts, self.outlier_columns, self.in_features
+        )
+        self.register_buffer("outlier_indptr", indptr, persistent=False)
+        self.register_buffer("outlier_indices", indices, persistent=False)
 
     def build_outlier_table(self, slots: int | None = None) -> None:
         """(Re)build the kernels' copy of the outliers from the CSR buffers (``slots``: fixed
@@ -167,10 +195,13 @@ class QuantLinear(nn.Module):
 
 def _rebuild_outlier_table(module: nn.Module, incompatible_keys: object) -> None:
     # A load that failed part-way (torch raises its size-mismatch error after the hooks) can
-    # leave the CSR tensors inconsistent: then there is nothing to rebuild from.
-    if isinstance(module, QuantLinear) and not module.outlier_indptr.is_meta:
-        nnz = module.outlier_values.numel()
-        if int(module.outlier_indptr[-1]) == nnz == module.outlier_indices.numel():
+    # leave the stored tensors inconsistent: then there is nothing to rebuild from.
+    if isinstance(module, QuantLinear) and not module.outlier_counts.is_meta:
+        try:
+            module.decode_outliers()
+        except ValueError:
+            return
+        if module.outlier_indices.numel() == module.outlier_values.numel():
             module.build_outlier_table()
 
 
