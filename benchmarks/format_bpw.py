@@ -33,14 +33,20 @@ from easyquant.format.outlier_store import index_dtype, mask_block_counts
 from easyquant.format.qweight import num_groups
 from easyquant.models.budget import storage_bits
 
-# (label, config): the quality.md cells with outliers, then sweep candidates at 4 bits per channel.
+# (label, config): the quality.md cells of our format (RTN and the range search alone store no
+# outliers; outliers only and the paper preset share 3 sigma per tensor), then 4-bit per channel
+# sweep candidates with the best preset's search.
 CONFIGS: list[tuple[str, QuantConfig]] = [
     *(
         (f"{name} {bits}-bit {'g128' if group else 'ch'}", config)
         for bits in (4, 3)
         for group in (None, 128)
         for name, config in (
-            ("paper", QuantConfig.paper(bits=bits, group_size=group)),
+            (
+                "no outliers (RTN, range search only)",
+                QuantConfig(bits=bits, group_size=group, outlier_sigma=None),
+            ),
+            ("outliers only / paper", QuantConfig.paper(bits=bits, group_size=group)),
             ("best", QuantConfig.best(bits=bits, group_size=group)),
         )
     ),
@@ -49,8 +55,14 @@ CONFIGS: list[tuple[str, QuantConfig]] = [
             f"4-bit ch {sigma}σ per {scope}",
             QuantConfig.best(outlier_sigma=sigma, outlier_scope=scope),
         )
-        for sigma in (2.5, 2.6, 2.75, 2.9)
-        for scope in ("tensor", "channel")
+        for sigma, scope in (
+            (2.75, "tensor"),
+            (2.8, "tensor"),
+            (2.6, "channel"),
+            (2.65, "channel"),
+            (2.7, "channel"),
+            (2.75, "channel"),
+        )
     ),
 ]
 
