@@ -27,7 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from benchlib import environment
-from easyquant import QuantConfig, quantize_tensor
+from easyquant import FORMAT_VERSION, QuantConfig, quantize_tensor
 from easyquant.evaluation.loader import load_model
 from easyquant.evaluation.perplexity import perplexity, read_text, tokenize
 from easyquant.models.equalize import EqualizeConfig, equalize_model
@@ -355,7 +355,12 @@ def main(argv: list[str] | None = None) -> int:
 
     args.out.mkdir(parents=True, exist_ok=True)
     sink = args.out / "sweep.jsonl"
-    header = {**environment(args.device), "command": " ".join(sys.argv), "windows": args.windows}
+    header = {
+        **environment(args.device),
+        "command": " ".join(sys.argv),
+        "windows": args.windows,
+        "format_version": FORMAT_VERSION,  # the storage format its bits/weight count
+    }
     with sink.open("a") as f:
         f.write(json.dumps({"header": header}) + "\n")
     fp_dev, fp_test = ppl(loaded.model)

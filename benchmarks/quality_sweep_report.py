@@ -41,14 +41,16 @@ def label(setting: dict[str, Any]) -> str:
 def load(paths: list[Path]) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, Any]]:
     rows, headers, fp = [], [], {}
     for path in paths:
+        version = 1  # runs before format 2 did not record the version: they counted format 1
         for line in path.read_text().splitlines():
             item = json.loads(line)
             if "header" in item:
                 headers.append({**item["header"], "file": path.name})
+                version = item["header"].get("format_version", 1)
             elif "fp" in item:
                 fp = item["fp"]
             else:
-                rows.append(item)
+                rows.append({**item, "format_version": version})
     return rows, headers, fp
 
 
@@ -182,7 +184,11 @@ def main(argv: list[str] | None = None) -> int:
         f"(GGUF weights): dev {fp.get('ppl_dev', float('nan')):.3f}, test "
         f"{fp.get('ppl_test', float('nan')):.3f}. Every decoder Linear weight quantized with "
         "`quantize_tensor` (the fused Triton pipeline), dequantized back; bits/weight count codes, "
-        "scales, outlier offsets, indices and values. Unless a row says otherwise: 4 bits per "
+        "scales, outlier positions and values, in the storage format of the run's commit (column "
+        "'fmt'): format 1 (int32 row offsets, int16 columns) up to run 8, format 2 from run 9, "
+        "which stores the same weights in 0.05-0.15 fewer bits per weight "
+        "(`x86-64-cpu-2026-11-24-format-bpw-4b308bc.json` converts the settings near 4.30). "
+        "Unless a row says otherwise: 4 bits per "
         "channel, 3σ per tensor, float16 outliers, Adam 500 steps at lr 1e-2 (the paper preset)."
     )
     md.append("")
@@ -219,8 +225,8 @@ def main(argv: list[str] | None = None) -> int:
     md += ["", "## Which weights matter: one module type or one layer quantized alone", ""]
     md += sensitivity(rows, out)
     md += ["", "## Every setting (sorted by dev perplexity)", ""]
-    md.append("| setting | ppl dev | ppl test | bits/weight | outliers | rel. error |")
-    md.append("| --- | --- | --- | --- | --- | --- |")
+    md.append("| setting | ppl dev | ppl test | bits/weight | fmt | outliers | rel. error |")
+    md.append("| --- | --- | --- | --- | --- | --- | --- |")
     settings = [r for r in rows if "setting" in r and not r["setting"].get("only")]
     seen = set()
     for r in sorted(settings, key=lambda r: (r["setting"]["bits"], r["ppl_dev"])):
@@ -230,7 +236,8 @@ def main(argv: list[str] | None = None) -> int:
         seen.add(key)
         md.append(
             f"| {label(r['setting'])} | {r['ppl_dev']:.2f} | {r['ppl_test']:.2f} | "
-            f"{r['bits_per_weight']:.3f} | {100 * r['outlier_fraction']:.2f}% | "
+            f"{r['bits_per_weight']:.3f} | {r['format_version']} | "
+            f"{100 * r['outlier_fraction']:.2f}% | "
             f"{r['relative_error']:.5f} |"
         )
     (out / "quality-sweep.md").write_text("\n".join(md) + "\n")
