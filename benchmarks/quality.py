@@ -161,6 +161,7 @@ def write_outputs(payload: dict[str, Any], json_path: Path, md_path: Path) -> No
         (md_path, markdown(payload)),
     ):
         tmp = path.with_suffix(path.suffix + ".tmp")
+        path.parent.mkdir(parents=True, exist_ok=True)
         tmp.write_text(text)
         tmp.replace(path)
 
