@@ -13,7 +13,7 @@ channel and with groups of 128:
   its own calibration windows is checked against RTN's and recorded.
 
 Bits per weight count every stored bit of the quantized decoder Linear weights (codes, scales,
-zeros, outlier row offsets, indices and values); embeddings and lm_head are not quantized.
+zeros, outlier positions and values); embeddings and lm_head are not quantized.
 
 Usage: ``python benchmarks/quality.py [--windows 8] [--methods ...] [--bits 4 3] [--groups 0 128]``
 (also ``easyquant bench quality ...``). Rows are saved after each measurement; ``--keep`` keeps the
@@ -188,7 +188,7 @@ def markdown(payload: dict[str, Any]) -> str:
         "no BOS. Full precision = the float32 weights transformers dequantizes from the Q4_1 GGUF "
         "(block-quantized upstream): our reference. All 210 decoder Linear weights quantized; "
         "embeddings, lm_head and norms untouched. Bits/weight count every stored bit (codes, "
-        "scales, zeros, outlier offsets, indices and values). GPTQ is calibrated on windows "
+        "scales, zeros, outlier positions and values). GPTQ is calibrated on windows "
         f"{proto['calib_first']}-{proto['calib_first'] + proto['calib_windows'] - 1} of the same "
         "text (disjoint from the evaluated ones).",
         "",
