@@ -81,14 +81,19 @@ def test_from_pretrained_builds_quantlinear_with_load_quantized_logits(dirs):
     assert model.config.quantization_config.to_dict() == quantization_config(dirs["q"])
 
 
-def test_save_pretrained_round_trips(dirs, tmp_path):
-    model = AutoModelForCausalLM.from_pretrained(dirs["q"])
-    model.save_pretrained(tmp_path / "saved")
-    assert quantization_config(tmp_path / "saved") == quantization_config(dirs["q"])
-    before, after = tensors(dirs["q"]), tensors(tmp_path / "saved")
+def assert_saved_as(saved: Path, original: Path) -> None:
+    """``saved`` holds ``original``'s config and tensors, dtypes included, bit for bit."""
+    assert quantization_config(saved) == quantization_config(original)
+    before, after = tensors(original), tensors(saved)
     assert sorted(before) == sorted(after)
     for name, tensor in before.items():
         assert after[name].dtype == tensor.dtype and torch.equal(after[name], tensor), name
+
+
+def test_save_pretrained_round_trips(dirs, tmp_path):
+    model = AutoModelForCausalLM.from_pretrained(dirs["q"])
+    model.save_pretrained(tmp_path / "saved")
+    assert_saved_as(tmp_path / "saved", dirs["q"])
     again = AutoModelForCausalLM.from_pretrained(tmp_path / "saved")
     assert torch.equal(logits(again), logits(model))
     assert torch.equal(logits(load_quantized(tmp_path / "saved")), logits(model))
@@ -102,11 +107,7 @@ def test_a_format_1_checkpoint_loads_and_saves_as_format_2(dirs, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(old)
     assert torch.equal(logits(model), logits(load_quantized(dirs["q"])))
     model.save_pretrained(tmp_path / "saved")
-    assert quantization_config(tmp_path / "saved") == quantization_config(dirs["q"])
-    before, after = tensors(dirs["q"]), tensors(tmp_path / "saved")
-    assert sorted(before) == sorted(after)
-    for name, tensor in before.items():
-        assert after[name].dtype == tensor.dtype and torch.equal(after[name], tensor), name
+    assert_saved_as(tmp_path / "saved", dirs["q"])
 
 
 def test_quantize_on_load_equals_quantize_model_inplace(dirs, monkeypatch):
