@@ -263,6 +263,8 @@ def test_outlier_slots_unmasked_and_summed_in_half(device):
         (8, replace(joined, split_k=3, block_n=32), 5, torch.float16),  # 2 chunks, split, overflow
         (8, replace(joined, split_k=3, block_n=32, pair_order=False), 5, torch.float16),
         (8, replace(joined, split_k=3, block_n=32, plain_copy=True), 5, torch.float16),
+        (24, replace(joined, slot_preload=True), 16, torch.float16),  # first chunk up front
+        (8, replace(joined, split_k=3, block_n=32, slot_preload=True), 5, torch.float16),
         (8, replace(joined, joined=False, slot_half=False), 20, torch.float16),  # unmasked only
         (8, replace(joined, slot_unmasked=False), 16, torch.float16),  # half only
         (6, joined, 16, torch.float16),  # 6 slots, chunks of 4: masked

@@ -552,20 +552,35 @@ def _store_tile(acc, out_ptrs, out_mask, part_ptr, lock_ptr, tile, pid_k,
 
 
 @triton.jit
+def _preload_slots(ecol_ptr, eval_ptr, rows, pid_k, SLOTS: tl.constexpr,
+                   SLOT_CHUNK: tl.constexpr, N):  # fmt: skip
+    """Chunk ``pid_k``'s slot columns (int32) and values ``[len(rows), SLOT_CHUNK]`` as
+    ``_table_2d`` loads them unmasked (zeros where the split has no chunk). The table is not
+    written by the kernel ahead, so the loads may go before a PDL wait."""
+    p = tl.minimum(rows, N - 1)[:, None].to(tl.int64) * SLOTS + pid_k * SLOT_CHUNK
+    p += tl.arange(0, SLOT_CHUNK)[None, :]
+    ok = (tl.zeros_like(p) + pid_k * SLOT_CHUNK) < SLOTS
+    col = tl.load(ecol_ptr + p, mask=ok, other=0).to(tl.int32)
+    return col, tl.load(eval_ptr + p, mask=ok, other=0.0)
+
+
+@triton.jit
 def _table_2d(
     x_ptr, ecol_ptr, eval_ptr, ecnt_ptr, oind_ptr, ocol_ptr, oval_ptr,
     rows, row_ok, ms, m_ok, stride_xm, stride_xk, pid_k,
     SLOTS: tl.constexpr, HAS_OVERFLOW: tl.constexpr, SPLIT_K: tl.constexpr,
     SLOT_CHUNK: tl.constexpr, OUT_CHUNK: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_M: tl.constexpr, PAIR_W: tl.constexpr = 0, UNMASKED: tl.constexpr = False,
-    HALF: tl.constexpr = False, N=1,
+    HALF: tl.constexpr = False, N=1, col0=0, v0=0, PRELOADED: tl.constexpr = False,
 ):  # fmt: skip
     """``sum_j v[n, j] * x[m, col[n, j]]`` ``[BLOCK_N, BLOCK_M]`` over this K split's share of
     the slots (chunk c goes to split c % SPLIT_K) and, in split 0, the overflow entries
     (``PAIR_W``: x is the pair-ordered copy). ``UNMASKED``: the slots' loads take no masks (x is
     the padded copy and SLOTS a multiple of SLOT_CHUNK): rows past N read row N - 1, whose sums
     are not stored, and an empty slot (column 0, value 0) adds 0 * x[m, 0]. ``HALF``: each
-    chunk's products and their sum in x's dtype (fp16), then added in fp32."""
+    chunk's products and their sum in x's dtype (fp16), then added in fp32. ``PRELOADED``
+    (UNMASKED): ``col0`` / ``v0`` hold chunk ``pid_k``'s columns and values, loaded by the caller
+    (``_preload_slots``) before its main loop."""
     res = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     xm = x_ptr + ms[None, None, :].to(tl.int64) * stride_xm
     CHUNKS: tl.constexpr = (SLOTS + SLOT_CHUNK - 1) // SLOT_CHUNK
@@ -580,8 +595,16 @@ def _table_2d(
         for c in range(CHUNKS):
             if c % SPLIT_K == pid_k:
                 if UNMASKED:
-                    col = tl.load(ecol_ptr + p0 + c * SLOT_CHUNK).to(tl.int32)
-                    v = tl.load(eval_ptr + p0 + c * SLOT_CHUNK)
+                    if PRELOADED:  # (a run-time branch: c == pid_k is the split's first chunk)
+                        if c == pid_k:
+                            col = col0
+                            v = v0
+                        else:
+                            col = tl.load(ecol_ptr + p0 + c * SLOT_CHUNK).to(tl.int32)
+                            v = tl.load(eval_ptr + p0 + c * SLOT_CHUNK)
+                    else:
+                        col = tl.load(ecol_ptr + p0 + c * SLOT_CHUNK).to(tl.int32)
+                        v = tl.load(eval_ptr + p0 + c * SLOT_CHUNK)
                 else:
                     j = c * SLOT_CHUNK + tl.arange(0, SLOT_CHUNK)
                     ok = row_ok[:, None] & (j < SLOTS)[None, :]
@@ -938,6 +961,7 @@ def _dot_planes_kernel(
     ACC_IN_PLACE: tl.constexpr = True,  # GROUP == 0: the products accumulate straight into acc
     PAIR_ORDER: tl.constexpr = True,  # JOINED: x's copy in pair order (else columns in order)
     PLAIN_ROWS: tl.constexpr = 0,  # > 0 (PAIR_ORDER): x^T in column order from this copy row on
+    SLOT_PRELOAD: tl.constexpr = False,  # SLOT_UNMASKED: the first slot chunk's loads up front
 ):
     """The tensor-core product one code position at a time: plane ``k`` of a step is the tile of
     columns ``k0 + PER * w + k``, multiplied with the matching (strided) rows of ``x^T``."""
@@ -959,7 +983,13 @@ def _dot_planes_kernel(
     qrow = q_ptr + rows[:, None].to(tl.int64) * row_words
     xrow = x_ptr + ms[None, :].to(tl.int64) * stride_xm
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-    if PDL:  # (before any load)
+    PRELOAD: tl.constexpr = SLOT_PRELOAD and SLOT_UNMASKED and SLOTS > 0
+    if PRELOAD:  # (their latency then passes during the main loop, not after it)
+        col0, v0 = _preload_slots(ecol_ptr, eval_ptr, rows, pid_k, SLOTS, SLOT_CHUNK, N)
+    else:
+        col0 = 0
+        v0 = 0
+    if PDL:  # (before any load of x)
         gdc_wait()
     for i in range(PER_SPLIT):
         step = pid_k * PER_SPLIT + i
@@ -1009,7 +1039,7 @@ def _dot_planes_kernel(
             oval_ptr, rows, row_ok, ms, m_ok, stride_xm, stride_xk, pid_k,
             SLOTS, HAS_OVERFLOW, SPLIT_K, SLOT_CHUNK, OUT_CHUNK, BLOCK_N, BLOCK_M,
             BLOCK_W if JOINED and PAIR_ORDER and PLAIN_ROWS == 0 else 0, SLOT_UNMASKED,
-            SLOT_HALF, N,
+            SLOT_HALF, N, col0, v0, PRELOAD,
         )  # fmt: skip
     if HAS_BIAS:
         bias = tl.load(bias_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
@@ -1423,6 +1453,7 @@ class DotConfig:
     acc_in_place: bool = True  # planes, per-channel scales: no per-step partial sum
     pair_order: bool = True  # joined: x copied in pair order (False: in column order, strided)
     plain_copy: bool = False  # joined, pair order: x^T also in column order for the outlier gather
+    slot_preload: bool = False  # planes, slot_unmasked: first slot chunk loaded before the loop
 
 
 def _slots_p2(table: OutlierTable) -> int:
@@ -1640,6 +1671,7 @@ def dot_plan(
                  SLOT_HALF=config.slot_half and dtype == torch.float16,
                  PAIR_IN_PLACE=config.pair_in_place, ACC_IN_PLACE=config.acc_in_place,
                  PAIR_ORDER=config.pair_order, PLAIN_ROWS=plain_rows,
+                 SLOT_PRELOAD=config.slot_preload,
                  **_pdl_launch(pdl), **common),
         )  # fmt: skip
     else:
