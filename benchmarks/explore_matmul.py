@@ -54,7 +54,7 @@ G, D = tm.GemvConfig, tm.DotConfig
 SWEEP = "stop12"  # --sweep
 ROUNDS = 2  # --rounds
 KINDS = ("gemv", "dot", "dequant", "floor", "rows", "mid", "batches", "transpose", "pdl", "split",
-         "slots", "loop", "order", "plain", "preload")
+         "slots", "loop", "order")
 
 
 # One step per row block (stop 13): a block covers up to 512 words of each of its rows at once,
@@ -275,10 +275,8 @@ def main() -> None:
         "fp32 atomics; slots: each default word-plane config at batch 2-128 with the outlier "
         "slots' loads unmasked and / or summed in fp16; loop: the same with the main loop's "
         "odd planes decoded unshifted and / or its products accumulated in place; order: the "
-        "joined kernel on x copied in pair order or in column order; plain: pair order with the "
-        "outlier gather computing pair positions or reading a second, column-order copy; "
-        "preload: the first slot chunk loaded before the main loop or after it); the table "
-        "keeps the others' entries",
+        "joined kernel on x copied in pair order or in column order); the table keeps the "
+        "others' entries",
     )
     parser.add_argument(
         "--slot-quantile",
@@ -299,10 +297,7 @@ def main() -> None:
         "--rounds", type=int, default=2, help="interleaved timings of each compared variant"
     )
     parser.add_argument(
-        "--batches",
-        type=int,
-        nargs="+",
-        help="batch sizes of --kinds slots / loop / order / plain / preload",
+        "--batches", type=int, nargs="+", help="batch sizes of --kinds slots / loop / order"
     )
     parser.add_argument(
         "--sweep",
@@ -848,45 +843,6 @@ def order_name(r: dict) -> str:
     return name + (" MISMATCH" if "MISMATCH" in r["kind"] else "")
 
 
-# batch sizes of --kinds plain, and its variants of a default joined config in pair order: the
-# outlier gather computing each column's place in the pair-ordered copy, or reading a second,
-# column-order copy of x^T that the copy kernel writes after the first.
-PLAIN_BATCHES = (2, 4, 8, 16, 32)
-
-
-def plain_variants(config) -> list[tm.DotConfig]:
-    if not (isinstance(config, tm.DotConfig) and config.joined and config.pair_order):
-        return []
-    return list(dict.fromkeys([config, replace(config, plain_copy=not config.plain_copy)]))
-
-
-def plain_name(r: dict) -> str:
-    """--kinds plain: a variant's name in print_variants."""
-    if r["kind"].endswith("-none"):
-        return "none"
-    name = "plain-copy" if r["config"]["plain_copy"] else "pair-positions"
-    return name + (" MISMATCH" if "MISMATCH" in r["kind"] else "")
-
-
-# batch sizes of --kinds preload, and its variants of a default word-plane config with unmasked
-# slots: the first slot chunk's columns and values loaded after the main loop or before it.
-PRELOAD_BATCHES = (2, 8, 16, 32, 64, 128)
-
-
-def preload_variants(config) -> list[tm.DotConfig]:
-    if not (isinstance(config, tm.DotConfig) and config.planes and config.slot_unmasked):
-        return []
-    return list(dict.fromkeys([config, replace(config, slot_preload=not config.slot_preload)]))
-
-
-def preload_name(r: dict) -> str:
-    """--kinds preload: a variant's name in print_variants."""
-    if r["kind"].endswith("-none"):
-        return "none"
-    name = "preloaded" if r["config"]["slot_preload"] else "after-loop"
-    return name + (" MISMATCH" if "MISMATCH" in r["kind"] else "")
-
-
 # --kinds that time variants of each shape's default config: kind -> (batches, variants of a
 # config, name of a recorded row, title of the printed summary)
 DEFAULT_VARIANTS = {
@@ -900,14 +856,6 @@ DEFAULT_VARIANTS = {
     "order": (ORDER_BATCHES, order_variants, order_name,
               "x's copy: pair order against column order; us (best of the rounds / their median "
               "past two), 0.5% outliers; none: no outliers, the default"),
-    "preload": (PRELOAD_BATCHES, preload_variants, preload_name,
-                "outlier slots: the first chunk's columns and values loaded after the main loop "
-                "or before it; us (best of the rounds / their median past two), 0.5% outliers; "
-                "none: no outliers, the default"),
-    "plain": (PLAIN_BATCHES, plain_variants, plain_name,
-              "outlier gather: pair positions computed, or a second copy of x^T in column order; "
-              "us (best of the rounds / their median past two), 0.5% outliers; none: no "
-              "outliers, the default"),
 }  # fmt: skip
 
 

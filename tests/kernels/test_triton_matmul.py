@@ -196,15 +196,8 @@ def test_pair_ordered_copy_of_x(device):
     expected = torch.zeros(out_rows, m, dtype=x.dtype)
     expected[row, :rows] = x.cpu().t()
     assert torch.equal(copy.cpu(), expected)
-    # plain: x^T in column order follows, for the outlier gather
-    both = tm.transpose_plan(rows, k, m, k, 1, x.dtype, None, pair_w, out_rows, plain=True)
-    both = both(x).t().cpu()
-    assert both.shape == (out_rows + k, m) and torch.equal(both[:out_rows], expected)
-    assert torch.equal(both[out_rows:, :rows], x.cpu().t()) and not both[out_rows:, rows:].any()
     with pytest.raises(ValueError, match="pair-ordered"):
         tm.transpose_plan(rows, k, m, 1, rows, x.dtype, None, pair_w, out_rows)
-    with pytest.raises(ValueError, match="column-order rows"):
-        tm.transpose_plan(rows, k, m, k, 1, x.dtype, None, 0, out_rows, plain=True)
     # in column order, by the kernel or (x strided along K) by torch: rows past K zero as well
     strided = x.t().contiguous().t()
     for source, kernel in ((x, True), (strided, False)):
@@ -225,8 +218,7 @@ def test_packed_word_plane_kernel_matches_reference(group, n, k, device):
     """Planes decoded in pairs (4 bits, fp16 / bf16 x): on the CPU the one-plane decode, on a GPU
     the PTX; with and without overflow and split K; each pair of planes one product against x
     copied in pair order (``joined``), K not a whole number of steps; stop 21's main loop
-    (every pair shifted into place, a partial sum per step) too; x copied in column order; the
-    pair-ordered copy followed by a column-order one for the outlier gather (``plain_copy``)."""
+    (every pair shifted into place, a partial sum per step) too; x copied in column order."""
     joined = tm.DotConfig(16, 16, 128, xt=True, planes=True, packed=True, joined=True)
     for slots, config in ((None, tm.DotConfig(16, 16, 128, planes=True, packed=True)),
                           (1, tm.DotConfig(32, 16, 128, split_k=2, xt=True, planes=True,
@@ -237,9 +229,7 @@ def test_packed_word_plane_kernel_matches_reference(group, n, k, device):
                           (1, replace(joined, pair_in_place=False,
                                       acc_in_place=False)),
                           (2, replace(joined, pair_order=False, split_k=2)),
-                          (1, replace(joined, pair_order=False, block_k=256)),
-                          (2, replace(joined, plain_copy=True, split_k=2)),
-                          (1, replace(joined, plain_copy=True, block_k=256))):  # fmt: skip
+                          (1, replace(joined, pair_order=False, block_k=256))):  # fmt: skip
         weight = random_weight(n, k, 4, group, seed=n, device=device, slots=slots)
         assert tm.fits(weight, config)
         for dtype, m in ((torch.float16, 16), (torch.bfloat16, 5), (torch.float32, 3)):
@@ -262,9 +252,6 @@ def test_outlier_slots_unmasked_and_summed_in_half(device):
         (24, joined, 16, torch.float16),  # 6 chunks, empty slots in most rows
         (8, replace(joined, split_k=3, block_n=32), 5, torch.float16),  # 2 chunks, split, overflow
         (8, replace(joined, split_k=3, block_n=32, pair_order=False), 5, torch.float16),
-        (8, replace(joined, split_k=3, block_n=32, plain_copy=True), 5, torch.float16),
-        (24, replace(joined, slot_preload=True), 16, torch.float16),  # first chunk up front
-        (8, replace(joined, split_k=3, block_n=32, slot_preload=True), 5, torch.float16),
         (8, replace(joined, joined=False, slot_half=False), 20, torch.float16),  # unmasked only
         (8, replace(joined, slot_unmasked=False), 16, torch.float16),  # half only
         (6, joined, 16, torch.float16),  # 6 slots, chunks of 4: masked

@@ -552,35 +552,20 @@ def _store_tile(acc, out_ptrs, out_mask, part_ptr, lock_ptr, tile, pid_k,
 
 
 @triton.jit
-def _preload_slots(ecol_ptr, eval_ptr, rows, pid_k, SLOTS: tl.constexpr,
-                   SLOT_CHUNK: tl.constexpr, N):  # fmt: skip
-    """Chunk ``pid_k``'s slot columns (int32) and values ``[len(rows), SLOT_CHUNK]`` as
-    ``_table_2d`` loads them unmasked (zeros where the split has no chunk). The table is not
-    written by the kernel ahead, so the loads may go before a PDL wait."""
-    p = tl.minimum(rows, N - 1)[:, None].to(tl.int64) * SLOTS + pid_k * SLOT_CHUNK
-    p += tl.arange(0, SLOT_CHUNK)[None, :]
-    ok = (tl.zeros_like(p) + pid_k * SLOT_CHUNK) < SLOTS
-    col = tl.load(ecol_ptr + p, mask=ok, other=0).to(tl.int32)
-    return col, tl.load(eval_ptr + p, mask=ok, other=0.0)
-
-
-@triton.jit
 def _table_2d(
     x_ptr, ecol_ptr, eval_ptr, ecnt_ptr, oind_ptr, ocol_ptr, oval_ptr,
     rows, row_ok, ms, m_ok, stride_xm, stride_xk, pid_k,
     SLOTS: tl.constexpr, HAS_OVERFLOW: tl.constexpr, SPLIT_K: tl.constexpr,
     SLOT_CHUNK: tl.constexpr, OUT_CHUNK: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_M: tl.constexpr, PAIR_W: tl.constexpr = 0, UNMASKED: tl.constexpr = False,
-    HALF: tl.constexpr = False, N=1, col0=0, v0=0, PRELOADED: tl.constexpr = False,
+    HALF: tl.constexpr = False, N=1,
 ):  # fmt: skip
     """``sum_j v[n, j] * x[m, col[n, j]]`` ``[BLOCK_N, BLOCK_M]`` over this K split's share of
     the slots (chunk c goes to split c % SPLIT_K) and, in split 0, the overflow entries
     (``PAIR_W``: x is the pair-ordered copy). ``UNMASKED``: the slots' loads take no masks (x is
     the padded copy and SLOTS a multiple of SLOT_CHUNK): rows past N read row N - 1, whose sums
     are not stored, and an empty slot (column 0, value 0) adds 0 * x[m, 0]. ``HALF``: each
-    chunk's products and their sum in x's dtype (fp16), then added in fp32. ``PRELOADED``
-    (UNMASKED): ``col0`` / ``v0`` hold chunk ``pid_k``'s columns and values, loaded by the caller
-    (``_preload_slots``) before its main loop."""
+    chunk's products and their sum in x's dtype (fp16), then added in fp32."""
     res = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     xm = x_ptr + ms[None, None, :].to(tl.int64) * stride_xm
     CHUNKS: tl.constexpr = (SLOTS + SLOT_CHUNK - 1) // SLOT_CHUNK
@@ -595,16 +580,8 @@ def _table_2d(
         for c in range(CHUNKS):
             if c % SPLIT_K == pid_k:
                 if UNMASKED:
-                    if PRELOADED:  # (a run-time branch: c == pid_k is the split's first chunk)
-                        if c == pid_k:
-                            col = col0
-                            v = v0
-                        else:
-                            col = tl.load(ecol_ptr + p0 + c * SLOT_CHUNK).to(tl.int32)
-                            v = tl.load(eval_ptr + p0 + c * SLOT_CHUNK)
-                    else:
-                        col = tl.load(ecol_ptr + p0 + c * SLOT_CHUNK).to(tl.int32)
-                        v = tl.load(eval_ptr + p0 + c * SLOT_CHUNK)
+                    col = tl.load(ecol_ptr + p0 + c * SLOT_CHUNK).to(tl.int32)
+                    v = tl.load(eval_ptr + p0 + c * SLOT_CHUNK)
                 else:
                     j = c * SLOT_CHUNK + tl.arange(0, SLOT_CHUNK)
                     ok = row_ok[:, None] & (j < SLOTS)[None, :]
@@ -960,8 +937,6 @@ def _dot_planes_kernel(
     PAIR_IN_PLACE: tl.constexpr = True,  # PACKED, fp16: odd planes decoded unshifted (_plane_pair)
     ACC_IN_PLACE: tl.constexpr = True,  # GROUP == 0: the products accumulate straight into acc
     PAIR_ORDER: tl.constexpr = True,  # JOINED: x's copy in pair order (else columns in order)
-    PLAIN_ROWS: tl.constexpr = 0,  # > 0 (PAIR_ORDER): x^T in column order from this copy row on
-    SLOT_PRELOAD: tl.constexpr = False,  # SLOT_UNMASKED: the first slot chunk's loads up front
 ):
     """The tensor-core product one code position at a time: plane ``k`` of a step is the tile of
     columns ``k0 + PER * w + k``, multiplied with the matching (strided) rows of ``x^T``."""
@@ -983,13 +958,7 @@ def _dot_planes_kernel(
     qrow = q_ptr + rows[:, None].to(tl.int64) * row_words
     xrow = x_ptr + ms[None, :].to(tl.int64) * stride_xm
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-    PRELOAD: tl.constexpr = SLOT_PRELOAD and SLOT_UNMASKED and SLOTS > 0
-    if PRELOAD:  # (their latency then passes during the main loop, not after it)
-        col0, v0 = _preload_slots(ecol_ptr, eval_ptr, rows, pid_k, SLOTS, SLOT_CHUNK, N)
-    else:
-        col0 = 0
-        v0 = 0
-    if PDL:  # (before any load of x)
+    if PDL:  # (before any load)
         gdc_wait()
     for i in range(PER_SPLIT):
         step = pid_k * PER_SPLIT + i
@@ -1033,13 +1002,11 @@ def _dot_planes_kernel(
         s_row = tl.load(s_ptr + rows * stride_s, mask=row_ok, other=0.0)
         acc = acc * s_row.to(tl.float32)[:, None]
     if SLOTS > 0 or HAS_OVERFLOW:
-        # the gather reads the column-order rows where the copy has them: no pair positions
         acc += _table_2d(
-            x_ptr + PLAIN_ROWS * stride_xk, ecol_ptr, eval_ptr, ecnt_ptr, oind_ptr, ocol_ptr,
-            oval_ptr, rows, row_ok, ms, m_ok, stride_xm, stride_xk, pid_k,
+            x_ptr, ecol_ptr, eval_ptr, ecnt_ptr, oind_ptr, ocol_ptr, oval_ptr,
+            rows, row_ok, ms, m_ok, stride_xm, stride_xk, pid_k,
             SLOTS, HAS_OVERFLOW, SPLIT_K, SLOT_CHUNK, OUT_CHUNK, BLOCK_N, BLOCK_M,
-            BLOCK_W if JOINED and PAIR_ORDER and PLAIN_ROWS == 0 else 0, SLOT_UNMASKED,
-            SLOT_HALF, N, col0, v0, PRELOAD,
+            BLOCK_W if JOINED and PAIR_ORDER else 0, SLOT_UNMASKED, SLOT_HALF, N,
         )  # fmt: skip
     if HAS_BIAS:
         bias = tl.load(bias_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
@@ -1054,13 +1021,11 @@ def _dot_planes_kernel(
 @triton.jit
 def _transpose_pad_kernel(x_ptr, out_ptr, rows, K, stride_xm, m_pad, out_rows,
                           M_P2: tl.constexpr, BLOCK_K: tl.constexpr,
-                          PAIR_W: tl.constexpr, PDL: tl.constexpr = False,
-                          PLAIN: tl.constexpr = False):  # fmt: skip
+                          PAIR_W: tl.constexpr, PDL: tl.constexpr = False):  # fmt: skip
     """``out [out_rows, m_pad]`` (row-major) = x^T with the batch zero-padded from ``rows`` to
     m_pad (M_P2: m_pad's next power of two) and rows past K zero; ``PAIR_W`` > 0: rows in the
     pair order of ``_pair_position``. ``PDL``: launched before the kernel ahead of it ends (waits
-    first), and the matmul after it may start at once. ``PLAIN`` (with ``PAIR_W``): ``out`` has
-    ``K`` more rows, x^T in column order after the pair-ordered ones (for the outlier gather)."""
+    first), and the matmul after it may start at once."""
     if PDL:  # wait for the kernel ahead, then let the matmul start while x is copied
         gdc_wait()
         gdc_launch_dependents()
@@ -1076,9 +1041,6 @@ def _transpose_pad_kernel(x_ptr, out_ptr, rows, K, stride_xm, m_pad, out_rows,
                 mask=(ks < K)[:, None] & (ms < rows)[None, :], other=0.0)  # fmt: skip
     tl.store(out_ptr + ps[:, None] * m_pad + ms[None, :], v,
              mask=(ps < out_rows)[:, None] & (ms < m_pad)[None, :])  # fmt: skip
-    if PLAIN:  # (every column < K is some ps < out_rows of one program: pair order permutes)
-        tl.store(out_ptr + (out_rows + ks[:, None]) * m_pad + ms[None, :], v,
-                 mask=((ps < out_rows) & (ks < K))[:, None] & (ms < m_pad)[None, :])  # fmt: skip
 
 
 def transposed_x(x: torch.Tensor, m: int) -> torch.Tensor:
@@ -1099,7 +1061,6 @@ def transpose_plan(
     pair_w: int = 0,
     out_rows: int | None = None,
     pdl: bool = False,
-    plain: bool = False,
 ) -> Callable[[torch.Tensor], torch.Tensor]:
     """``transposed_x`` for every x of this shape, strides and dtype (``kernel``: force the
     Triton kernel or torch's copy; None: the kernel up to 256 batch rows, padded or not: on the
@@ -1107,10 +1068,8 @@ def transpose_plan(
     results/…-2026-11-23-explore-transpose-f1056f2.json). ``pair_w`` > 0: the copy's rows in
     the joined word-plane kernel's pair order, ``out_rows`` of them (rows past K zero).
     ``pdl``: launched with programmatic dependent launch, and the next launch (the matmul) may
-    start while it runs. ``plain`` (with ``pair_w``): k more rows follow, x^T in column order."""
+    start while it runs."""
     out_rows = k if out_rows is None else out_rows
-    if plain and pair_w == 0:
-        raise ValueError("the column-order rows after the copy go with a pair-ordered copy")
     if kernel is None:
         kernel = (m <= 256 or pair_w > 0) and stride_xk == 1
     if pair_w > 0 and not kernel:
@@ -1129,13 +1088,11 @@ def transpose_plan(
     launch = KernelLaunch(
         _transpose_pad_kernel, (triton.cdiv(out_rows, block_k),),
         (X, OUT, rows, k, stride_xm, m, out_rows),
-        dict(M_P2=m_p2, BLOCK_K=block_k, PAIR_W=pair_w, PDL=pdl, PLAIN=plain,
-             **_pdl_launch(pdl)),
+        dict(M_P2=m_p2, BLOCK_K=block_k, PAIR_W=pair_w, PDL=pdl, **_pdl_launch(pdl)),
     )  # fmt: skip
-    total_rows = out_rows + (k if plain else 0)
 
     def kernel_copy(x: torch.Tensor) -> torch.Tensor:
-        out = torch.empty(total_rows, m, device=x.device, dtype=dtype)
+        out = torch.empty(out_rows, m, device=x.device, dtype=dtype)
         launch(x, None, out)
         return out.t()
 
@@ -1452,8 +1409,6 @@ class DotConfig:
     pair_in_place: bool = True  # packed, fp16 x: planes 1-3 and 5-7 from one shift per word
     acc_in_place: bool = True  # planes, per-channel scales: no per-step partial sum
     pair_order: bool = True  # joined: x copied in pair order (False: in column order, strided)
-    plain_copy: bool = False  # joined, pair order: x^T also in column order for the outlier gather
-    slot_preload: bool = False  # planes, slot_unmasked: first slot chunk loaded before the loop
 
 
 def _slots_p2(table: OutlierTable) -> int:
@@ -1616,17 +1571,14 @@ def dot_plan(
     packed = config.planes and config.packed and weight.bits == 4 and dtype != torch.float32
     joined = packed and config.joined and config.xt  # (fits: the word view applies)
     pdl = config.pdl and config.planes and config.xt and dependent_launch(weight)
-    plain_rows = 0
     if config.xt:  # same values, column-major (x[m, k] at k * M + m), padded in the same pass
         pair_w, out_rows = 0, k
         if joined:  # every split's steps, padded: the kernel reads them unmasked
             per_split = triton.cdiv(triton.cdiv(triton.cdiv(k, 8), block_w), config.split_k)
             pair_w = block_w if config.pair_order else 0
             out_rows = per_split * config.split_k * 8 * block_w
-        plain = pair_w > 0 and config.plain_copy and weight.has_outliers
-        plain_rows = out_rows if plain else 0
         prepare = transpose_plan(
-            rows, k, m, stride_xm, stride_xk, dtype, None, pair_w, out_rows, pdl, plain
+            rows, k, m, stride_xm, stride_xk, dtype, None, pair_w, out_rows, pdl
         )  # fmt: skip
         stride_xm, stride_xk = 1, m
     elif m != rows:
@@ -1670,8 +1622,7 @@ def dot_plan(
                  JOINED=joined, PDL=pdl, SLOT_UNMASKED=unmasked,
                  SLOT_HALF=config.slot_half and dtype == torch.float16,
                  PAIR_IN_PLACE=config.pair_in_place, ACC_IN_PLACE=config.acc_in_place,
-                 PAIR_ORDER=config.pair_order, PLAIN_ROWS=plain_rows,
-                 SLOT_PRELOAD=config.slot_preload,
+                 PAIR_ORDER=config.pair_order,
                  **_pdl_launch(pdl), **common),
         )  # fmt: skip
     else:
