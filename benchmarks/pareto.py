@@ -170,7 +170,7 @@ def markdown(payload: dict[str, Any]) -> str:
         f"Protocol (benchmarks/quality.py's): {proto['text']}, windows 0-{proto['windows'] - 1} "
         f"of {proto['seq_len']} tokens; full precision (GGUF weights) ppl "
         f"{payload['fp_ppl']:.2f}. All decoder Linear weights quantized at 4 bits; bits/weight "
-        "count every stored bit. Plot: pareto.png.",
+        "count every stored bit. Plot: the .png of the same name.",
         "",
         "| method | setting | bits/weight | ppl | quantization s |",
         "| --- | --- | --- | --- | --- |",
