@@ -63,8 +63,7 @@ class QuantLinear(nn.Module):
         self.weight_dtype = qweight.dtype
         for key, tensor in qweight.state_dict().items():
             self.register_buffer(key, tensor)
-        self.register_buffer("outlier_indptr", qweight.outlier_indptr, persistent=False)
-        self.register_buffer("outlier_indices", qweight.outlier_indices, persistent=False)
+        self._keep_csr(qweight.outlier_indptr, qweight.outlier_indices)
         if bias is not None:
             if tuple(bias.shape) != (self.out_features,):
                 raise ValueError(
@@ -108,11 +107,13 @@ class QuantLinear(nn.Module):
 
     def decode_outliers(self) -> None:
         """(Re)build the CSR buffers from the stored counts and columns (after a load)."""
-        indptr, indices = outlier_store.decode(
-            self.outlier_counts, self.outlier_columns, self.in_features
+        self._keep_csr(
+            *outlier_store.decode(self.outlier_counts, self.outlier_columns, self.in_features)
         )
-        self.register_buffer("outlier_indptr", indptr, persistent=False)
-        self.register_buffer("outlier_indices", indices, persistent=False)
+
+    def _keep_csr(self, indptr: torch.Tensor, indices: torch.Tensor) -> None:
+        for key, tensor in zip(CSR_KEYS, (indptr, indices), strict=True):
+            self.register_buffer(key, tensor, persistent=False)
 
     def build_outlier_table(self, slots: int | None = None) -> None:
         """(Re)build the kernels' copy of the outliers from the CSR buffers (``slots``: fixed
