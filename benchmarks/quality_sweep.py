@@ -36,7 +36,7 @@ from easyquant.models.select import Selection
 REPO = Path(__file__).resolve().parents[1]
 WIKITEXT = REPO.parent / "shared" / "data" / "wikitext2" / "wiki.test.raw"
 EQ_KEYS = ("norm_alpha", "value_alpha", "mlp_alpha")
-EXTRA_KEYS = (*EQ_KEYS, "only", "mag_power", "min_range", "type_sigma")
+EXTRA_KEYS = (*EQ_KEYS, "only", "mag_power", "min_range", "type_sigma", "outlier_step")
 MODULE_TYPES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # Table 6 of the paper: zero 1% of each weight's entries, taken from one band of |W - mean|.
 ZERO_BANDS = ((0.99, 1.0), (0.98, 0.99), (0.95, 0.96), (0.90, 0.91), (0.50, 0.51), (0.0, 0.01))
@@ -60,6 +60,7 @@ def base_setting(**changes: Any) -> dict[str, Any]:
         mag_power=0.0,
         min_range=0.0,
         type_sigma=None,
+        outlier_step=None,
     )
     setting.update(changes)
     return setting
@@ -187,6 +188,39 @@ def stage_settings(stage: str) -> list[dict[str, Any]]:
     if stage == "group-scope-base":
         # the same run's reference for group-scope: the 4-bit best preset (tensor scope) at g128
         return [base_setting(bits=4, group_size=128, steps=50, lr=3e-3)]
+    if stage == "int8-outliers-3":
+        # the presets' neighbours with int8 outliers: 3 bits (per tensor, per group), 4-bit g128
+        int8 = dict(outlier_step=1.0)
+        return [
+            base_setting(bits=3, outlier_sigma=2.5, steps=100, lr=3e-3, **int8),
+            base_setting(bits=3, group_size=128, outlier_sigma=2.25, outlier_scope="group", **int8),
+            base_setting(
+                group_size=128, outlier_sigma=2.4, outlier_scope="group", steps=50, lr=3e-3, **int8
+            ),
+        ]
+    if stage == "int8-outliers-4":
+        return [base_setting(bits=3, outlier_sigma=2.25, steps=100, lr=3e-3, outlier_step=1.0)]
+    if stage in ("int8-outliers", "int8-outliers-2"):
+        # Outlier values as int8 multiples of their row's (group's) scale: 8 bits fewer each, so
+        # more outliers fit the same bits (runs 10 and 11 used these two lists as settings files)
+        best = dict(outlier_scope="channel", steps=50, lr=3e-3)
+        if stage == "int8-outliers":
+            rows = [base_setting(**best, outlier_sigma=2.75)]
+            rows += [base_setting(**best, outlier_sigma=2.75, outlier_step=k) for k in (1.0, 0.5)]
+            sigmas = (2.5, 2.4, 2.3)
+            rows += [base_setting(**best, outlier_sigma=s, outlier_step=1.0) for s in sigmas]
+            return rows
+        int8 = dict(outlier_step=1.0)
+        g128 = dict(group_size=128, outlier_scope="group", steps=50, lr=3e-3, **int8)
+        return [
+            base_setting(**best, **int8, outlier_sigma=2.5, mag_power=1.0),
+            base_setting(**best, **int8, outlier_sigma=2.6),
+            base_setting(**{**best, "steps": 100}, **int8, outlier_sigma=2.5),
+            base_setting(**g128, outlier_sigma=2.5),
+            base_setting(**g128, outlier_sigma=2.25),
+            base_setting(bits=3, group_size=128, outlier_sigma=2.4, outlier_scope="group", **int8),
+            base_setting(bits=3, outlier_sigma=2.75, steps=100, lr=3e-3, **int8),
+        ]
     raise SystemExit(f"unknown stage {stage!r}")
 
 
@@ -270,6 +304,24 @@ def zero_band_rows(base: torch.nn.Module, ppl: Any) -> list[dict[str, Any]]:
     return rows
 
 
+def snap_outliers(qweight: Any, step: float) -> int:
+    """Experimental: outlier values as int8 multiples of ``step`` x the scale of their row and
+    group, the step doubled per tensor until no code passes 127; returns the bits saved against
+    their stored float values."""
+    from easyquant.format.outlier_store import csr_rows
+
+    rows = csr_rows(qweight.outlier_indptr).long()
+    groups = qweight.outlier_indices.long() // qweight.group_length
+    unit = qweight.scales.float()[rows, groups] * step
+    codes = torch.round(qweight.outlier_values.float() / unit)
+    while codes.numel() and codes.abs().max() > 127:
+        unit = unit * 2
+        codes = torch.round(qweight.outlier_values.float() / unit)
+    saved = (qweight.outlier_values.element_size() * 8 - 8) * codes.numel()
+    qweight.outlier_values = (codes * unit).to(qweight.outlier_values.dtype)
+    return saved
+
+
 def decoder_linears(model: torch.nn.Module) -> list[tuple[str, torch.nn.Linear]]:
     selection = Selection()
     return [
@@ -299,11 +351,14 @@ def run_setting(base: torch.nn.Module, setting: dict[str, Any], ppl: Any) -> dic
             qweight = weighted_quantize(weight, config, setting["mag_power"], setting["min_range"])
         else:
             qweight = quantize_tensor(weight, config)
+        stored_bits = qweight.bits_per_weight * weight.numel()
+        if setting["outlier_step"]:
+            stored_bits -= snap_outliers(qweight, setting["outlier_step"])
         approx = qweight.dequantize(torch.float32)
         error_num += float((approx - weight.float()).pow(2).sum())
         error_den += float(weight.float().pow(2).sum())
         n = weight.numel()
-        bits += qweight.bits_per_weight * n
+        bits += stored_bits
         outliers += qweight.num_outliers
         weights += n
         linear.weight.data = approx.to(weight.dtype)

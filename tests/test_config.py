@@ -50,6 +50,8 @@ def test_json_round_trip():
         ("lr", float("nan")),
         ("method", "gptq"),
         ("scale_dtype", "int8"),
+        ("outlier_dtype", "int4"),
+        ("outlier_dtype", "float64"),
     ],
 )
 def test_invalid_values_name_the_field(field, value):
@@ -71,6 +73,7 @@ def test_new_fields_default_to_the_paper_and_validate():
             with pytest.raises(ValueError, match=field):
                 QuantConfig(**{field: bad})
     assert QuantConfig(outlier_scope="group", group_size=64).outlier_scope == "group"
+    assert QuantConfig(outlier_dtype="int8").outlier_dtype == "int8"
 
 
 def test_best_preset_is_a_different_valid_recipe_and_round_trips():

@@ -71,12 +71,16 @@ def version_1_state(qw: QuantizedWeight) -> dict[str, torch.Tensor]:
     }
 
 
-def test_version_1_is_still_read_and_written_as_version_2():
+def test_versions_1_and_2_are_still_read_and_written_as_the_current_one():
     qw = quantize_tensor(student_t(24, 300, seed=6), QuantConfig(steps=2, outlier_sigma=2.5))
     assert qw.num_outliers > 0
-    old = QuantizedWeight.from_state_dict(version_1_state(qw))
-    assert torch.equal(old.dequantize(), qw.dequantize())
-    assert set(old.state_dict()) == set(STATE_KEYS) and int(old.state_dict()["meta"][0]) == 2
+    version_2 = dict(qw.state_dict(), meta=version_1_state(qw)["meta"].clone().fill_(2))
+    version_2["meta"][1:] = qw.meta()[1:]
+    for state in (version_1_state(qw), version_2):
+        old = QuantizedWeight.from_state_dict(state)
+        assert torch.equal(old.dequantize(), qw.dequantize())
+        assert set(old.state_dict()) == set(STATE_KEYS)
+        assert int(old.state_dict()["meta"][0]) == FORMAT_VERSION
     with pytest.raises(ValueError, match="outlier_indptr"):
         QuantizedWeight.from_state_dict(
             {k: v for k, v in version_1_state(qw).items() if k != "outlier_indptr"}
@@ -110,6 +114,55 @@ def test_narrow_outlier_dtype_halves_outlier_cost():
     saved = exact.storage_bits - half.storage_bits
     assert saved == exact.num_outliers * 16
     torch.testing.assert_close(half.outlier_values.float(), exact.outlier_values, rtol=1e-3, atol=0)
+
+
+@pytest.mark.parametrize("group", [None, 32, 48])  # 48: a shorter last group of 128 columns
+def test_int8_outliers_are_codes_on_their_rows_scale(tmp_path, group):
+    w = student_t(24, 128, seed=4)
+    config = QuantConfig(steps=5, outlier_sigma=2.0, group_size=group)
+    exact = quantize_tensor(w, config)
+    coded = quantize_tensor(w, config.replace(outlier_dtype="int8"))
+    assert coded.outlier_values.dtype == torch.int8 and coded.num_outliers == exact.num_outliers
+    assert coded.storage_bits == exact.storage_bits - exact.num_outliers * 24
+    assert torch.equal(coded.scales, exact.scales)  # the codes follow the ranges, not the reverse
+    rows, cols = coded.outlier_rows(), coded.outlier_indices.long()
+    step = coded.scales.float()[rows, cols // (group or 128)]
+    values = coded.dequantize()[rows, cols]
+    assert torch.equal(values, (coded.outlier_values.float() * step).half().float())
+    # the nearest multiple, in the scales' dtype (float16)
+    assert ((values - w[rows, cols]).abs() <= step / 2 + values.abs() * 2**-11).all()
+    assert torch.equal(coded.dequantize().masked_fill_(mask_of(coded), 0),
+                       exact.dequantize().masked_fill_(mask_of(exact), 0))  # fmt: skip
+    save_file(coded.state_dict(), tmp_path / "w.safetensors")
+    back = QuantizedWeight.from_state_dict(load_file(tmp_path / "w.safetensors"))
+    assert back.outlier_values.dtype == torch.int8 and int(back.meta()[0]) == FORMAT_VERSION == 3
+    assert torch.equal(back.dequantize(), coded.dequantize())
+    for rows_slice in (slice(0, 24), slice(5, 17)):
+        assert torch.equal(coded.dequantize_rows(rows_slice), coded.dequantize()[rows_slice])
+
+
+def mask_of(qw: QuantizedWeight) -> torch.Tensor:
+    mask = torch.zeros(qw.shape, dtype=torch.bool)
+    mask[qw.outlier_rows(), qw.outlier_indices.long()] = True
+    return mask
+
+
+@pytest.mark.parametrize("dtype, fallback", [(torch.float32, torch.float16),
+                                             (torch.bfloat16, torch.bfloat16)])  # fmt: skip
+def test_int8_outliers_that_do_not_fit_keep_16_bit_floats(dtype, fallback):
+    w = (student_t(8, 64, seed=6) * 0.01).to(dtype)
+    config = QuantConfig(steps=5, outlier_dtype="int8")
+    assert quantize_tensor(w, config).outlier_values.dtype == torch.int8
+    far = w.clone()
+    far[2, 7] = 1000 * float(w.float().abs().max())  # far past 127 steps of its row's range
+    qw = quantize_tensor(far, config)
+    assert qw.outlier_values.dtype == fallback
+    assert float(qw.dequantize(torch.float32)[2, 7]) == float(far[2, 7].to(fallback))
+    zero_row = w.clone()
+    zero_row[3] = 0.0
+    zero_row[3, 5] = 1.0  # the only nonzero of its row is an outlier: its row's scale is zero
+    qw = quantize_tensor(zero_row, config.replace(outlier_scope="tensor"))
+    assert qw.outlier_values.dtype == fallback and float(qw.dequantize()[3, 5]) == 1.0
 
 
 def test_dequantize_rows_is_a_slice_of_dequantize():

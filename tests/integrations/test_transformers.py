@@ -23,10 +23,15 @@ from tests.conftest import REPO, rewrite_as_format_1, save_tiny_llama
 
 register()
 
-# Group ranges on most layers, 3-bit per-channel down_proj, k_proj without outliers (empty CSR).
+# Group ranges on most layers, 3-bit per-channel down_proj, k_proj without outliers (empty CSR),
+# v_proj's outliers as int8 codes.
 CONFIG = QuantConfig(bits=4, group_size=32, steps=10)
 SELECTION = Selection.build(
-    overrides={"*.down_proj": {"bits": 3, "group_size": None}, "*.k_proj": {"outlier_sigma": None}}
+    overrides={
+        "*.down_proj": {"bits": 3, "group_size": None},
+        "*.k_proj": {"outlier_sigma": None},
+        "*.v_proj": {"outlier_dtype": "int8"},
+    }
 )
 IDS = torch.tensor([[1, 5, 17, 42, 7, 88, 3, 64, 12, 9], [4, 4, 90, 31, 2, 60, 8, 15, 77, 6]])
 
@@ -76,6 +81,7 @@ def test_from_pretrained_builds_quantlinear_with_load_quantized_logits(dirs):
             a, b = getattr(ours, key), getattr(theirs, key)
             assert a.dtype == b.dtype and torch.equal(a, b), (name, key)
     assert model.get_submodule(modules[1]).outlier_values.numel() == 0  # k_proj: no outliers
+    assert model.get_submodule(modules[2]).outlier_values.dtype == torch.int8  # v_proj
     assert model.get_submodule(modules[6]).bits == 3  # down_proj override
     assert torch.equal(logits(model), logits(reference))
     assert model.config.quantization_config.to_dict() == quantization_config(dirs["q"])
@@ -99,7 +105,7 @@ def test_save_pretrained_round_trips(dirs, tmp_path):
     assert torch.equal(logits(load_quantized(tmp_path / "saved")), logits(model))
 
 
-def test_a_format_1_checkpoint_loads_and_saves_as_format_2(dirs, tmp_path):
+def test_a_format_1_checkpoint_loads_and_saves_as_the_current_format(dirs, tmp_path):
     old = tmp_path / "old"
     shutil.copytree(dirs["q"], old)
     rewrite_as_format_1(old)

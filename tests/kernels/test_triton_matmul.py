@@ -622,13 +622,22 @@ def test_autotuned_choice_matches_reference(device, monkeypatch):
         assert_close(tm.matmul(weight, x, None), reference(weight, x, None), torch.float16)
 
 
-def test_quant_linear_on_the_kernels_matches_the_torch_path(device):
+@pytest.mark.parametrize("outlier_dtype, group", [(None, None), ("int8", None), ("int8", 32)])
+def test_quant_linear_on_the_kernels_matches_the_torch_path(device, outlier_dtype, group):
     from easyquant import QuantConfig, QuantLinear, quantize_tensor
     from tests.conftest import student_t
 
     weight = student_t(40, 96, seed=9)
-    layer = QuantLinear(quantize_tensor(weight, QuantConfig(steps=5)), torch.randn(40)).to(device)
+    config = QuantConfig(steps=5, outlier_dtype=outlier_dtype, group_size=group)
+    layer = QuantLinear(quantize_tensor(weight, config), torch.randn(40)).to(device)
     assert layer.fused_supported
+    if outlier_dtype == "int8":  # the kernels' table holds the decoded values
+        assert layer.outlier_values.dtype == torch.int8 and layer.slot_vals.dtype == torch.float16
+        table = tm.Weight.from_csr(layer.qweight, layer.scales, layer.outlier_indptr,
+                                   layer.outlier_indices, layer.kernel_outlier_values(), 4,
+                                   tm.kernel_group(group, 96), 96)  # fmt: skip
+        dense = layer.dequantize(torch.float64).cpu()
+        torch.testing.assert_close(dense_reference(table).cpu(), dense, rtol=0, atol=0)
     assert layer.slot_cols.device.type == torch.device(device).type
     for shape in ((1, 96), (2, 3, 96)):
         x = torch.randn(*shape).to(device)

@@ -39,6 +39,7 @@ def totals(out):
         (QuantConfig.best(steps=10), torch.float32),
         (QuantConfig(steps=5, outlier_scope="group", init_grid=5, refine_steps=2), torch.bfloat16),
         (QuantConfig(bits=3, method="rtn", outlier_scope="channel"), torch.float16),
+        (QuantConfig(steps=5, outlier_scope="channel", outlier_dtype="int8"), torch.bfloat16),
     ],
 )
 def test_candidates_cost_and_error_are_what_quantize_tensor_stores(config, dtype):

@@ -137,3 +137,23 @@ def test_fused_siblings_match_the_separate_layers():
     other.a = make(4, 4, False)
     other.b = nn.Linear(32, 4)
     assert not fuse_siblings(other, ["a", "b"])
+
+
+def test_int8_outliers_load_and_concatenate():
+    from easyquant.nn.quant_linear import concat_layers
+
+    w = student_t(16, 64, seed=7)
+    coded = QuantLinear(quantize_tensor(w, QuantConfig(steps=2, outlier_dtype="int8")))
+    exact = QuantLinear(quantize_tensor(w.flip(0), QuantConfig(steps=2)))
+    assert coded.outlier_values.dtype == torch.int8 and coded.outlier_values.numel()
+    twin = QuantLinear(quantize_tensor(w / 2, QuantConfig(steps=2, outlier_dtype="int8")))
+    assert not torch.equal(twin.slot_vals, coded.slot_vals)  # the same places, half the scale
+    twin.load_state_dict(coded.state_dict())
+    torch.testing.assert_close(twin.slot_vals, coded.slot_vals, rtol=0, atol=0)
+    x = torch.randn(3, 64)
+    for layers in ([coded, coded], [coded, exact], [exact, coded]):
+        fused = concat_layers(layers)
+        want = torch.cat([layer.dequantize() for layer in layers])
+        torch.testing.assert_close(fused.dequantize(), want, rtol=0, atol=0)
+        torch.testing.assert_close(fused(x), torch.cat([layer(x) for layer in layers], dim=-1))
+    assert concat_layers([coded, coded]).outlier_values.dtype == torch.int8

@@ -18,7 +18,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from easyquant.config import BITS, METHODS, OUTLIER_SCOPES, STORAGE_DTYPES, QuantConfig
+from easyquant.config import (
+    BITS,
+    METHODS,
+    OUTLIER_DTYPES,
+    OUTLIER_SCOPES,
+    STORAGE_DTYPES,
+    QuantConfig,
+)
 
 DEFAULTS = QuantConfig()
 SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20}
@@ -185,9 +192,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--outlier-dtype",
         type=none_or(str),
-        choices=(None, *STORAGE_DTYPES),
+        choices=(None, *OUTLIER_DTYPES),
         default=DEFAULTS.outlier_dtype,
-        help="how outlier values are stored; 'none' (default): the weight's own dtype",
+        help="how outlier values are stored; 'none' (default): the weight's own dtype; "
+        "'int8': multiples of their row's scale",
     )
     p.add_argument("--device", default="cpu", help="where quantization runs (cpu, cuda, ...)")
     p.add_argument("--backend", choices=("auto", "torch", "triton"), default="auto")

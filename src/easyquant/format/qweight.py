@@ -7,13 +7,15 @@ Tensors (all plain, safetensors-ready; see ``QuantizedWeight.state_dict``):
 - ``scales``   ``[out, groups]`` in the config's scale dtype (float16 by default).
 - ``outlier_counts``, ``outlier_columns``: where the outliers are, row by row (columns sorted
   within each row), in one of :mod:`.outlier_store`'s two layouts; ``outlier_values`` ``[nnz]``
-  in the weight's own dtype (or the config's ``outlier_dtype``).
+  in the weight's own dtype (or the config's ``outlier_dtype``), or, since format 3, int8: each
+  value a multiple of the stored scale of its own row and group (``outlier_floats``).
 - ``meta``     int64 ``[6]``: format version, bits, group size (0 = per channel), out, in, and the
   original weight's dtype (0 float32, 1 float16, 2 bfloat16): the default of ``dequantize``.
 
 In memory the positions are CSR (``outlier_indptr`` int32 ``[out + 1]``, ``outlier_indices``
 int16, int32 when in > 32767), which the kernels read. Format version 1 stored that CSR as it is
 (``outlier_indptr``, ``outlier_indices``); :meth:`QuantizedWeight.from_state_dict` still reads it.
+Format 3 stores the same tensors as format 2 and adds int8 outlier values.
 """
 
 from __future__ import annotations
@@ -26,18 +28,21 @@ from easyquant.format import outlier_store
 from easyquant.format.bitpack import pack_codes, packed_length, unpack_codes
 from easyquant.format.outlier_store import csr_rows, index_dtype
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 STATE_KEYS = ("qweight", "scales", "outlier_counts", "outlier_columns", "outlier_values", "meta")
 # What each readable format version stores (version 1: the in-memory CSR as it is).
 VERSION_STATE_KEYS = {
     1: ("qweight", "scales", "outlier_indptr", "outlier_indices", "outlier_values", "meta"),
-    FORMAT_VERSION: STATE_KEYS,
+    2: STATE_KEYS,
+    FORMAT_VERSION: STATE_KEYS,  # format 2's tensors; outlier values may be int8 codes
 }
 READABLE_VERSIONS = tuple(VERSION_STATE_KEYS)
 # The in-memory tensors of a QuantizedWeight (its fields; outliers as CSR).
 PAYLOAD_KEYS = ("qweight", "scales", "outlier_indptr", "outlier_indices", "outlier_values")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+# int8 outlier values: codes in [-OUTLIER_CODE_MAX, OUTLIER_CODE_MAX] times their scale.
+OUTLIER_CODE_MAX = 127
 
 __all__ = ["csr_rows", "index_dtype"]  # re-exported: the in-memory CSR's helpers
 
@@ -232,7 +237,7 @@ class QuantizedWeight:
             "scales": ((out_f, groups), FLOAT_DTYPES),
             "outlier_indptr": ((out_f + 1,), (torch.int32,)),
             "outlier_indices": ((self.outlier_values.numel(),), (torch.int16, torch.int32)),
-            "outlier_values": ((int(self.outlier_values.numel()),), FLOAT_DTYPES),
+            "outlier_values": ((int(self.outlier_values.numel()),), (*FLOAT_DTYPES, torch.int8)),
         }
         for name, (shape, dtypes) in expect.items():
             t = getattr(self, name)
@@ -284,8 +289,46 @@ def dequantize_parts(
     else:
         weight = codes * scales.float().repeat_interleave(group_size, dim=1)[:, :in_features]
     if outlier_values.numel():
-        weight[csr_rows(outlier_indptr), outlier_indices.long()] = outlier_values.float()
+        rows, cols = csr_rows(outlier_indptr), outlier_indices.long()
+        if group_size is None and groups > 1:  # whole groups: their size follows from the shape
+            group_size = in_features // groups
+        weight[rows, cols] = outlier_floats(outlier_values, scales, rows, cols, group_size)
     return weight.to(dtype)
+
+
+def outlier_floats(
+    values: torch.Tensor,
+    scales: torch.Tensor,
+    rows: torch.Tensor,
+    cols: torch.Tensor,
+    group_size: int | None,
+) -> torch.Tensor:
+    """The outliers' values as float32: stored floats as they are; int8 codes times the scale of
+    their row (``rows``) and group (of ``cols``), rounded to the scales' dtype (the value the
+    kernels' table holds, in that dtype, exactly)."""
+    if values.dtype != torch.int8:
+        return values.float()
+    groups = torch.zeros_like(cols) if group_size is None else cols // group_size
+    return (values.float() * scales.float()[rows, groups]).to(scales.dtype).float()
+
+
+def outlier_codes(
+    values: torch.Tensor,
+    scales: torch.Tensor,
+    rows: torch.Tensor,
+    cols: torch.Tensor,
+    group_size: int | None,
+) -> torch.Tensor | None:
+    """``values`` as int8 multiples of their stored scale (nearest), or None where one of them
+    does not fit: past OUTLIER_CODE_MAX steps, or in a row (group) whose scale is zero."""
+    if not values.numel():
+        return values.to(torch.int8)
+    groups = torch.zeros_like(cols) if group_size is None else cols // group_size
+    unit = scales.float()[rows, groups]
+    codes = torch.round(values.float() / torch.where(unit > 0, unit, torch.ones_like(unit)))
+    if not bool((unit > 0).all()) or float(codes.abs().max()) > OUTLIER_CODE_MAX:
+        return None
+    return codes.to(torch.int8)
 
 
 def pack_quantized(
@@ -317,9 +360,17 @@ def assemble(
     outlier_dtype: torch.dtype | None = None,
 ) -> QuantizedWeight:
     """The stored form from packed codes ``qweight``, ``scales`` and the boolean ``outliers``
-    mask, whose CSR lists are built here (values copied from ``weight``, see pack_quantized)."""
+    mask, whose CSR lists are built here (values copied from ``weight``, see pack_quantized;
+    ``outlier_dtype`` int8: codes on the stored scales, see ``outlier_codes``)."""
     out_f, in_f = weight.shape
-    indptr, indices, values = outlier_csr(weight, outliers, outlier_dtype)
+    if outlier_dtype == torch.int8:
+        indptr, indices, values = outlier_csr(weight, outliers)
+        codes = outlier_codes(values, scales, csr_rows(indptr), indices.long(), group_size)
+        # an outlier the codes cannot hold: this weight keeps 16-bit float values instead
+        fallback = weight.dtype if weight.dtype != torch.float32 else torch.float16
+        values = codes if codes is not None else values.to(fallback)
+    else:
+        indptr, indices, values = outlier_csr(weight, outliers, outlier_dtype)
     return QuantizedWeight(
         qweight=qweight,
         scales=scales,

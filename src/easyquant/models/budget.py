@@ -112,7 +112,7 @@ def storage_bits(
         out_f * packed_length(in_f, config.bits) * 8
         + out_f * groups * torch.finfo(getattr(torch, config.scale_dtype)).bits
         + choose_layout(block_counts, in_f).bits(out_f, in_f, outliers)
-        + outliers * torch.finfo(value_dtype).bits
+        + outliers * value_dtype.itemsize * 8
     )
 
 
@@ -198,21 +198,41 @@ def range_losses(
 ) -> torch.Tensor:
     """``||Q[x] - x||^2`` (float64) of each range (row of ``ranges``, outliers excluded) as
     quantize_tensor stores it with ``config``: searched range rounded to the scale dtype, least-
-    squares refinement if asked, and plain RTN's max-abs range where that is better."""
+    squares refinement if asked, and plain RTN's max-abs range where that is better. With int8
+    outlier values, their error on that range's grid too (see ``outlier_codes``)."""
     per = max(1, chunk // ranges.shape[1])
     parts = []
     for i in range(0, ranges.shape[0], per):
-        rows = ranges[i : i + per]
-        normals = zeroed_float(rows, outliers[i : i + per])
-        _, loss = stored_ranges(rows, normals, config, backend)
-        parts.append(loss.double())
+        rows, flags = ranges[i : i + per], outliers[i : i + per]
+        normals = zeroed_float(rows, flags)
+        scale, loss = stored_ranges(rows, normals, config, backend)
+        loss = loss.double()
+        if config.outlier_dtype == "int8":
+            loss += int8_outlier_error(rows, flags, scale, getattr(torch, config.scale_dtype))
+        parts.append(loss)
         del normals
     return torch.cat(parts)
 
 
+def int8_outlier_error(
+    ranges: torch.Tensor, outliers: torch.Tensor, scale: torch.Tensor, scale_dtype: torch.dtype
+) -> torch.Tensor:
+    """Each range's squared error (float64) of its outliers stored as int8 multiples of its
+    stored ``scale`` ``[rows, 1]`` (as ``outlier_codes`` / ``outlier_floats`` store them).
+    Predicted: a weight whose outliers do not all fit in int8 stores 16-bit floats instead
+    (``assemble``), which this does not foresee."""
+    x = torch.where(outliers, ranges.float(), torch.zeros((), device=ranges.device))
+    unit = torch.where(scale > 0, scale.float(), torch.ones_like(scale, dtype=torch.float32))
+    stored = (torch.round(x / unit) * unit).to(scale_dtype).float()
+    return (stored - x).pow(2).sum(dim=1, dtype=torch.float64)
+
+
 def outlier_error(weight: torch.Tensor, mask: torch.Tensor, config: QuantConfig) -> float:
-    """Squared error of the outliers as stored (zero unless ``outlier_dtype`` rounds them)."""
-    if config.outlier_dtype is None or getattr(torch, config.outlier_dtype) == weight.dtype:
+    """Squared error of the outliers stored as floats (zero unless ``outlier_dtype`` rounds
+    them; int8 codes depend on the ranges: ``range_losses`` counts them)."""
+    if config.outlier_dtype in (None, "int8"):
+        return 0.0
+    if getattr(torch, config.outlier_dtype) == weight.dtype:
         return 0.0
     values = weight[mask]
     stored = values.to(getattr(torch, config.outlier_dtype)).float()

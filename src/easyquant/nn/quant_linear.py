@@ -25,7 +25,7 @@ from torch import nn
 
 from easyquant.config import QuantConfig
 from easyquant.format import outlier_store
-from easyquant.format.qweight import QuantizedWeight, dequantize_parts
+from easyquant.format.qweight import QuantizedWeight, dequantize_parts, outlier_floats
 
 LINEAR_BACKENDS = ("auto", "torch", "triton")
 # Non-persistent: the outliers' positions as CSR, decoded from outlier_counts/outlier_columns.
@@ -127,12 +127,22 @@ class QuantLinear(nn.Module):
         from easyquant.kernels.triton_matmul import build_outlier_table, split_locks
 
         table = build_outlier_table(
-            self.outlier_indptr, self.outlier_indices, self.outlier_values, slots
+            self.outlier_indptr, self.outlier_indices, self.kernel_outlier_values(), slots
         )
         for key, tensor in zip(TABLE_KEYS, table.tensors(), strict=True):
             self.register_buffer(key, tensor, persistent=False)
         locks = split_locks(self.out_features, self.outlier_indptr.device)
         self.register_buffer(LOCKS_KEY, locks, persistent=False)
+
+    def kernel_outlier_values(self) -> torch.Tensor:
+        """The outlier values the kernels read: as stored, or int8 codes decoded in the scales'
+        dtype (see ``outlier_floats``)."""
+        if self.outlier_values.dtype != torch.int8:
+            return self.outlier_values
+        rows = outlier_store.csr_rows(self.outlier_indptr)
+        cols = self.outlier_indices.long()
+        values = outlier_floats(self.outlier_values, self.scales, rows, cols, self.group_size)
+        return values.to(self.scales.dtype)
 
     def outlier_table(self) -> tuple[torch.Tensor, ...]:
         """The kernel-side outlier tensors, in ``TABLE_KEYS`` order."""
@@ -239,12 +249,17 @@ def concat_layers(layers: Sequence[QuantLinear]) -> QuantLinear:
     for layer in layers:
         indptrs.append(layer.outlier_indptr[1:] + offset)
         offset += layer.outlier_values.numel()
+    # int8 codes concatenate as they are (each keeps its row's scale); mixed with float values,
+    # every layer's values as float32 (a float joined to int8 codes would pass for a code)
+    values = [layer.outlier_values for layer in layers]
+    if len({v.dtype for v in values}) > 1:
+        values = [layer.kernel_outlier_values().float() for layer in layers]
     qweight = QuantizedWeight(
         qweight=torch.cat([layer.qweight for layer in layers]),
         scales=torch.cat([layer.scales for layer in layers]),
         outlier_indptr=torch.cat(indptrs),
         outlier_indices=torch.cat([layer.outlier_indices for layer in layers]),
-        outlier_values=torch.cat([layer.outlier_values for layer in layers]),
+        outlier_values=torch.cat(values),
         shape=(sum(layer.out_features for layer in layers), first.in_features),
         bits=first.bits,
         group_size=first.group_size,
