@@ -50,7 +50,9 @@ def load(paths: list[Path]) -> tuple[list[dict[str, Any]], list[dict[str, Any]],
             elif "fp" in item:
                 fp = item["fp"]
             else:
-                rows.append({**item, "format_version": version})
+                # outlier_step snaps outlier values to int8 codes and counts them as format 3 does
+                int8 = bool(item.get("setting", {}).get("outlier_step"))
+                rows.append({**item, "format_version": 3 if int8 else version})
     return rows, headers, fp
 
 
@@ -187,7 +189,10 @@ def main(argv: list[str] | None = None) -> int:
         "scales, outlier positions and values, in the storage format of the run's commit (column "
         "'fmt'): format 1 (int32 row offsets, int16 columns) up to run 8, format 2 from run 9, "
         "which stores the same weights in 0.05-0.15 fewer bits per weight "
-        "(`x86-64-cpu-2026-11-24-format-bpw-4b308bc.json` converts the settings near 4.30). "
+        "(`x86-64-cpu-2026-11-24-format-bpw-4b308bc.json` converts the settings near 4.30), "
+        "and format 3 in the rows with `outlier_step=1.0` (runs 10-13): outlier values as int8 "
+        "multiples of their row's (group's) scale, 8 bits each instead of float16's 16, as "
+        "`outlier_dtype=\"int8\"` stores them (format 3 stores float values as format 2 does). "
         "Unless a row says otherwise: 4 bits per "
         "channel, 3σ per tensor, float16 outliers, Adam 500 steps at lr 1e-2 (the paper preset)."
     )
@@ -201,6 +206,7 @@ def main(argv: list[str] | None = None) -> int:
             f"- `{h['file']}`: {h['device']}, commit {h['commit']}, {h['date']}, torch "
             f"{h['versions'].get('torch')}, triton {h['versions'].get('triton')}, transformers "
             f"{h['versions'].get('transformers')}; `python {h['command']}`"
+            + (f". Note: {h['note']}" if h.get("note") else "")
         )
     md += ["", "## Fig. 2 / Table 5: reconstruction error vs perplexity over the search", ""]
     md += plot_steps(rows, out)
