@@ -297,3 +297,27 @@ def test_default_model_first_layer_round_trip(tmp_path):
     assert abs(got.loss.item() - full_precision_nll) < 0.1
     report = json.loads((out / "quant_report.json").read_text())
     assert len(report["tensors"]) == 7 and Path(report["source"]) == path.resolve()
+
+
+@pytest.mark.parametrize(
+    "flags, expected",
+    [
+        ([], QuantConfig()),
+        (["--bits", "3", "--sigma", "none"], QuantConfig(bits=3, outlier_sigma=None)),
+        (["--preset", "paper", "--steps", "7"], QuantConfig.paper(steps=7)),
+        (["--preset", "best"], QuantConfig.best()),
+        (["--preset", "best", "--bits", "3"], QuantConfig.best(bits=3)),  # the low-bit recipe
+        (
+            ["--preset", "best", "--group-size", "128", "--outlier-dtype", "none"],
+            QuantConfig.best(group_size=128, outlier_dtype=None),
+        ),
+    ],
+)
+def test_preset_flag_and_single_field_changes(flags, expected):
+    from easyquant.cli import build_parser
+    from easyquant.commands.quantize import config_of
+
+    args = build_parser().parse_args(["quantize", "default", "--out", "x", *flags])
+    config, given = config_of(args)
+    assert config == expected
+    assert ("outlier_dtype" in given) == ("--outlier-dtype" in flags)

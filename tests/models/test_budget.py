@@ -132,6 +132,7 @@ def test_cli_target_bpw_and_one_line_errors(tiny_llama_dir, tmp_path):
         (["--target-bpw", "1.5"], "below 2 bits per weight"),
         (["--target-bpw", "4.2"], "cannot be met: the lowest achievable is 4.2222"),
         (["--target-bpw", "5", "--group-size", "32"], "leave them out"),
+        (["--target-bpw", "5", "--sigma", "3"], "leave them out"),  # even the default, named
         (["--target-bpw", "5", "--override", "*.q_proj:outlier_sigma=2"], "drop those fields"),
     ]:
         failed = subprocess.run(

