@@ -29,8 +29,8 @@ class QuantConfig:
     come back bit for bit; "float16"/"bfloat16" halve their cost for float32 checkpoints; "int8"
     stores each as a signed 8-bit multiple of its own row's (group's) stored scale, the grid of
     the non-outliers widened to 255 levels (half a step off at most, then rounded to the scale
-    dtype; 8 bits instead of 16). A weight with an outlier past 127 steps (at 8 bits, every
-    weight with outliers), or in a row of scale zero, keeps float16 values instead (its own
+    dtype; 8 bits instead of 16). A weight with an outlier past 127 steps (at 8 bits, nearly
+    any weight with outliers), or in a row of scale zero, keeps float16 values instead (its own
     dtype where that is 16-bit).
 
     ``lr`` is relative to each channel's starting range: the search optimises ``s = s0 * r`` with
