@@ -333,6 +333,10 @@ def main() -> None:
     parser.add_argument("--skip-check", action="store_true")
     parser.add_argument("--bits", type=int, nargs="+", default=[4, 3, 2])
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT") or RESULTS))
+    parser.add_argument(
+        "--fractions", type=float, nargs="+", default=FRACTIONS, help="outlier fractions (4-bit)"
+    )
+    parser.add_argument("--batches", type=int, nargs="+", default=BATCHES)
     args = parser.parse_args()
     device = args.device
     if not device.startswith("cuda") or not torch.cuda.is_available():
@@ -355,10 +359,10 @@ def main() -> None:
     for n, k in shapes:
         dense = torch.randn(n, k, device=device, dtype=torch.float16) * 0.02
         for bits in args.bits:
-            fractions = FRACTIONS if bits == 4 else [0.005]
+            fractions = args.fractions if bits == 4 else [0.005]
             for fraction in fractions:
                 weight = random_weight(n, k, bits, None, fraction, seed=n + bits, device=device)
-                for m in BATCHES:
+                for m in args.batches:
                     x = torch.randn(m, k, device=device, dtype=torch.float16)
                     fp16_us = bench(lambda x=x, d=dense: x @ d.T)
                     eq_us, name = time_default(weight, x)
