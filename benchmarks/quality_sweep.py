@@ -308,15 +308,14 @@ def snap_outliers(qweight: Any, step: float) -> int:
     """Experimental: outlier values as int8 multiples of ``step`` x the scale of their row and
     group, the step doubled per tensor until no code passes 127; returns the bits saved against
     their stored float values."""
-    from easyquant.format.outlier_store import csr_rows
+    from easyquant.format.qweight import OUTLIER_CODE_MAX, nearest_codes, scale_at
 
-    rows = csr_rows(qweight.outlier_indptr).long()
-    groups = qweight.outlier_indices.long() // qweight.group_length
-    unit = qweight.scales.float()[rows, groups] * step
-    codes = torch.round(qweight.outlier_values.float() / unit)
-    while codes.numel() and codes.abs().max() > 127:
+    rows, cols = qweight.outlier_rows(), qweight.outlier_indices.long()
+    unit = scale_at(qweight.scales, rows, cols, qweight.group_size) * step
+    codes = nearest_codes(qweight.outlier_values, unit)
+    while codes.numel() and codes.abs().max() > OUTLIER_CODE_MAX:
         unit = unit * 2
-        codes = torch.round(qweight.outlier_values.float() / unit)
+        codes = nearest_codes(qweight.outlier_values, unit)
     saved = (qweight.outlier_values.element_size() * 8 - 8) * codes.numel()
     qweight.outlier_values = (codes * unit).to(qweight.outlier_values.dtype)
     return saved

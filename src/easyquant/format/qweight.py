@@ -308,8 +308,7 @@ def outlier_floats(
     kernels' table holds, in that dtype, exactly)."""
     if values.dtype != torch.int8:
         return values.float()
-    groups = torch.zeros_like(cols) if group_size is None else cols // group_size
-    return (values.float() * scales.float()[rows, groups]).to(scales.dtype).float()
+    return code_values(values, scale_at(scales, rows, cols, group_size), scales.dtype)
 
 
 def outlier_codes(
@@ -323,12 +322,29 @@ def outlier_codes(
     does not fit: past OUTLIER_CODE_MAX steps, or in a row (group) whose scale is zero."""
     if not values.numel():
         return values.to(torch.int8)
-    groups = torch.zeros_like(cols) if group_size is None else cols // group_size
-    unit = scales.float()[rows, groups]
-    codes = torch.round(values.float() / torch.where(unit > 0, unit, torch.ones_like(unit)))
+    unit = scale_at(scales, rows, cols, group_size)
+    codes = nearest_codes(values, unit)
     if not bool((unit > 0).all()) or float(codes.abs().max()) > OUTLIER_CODE_MAX:
         return None
     return codes.to(torch.int8)
+
+
+def scale_at(
+    scales: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, group_size: int | None
+) -> torch.Tensor:
+    """The stored scale (float32) of each entry ``(rows[i], cols[i])``: its row's, per group."""
+    groups = torch.zeros_like(cols) if group_size is None else cols // group_size
+    return scales.float()[rows, groups]
+
+
+def nearest_codes(values: torch.Tensor, unit: torch.Tensor) -> torch.Tensor:
+    """The nearest multiple of ``unit`` to each value, as a float count (0 where unit is 0)."""
+    return torch.round(values.float() / torch.where(unit > 0, unit, torch.ones_like(unit)))
+
+
+def code_values(codes: torch.Tensor, unit: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``codes * unit`` rounded to ``dtype`` (the scales'), as float32: what int8 outliers store."""
+    return (codes.float() * unit).to(dtype).float()
 
 
 def pack_quantized(

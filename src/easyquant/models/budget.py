@@ -42,7 +42,7 @@ from easyquant.algorithm.range_search import as_ranges
 from easyquant.config import QuantConfig
 from easyquant.format.bitpack import packed_length
 from easyquant.format.outlier_store import choose_layout, mask_block_counts
-from easyquant.format.qweight import num_groups
+from easyquant.format.qweight import code_values, nearest_codes, num_groups
 from easyquant.models.select import Selection
 from easyquant.models.sources import Source, open_source
 from easyquant.quantize import check_weight, resolve_backend, stored_ranges
@@ -223,7 +223,7 @@ def int8_outlier_error(
     (``assemble``), which this does not foresee."""
     x = torch.where(outliers, ranges.float(), torch.zeros((), device=ranges.device))
     unit = torch.where(scale > 0, scale.float(), torch.ones_like(scale, dtype=torch.float32))
-    stored = (torch.round(x / unit) * unit).to(scale_dtype).float()
+    stored = code_values(nearest_codes(x, unit), unit, scale_dtype)
     return (stored - x).pow(2).sum(dim=1, dtype=torch.float64)
 
 
