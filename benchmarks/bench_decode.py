@@ -71,8 +71,11 @@ def build_model(config, device: str) -> nn.Module:
     return model.eval()
 
 
-def quantize_blocks(model: nn.Module, config: QuantConfig) -> tuple[int, int, int]:
-    """Replace every Linear inside the decoder blocks; returns (layers, outliers, weights)."""
+def quantize_blocks(
+    model: nn.Module, config: QuantConfig, kv_bits: int | None = None
+) -> tuple[int, int, int]:
+    """Replace every Linear inside the decoder blocks (``kv_bits``: k_proj and v_proj at that
+    width, as the best preset's per-module change); returns (layers, outliers, weights)."""
     targets = [
         (name, module)
         for name, module in model.named_modules()
@@ -81,7 +84,9 @@ def quantize_blocks(model: nn.Module, config: QuantConfig) -> tuple[int, int, in
     outliers = weights = 0
     for name, linear in targets:
         parent = model.get_submodule(name.rsplit(".", 1)[0])
-        qweight = quantize_tensor(linear.weight.detach(), config)
+        kv = kv_bits is not None and name.endswith(("k_proj", "v_proj"))
+        layer_config = config.replace(bits=kv_bits) if kv else config
+        qweight = quantize_tensor(linear.weight.detach(), layer_config)
         layer = QuantLinear(qweight, linear.bias.detach() if linear.bias is not None else None)
         setattr(parent, name.rsplit(".", 1)[1], layer)
         outliers += qweight.num_outliers
@@ -96,9 +101,13 @@ def fuse_projections(model: nn.Module) -> int:
 
     groups = 0
     for module in model.modules():
-        for names in (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")):
-            if all(hasattr(module, name) for name in names):
-                groups += fuse_siblings(module, names)
+        if all(hasattr(module, name) for name in ("q_proj", "k_proj", "v_proj")):
+            # k/v at another width than q (--kv-bits): k/v alone
+            groups += fuse_siblings(module, ("q_proj", "k_proj", "v_proj")) or fuse_siblings(
+                module, ("k_proj", "v_proj")
+            )
+        if all(hasattr(module, name) for name in ("gate_proj", "up_proj")):
+            groups += fuse_siblings(module, ("gate_proj", "up_proj"))
     return groups
 
 
@@ -296,6 +305,7 @@ def main() -> None:
     parser.add_argument("--prefill", type=int, default=1024, help="0: skip the prefill timing")
     parser.add_argument("--bits", type=int, default=4)
     parser.add_argument("--batch", type=int, default=1, help="sequences decoded together")
+    parser.add_argument("--kv-bits", type=int, help="k_proj and v_proj at this width")
     parser.add_argument("--outliers", type=float, default=0.005)
     parser.add_argument("--no-graph", action="store_true")
     parser.add_argument(
@@ -327,7 +337,7 @@ def main() -> None:
     sigma = float(torch.special.ndtri(torch.tensor(1.0 - args.outliers / 2, dtype=torch.float64)))
     qconfig = QuantConfig(bits=args.bits, method="rtn", outlier_sigma=sigma)
     start = time.perf_counter()
-    layers, outliers, weights = quantize_blocks(model, qconfig)
+    layers, outliers, weights = quantize_blocks(model, qconfig, args.kv_bits)
     sync(device)
     quantize_s = time.perf_counter() - start
     torch.cuda.empty_cache() if device.startswith("cuda") else None
@@ -337,7 +347,8 @@ def main() -> None:
     q_prefill = (
         prefill_ms(model, args.prefill, config.vocab_size, device, use_graph) if args.prefill else 0
     )
-    rows.append({"model": f"easyquant-{args.bits}bit", **quant, "prefill_ms": round(q_prefill, 2)})
+    label = f"easyquant-{args.bits}bit" + (f"-kv{args.kv_bits}" if args.kv_bits else "")
+    rows.append({"model": label, **quant, "prefill_ms": round(q_prefill, 2)})
     speedup = quant["tokens_per_s"] / fp16["tokens_per_s"]
     fused_speedup = None
     if not args.no_fuse:
@@ -351,7 +362,7 @@ def main() -> None:
             if args.prefill
             else 0
         )
-        name = f"easyquant-{args.bits}bit-fused-qkv-gateup"
+        name = f"{label}-fused-qkv-gateup"
         rows.append({"model": name, **fused, "prefill_ms": round(f_prefill, 2), "groups": groups})
         fused_speedup = fused["tokens_per_s"] / fp16["tokens_per_s"]
     memory = torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else None
@@ -374,7 +385,12 @@ def main() -> None:
             "batch": args.batch,
             "prefill": args.prefill,
         },
-        "quant": {**qconfig.to_dict(), "outlier_fraction": outliers / weights, "layers": layers},
+        "quant": {
+            **qconfig.to_dict(),
+            "kv_bits": args.kv_bits,
+            "outlier_fraction": outliers / weights,
+            "layers": layers,
+        },
         "rows": rows,
         "decode_speedup": round(speedup, 3),
         "decode_speedup_fused": round(fused_speedup, 3) if fused_speedup else None,
@@ -386,6 +402,7 @@ def main() -> None:
             print(f"  {us:9.1f}  {name}")
     kind = "decode-compiled" if args.compile else "decode"
     kind += f"-batch{args.batch}" if args.batch > 1 else ""
+    kind += f"-kv{args.kv_bits}" if args.kv_bits else ""
     path = write_result(kind, device, payload, out_dir=args.out)
     print(f"wrote {path}")
 

@@ -39,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from benchlib import RESULTS, environment
 from easyquant import QuantConfig
+from easyquant.config import PRESETS, preset_overrides
 from easyquant.evaluation.loader import load_model
 from easyquant.evaluation.perplexity import perplexity, read_text, tokenize
 from easyquant.models.select import Selection, quantize_model_inplace
@@ -81,9 +82,12 @@ def decoder_linears(model: nn.Module) -> list[tuple[str, nn.Linear]]:
     ]
 
 
-def quantize_easyquant(model: nn.Module, config: QuantConfig) -> tuple[float, dict[str, Any]]:
-    """Quantize in place with the library; returns (bits per weight, extra facts)."""
-    reports = quantize_model_inplace(model, config)
+def quantize_easyquant(
+    model: nn.Module, config: QuantConfig, overrides: dict[str, dict[str, Any]] | None = None
+) -> tuple[float, dict[str, Any]]:
+    """Quantize in place with the library (``overrides``: per-module changes, as a preset's);
+    returns (bits per weight, extra facts)."""
+    reports = quantize_model_inplace(model, config, Selection.build(overrides=overrides))
     weights = sum(r.shape[0] * r.shape[1] for r in reports)
     bits = sum(r.bits_per_weight * r.shape[0] * r.shape[1] for r in reports)
     outliers = sum(r.outlier_fraction * r.shape[0] * r.shape[1] for r in reports)
@@ -91,6 +95,7 @@ def quantize_easyquant(model: nn.Module, config: QuantConfig) -> tuple[float, di
         "tensors": len(reports),
         "outlier_fraction": outliers / weights,
         "config": config.to_dict(),
+        "overrides": overrides or {},
     }
 
 
@@ -413,9 +418,9 @@ def main(argv: list[str] | None = None) -> int:
                 elif method == "gptq":
                     bpw, extra = quantize_gptq(quantized, bits, group, calib)
                 else:
-                    bpw, extra = quantize_easyquant(
-                        quantized, easyquant_config(method, bits, group)
-                    )
+                    config = easyquant_config(method, bits, group)
+                    overrides = preset_overrides(method, config) if method in PRESETS else {}
+                    bpw, extra = quantize_easyquant(quantized, config, overrides)
                 seconds = time.perf_counter() - start
                 ppl = ppl_of(quantized)
                 log(

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import fnmatch
 import itertools
 import json
 import sys
@@ -36,7 +37,15 @@ from easyquant.models.select import Selection
 REPO = Path(__file__).resolve().parents[1]
 WIKITEXT = REPO.parent / "shared" / "data" / "wikitext2" / "wiki.test.raw"
 EQ_KEYS = ("norm_alpha", "value_alpha", "mlp_alpha")
-EXTRA_KEYS = (*EQ_KEYS, "only", "mag_power", "min_range", "type_sigma", "outlier_step")
+EXTRA_KEYS = (
+    *EQ_KEYS,
+    "only",
+    "mag_power",
+    "min_range",
+    "type_sigma",
+    "outlier_step",
+    "module_config",
+)
 MODULE_TYPES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # Table 6 of the paper: zero 1% of each weight's entries, taken from one band of |W - mean|.
 ZERO_BANDS = ((0.99, 1.0), (0.98, 0.99), (0.95, 0.96), (0.90, 0.91), (0.50, 0.51), (0.0, 0.01))
@@ -61,6 +70,9 @@ def base_setting(**changes: Any) -> dict[str, Any]:
         min_range=0.0,
         type_sigma=None,
         outlier_step=None,
+        # {fnmatch pattern over module names: QuantConfig changes}, the first match wins, as
+        # the library's Selection overrides (e.g. {"*.k_proj": {"bits": 8}}).
+        module_config=None,
     )
     setting.update(changes)
     return setting
@@ -333,7 +345,6 @@ def decoder_linears(model: torch.nn.Module) -> list[tuple[str, torch.nn.Linear]]
 def run_setting(base: torch.nn.Module, setting: dict[str, Any], ppl: Any) -> dict[str, Any]:
     model = copy.deepcopy(base)
     equalize_model(model, EqualizeConfig(**{k: setting[k] for k in EQ_KEYS}))
-    config = QuantConfig(**{k: v for k, v in setting.items() if k not in EXTRA_KEYS})
     bits = weights = outliers = 0.0
     error_num = error_den = 0.0
     start = time.perf_counter()
@@ -341,10 +352,13 @@ def run_setting(base: torch.nn.Module, setting: dict[str, Any], ppl: Any) -> dic
         if setting["only"] and setting["only"] not in name:
             continue
         module_type = name.rsplit(".", 1)[-1]
+        config = QuantConfig(**{k: v for k, v in setting.items() if k not in EXTRA_KEYS})
         if setting["type_sigma"] and module_type in setting["type_sigma"]:
             config = config.replace(outlier_sigma=setting["type_sigma"][module_type])
-        else:
-            config = QuantConfig(**{k: v for k, v in setting.items() if k not in EXTRA_KEYS})
+        for pattern, changes in (setting["module_config"] or {}).items():
+            if fnmatch.fnmatchcase(name, pattern):
+                config = config.replace(**changes)
+                break
         weight = linear.weight.data
         if setting["mag_power"] or setting["min_range"]:
             qweight = weighted_quantize(weight, config, setting["mag_power"], setting["min_range"])

@@ -3,6 +3,7 @@ import json
 import pytest
 
 from easyquant import QuantConfig
+from easyquant.config import preset_overrides
 
 
 def test_defaults_follow_the_paper():
@@ -36,7 +37,7 @@ def test_json_round_trip():
 @pytest.mark.parametrize(
     ("field", "value"),
     [
-        ("bits", 5),
+        ("bits", 7),
         ("bits", True),
         ("group_size", 0),
         ("group_size", 2.5),
@@ -91,3 +92,19 @@ def test_best_preset_is_a_different_valid_recipe_and_round_trips():
     assert QuantConfig.from_dict(json.loads(json.dumps(best.to_dict()))) == best
     with pytest.raises(ValueError, match="preset"):
         QuantConfig.preset("fastest")
+
+
+def test_preset_overrides_are_valid_changes_of_the_best_4_bit_per_channel_recipe():
+    best = QuantConfig.best()
+    overrides = preset_overrides("best", best)
+    assert set(overrides) == {"*.k_proj", "*.v_proj"}
+    for changes in overrides.values():
+        finer = best.replace(**changes)  # a valid config
+        assert finer.bits > best.bits and finer.outlier_scope == best.outlier_scope
+    overrides["*.k_proj"]["bits"] = 8  # a copy: the preset itself is unchanged
+    assert preset_overrides("best", best)["*.k_proj"]["bits"] == 5
+    for other in (QuantConfig.best(bits=3), QuantConfig.best(group_size=128)):
+        assert preset_overrides("best", other) == {}
+    assert preset_overrides("paper", QuantConfig.paper()) == {}
+    with pytest.raises(ValueError, match="preset"):
+        preset_overrides("fastest", best)

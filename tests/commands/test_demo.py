@@ -5,6 +5,7 @@ import torch
 
 from easyquant import QuantConfig, cli
 from easyquant.commands.demo import DemoRow, average_bits, compare, demo_methods, format_table
+from easyquant.config import preset_overrides
 from easyquant.models.select import TensorReport
 
 
@@ -28,8 +29,8 @@ def tiny_llama():
 def test_compare_measures_every_method_on_the_same_windows(tiny_llama):
     ids = torch.randint(0, 64, (1000,), generator=torch.Generator().manual_seed(1))
     methods = [
-        ("RTN 2-bit", QuantConfig(bits=2, method="rtn", outlier_sigma=None)),
-        ("EasyQuant 2-bit", QuantConfig.paper(bits=2, steps=20)),
+        ("RTN 2-bit", QuantConfig(bits=2, method="rtn", outlier_sigma=None), {}),
+        ("EasyQuant 2-bit", QuantConfig.paper(bits=2, steps=20), {}),
     ]
     before = {k: v.clone() for k, v in tiny_llama.state_dict().items()}
     rows = compare(tiny_llama, ids, methods, seq_len=100, windows=3)
@@ -54,11 +55,31 @@ def test_average_bits_weights_by_size():
 
 
 def test_demo_rows_are_rtn_then_easyquant_presets():
-    labels = [label for label, _ in demo_methods(3)]
+    labels = [label for label, _, _ in demo_methods(3)]
     assert labels[0].startswith("RTN") and "paper" in labels[1]
-    configs = [c for _, c in demo_methods(3)]
+    configs = [c for _, c, _ in demo_methods(3)]
     assert all(c.bits == 3 for c in configs)
     assert configs[1] == QuantConfig.paper(bits=3)
+    assert all(not overrides for _, _, overrides in demo_methods(3))
+    # at 4 bits the best preset's per-module changes come with it
+    (_, best, overrides) = demo_methods(4)[2]
+    assert best == QuantConfig.best() and overrides == preset_overrides("best", best) != {}
+
+
+def test_compare_applies_each_methods_overrides_after_the_selection(tiny_llama):
+    from easyquant.models.select import Selection
+
+    ids = torch.randint(0, 64, (400,), generator=torch.Generator().manual_seed(2))
+    base = QuantConfig(bits=4, method="rtn", outlier_sigma=None)
+    methods = [("kv at 8 bits", base, {"*.k_proj": {"bits": 8}, "*.v_proj": {"bits": 8}})]
+    only_layer_0 = Selection.build(include=["*layers.0.*"], overrides={"*.v_proj": {"bits": 2}})
+    rows = compare(tiny_llama, ids, methods, seq_len=100, windows=2, selection=only_layer_0)
+    assert rows[1].quantized == 7
+    # k_proj 8 bits, v_proj 2 (the selection's own override wins), the five others 4
+    shapes = {"q": 64 * 64, "k": 32 * 64, "v": 32 * 64, "o": 64 * 64, "mlp": 3 * 64 * 128}
+    bits = 4 * (shapes["q"] + shapes["o"] + shapes["mlp"]) + 8 * shapes["k"] + 2 * shapes["v"]
+    codes_only = bits / sum(shapes.values())
+    assert codes_only < rows[1].bits_per_weight < codes_only + 0.3  # plus the scales
 
 
 def test_demo_missing_text_is_one_line(tmp_path, capsys):

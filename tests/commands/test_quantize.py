@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from easyquant import QuantConfig
+from easyquant.config import preset_overrides
 from easyquant.models import quantize_model
 from easyquant.models.errors import ModelInputError
 from easyquant.models.writer import PROGRESS_FILE, partial_path
@@ -66,6 +67,26 @@ def test_quantize_writes_a_directory_and_reports(tiny_llama_dir, tmp_path):
     assert rows["model.layers.0.mlp.down_proj.weight"]["bits"] == 8
     assert rows["model.layers.0.mlp.up_proj.weight"]["bits"] == 3
     assert all(r["outlier_fraction"] == 0 for r in rows.values())  # --sigma none
+
+
+def test_best_preset_adds_its_module_changes_after_the_users(tiny_llama_dir, tmp_path):
+    from easyquant.models import load_quantized
+
+    out = tmp_path / "q"
+    flags = ["--preset", "best", "--steps", "5", "--override", "*.v_proj:bits=8"]
+    code, _, stderr = finish(start(str(tiny_llama_dir), "--out", str(out), *flags))
+    assert code == 0, stderr
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    k_proj = preset_overrides("best", QuantConfig.best())["*.k_proj"]
+    assert qc["overrides"] == {"*.v_proj": {"bits": 8}, "*.k_proj": k_proj}
+    rows = {r["name"]: r for r in json.loads((out / "quant_report.json").read_text())["tensors"]}
+    bits = {name.split(".")[-2].removesuffix("_proj"): row["bits"] for name, row in rows.items()}
+    four = dict.fromkeys(("q", "o", "gate", "up", "down"), 4)
+    assert bits == {**four, "k": k_proj["bits"], "v": 8}
+    model = load_quantized(out)
+    with torch.no_grad():
+        logits = model(torch.arange(12).unsqueeze(0)).logits
+    assert torch.isfinite(logits).all()
 
 
 def test_no_overlap_writes_the_same_bytes(tiny_llama_dir, tmp_path):

@@ -3,11 +3,11 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from easyquant.format.bitpack import pack_codes, packed_length, unpack_codes
+from easyquant.format.bitpack import PACKED_BITS, pack_codes, packed_length, unpack_codes
 
 
 @given(
-    bits=st.sampled_from([2, 3, 4, 8]),
+    bits=st.sampled_from(PACKED_BITS),
     rows=st.integers(1, 5),
     cols=st.integers(1, 70),
     seed=st.integers(0, 2**31 - 1),
@@ -32,12 +32,24 @@ def test_int3_layout_24_bit_words():
     assert pack_codes(codes, 3).tolist() == [[word & 0xFF, (word >> 8) & 0xFF, word >> 16]]
 
 
+@pytest.mark.parametrize("bits", [5, 6])
+def test_5_and_6_bit_layouts_are_one_little_endian_bit_stream(bits):
+    """Code i at bits ``bits * i`` of the row's bytes read as one little-endian integer, as for
+    3 bits: 8 codes in 5 bytes, 4 codes in 3 bytes."""
+    values = [(7 * i + 3) % (1 << bits) for i in range(16)]
+    packed = pack_codes(torch.tensor([values], dtype=torch.uint8), bits)
+    stream = sum(c << (bits * i) for i, c in enumerate(values))
+    assert packed.tolist() == [[(stream >> (8 * b)) & 0xFF for b in range(2 * bits)]]
+
+
 def test_bits_per_code():
-    assert [packed_length(64, b) for b in (2, 3, 4, 8)] == [16, 24, 32, 64]
+    assert PACKED_BITS == (2, 3, 4, 5, 6, 8)
+    assert [packed_length(64, b) for b in PACKED_BITS] == [16, 24, 32, 40, 48, 64]
+    assert [packed_length(9, b) for b in (5, 6)] == [10, 9]  # whole byte groups
 
 
 def test_bad_arguments():
     with pytest.raises(ValueError, match="bits"):
-        pack_codes(torch.zeros(1, 4, dtype=torch.uint8), 5)
+        pack_codes(torch.zeros(1, 4, dtype=torch.uint8), 7)
     with pytest.raises(ValueError, match="expected"):
         unpack_codes(torch.zeros(1, 3, dtype=torch.uint8), 4, 4)

@@ -183,7 +183,7 @@ def test_config_dict_is_the_pipelines(dirs):
 @pytest.mark.parametrize(
     ("fields", "message"),
     [
-        ({"bits": 5}, "bits must be one of"),
+        ({"bits": 7}, "bits must be one of"),
         ({"colour": "red"}, "unknown easyquant quantization_config field"),
         ({"format_version": 99}, "format version 99"),
         ({"overrides": {"*.q_proj": {"bitz": 8}}}, "unknown config field"),

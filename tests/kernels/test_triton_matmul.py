@@ -118,6 +118,8 @@ CASES = [
     (3, 32, 20, 64),
     (2, None, 19, 136),
     (8, 16, 21, 48),
+    (6, None, 27, 88),
+    (5, 32, 23, 96),
 ]
 
 
@@ -514,7 +516,26 @@ def test_supports():
     assert tm.supports(3, 128, 4096)
     assert tm.supports(4, 100, 100)  # one group per row is one scale per row
     assert not tm.supports(4, 8, 64)  # no power-of-two K tile >= 16 inside a group of 8
-    assert not tm.supports(5, None, 64)
+    assert tm.supports(5, None, 64) and tm.supports(6, 32, 64)
+    assert not tm.supports(7, None, 64)
+
+
+@pytest.mark.parametrize("bits", [5, 6])
+def test_5_and_6_bit_layers_take_the_tensor_core_kernel_then_dequantize(bits, device):
+    """No word view (no GEMV, no word-plane kernel) for 5 and 6 bits: batch 1-16 runs the
+    tensor-core kernel, larger batches dequantize (whose result is exact) + cuBLAS."""
+    weight = random_weight(40, 200, bits, None, seed=bits, device=device, fraction=0.05, slots=2)
+    assert tm.gemv_block_w(weight, 4) is None
+    assert not tm.fits(weight, tm.DotConfig(32, 16, 256, planes=True))
+    for m in (1, 2, 16, 17):
+        config = tm.default_config(weight, m)
+        assert (config is None) == (m > tm.SMALL_BATCH)
+        assert config is None or (tm.fits(weight, config) and not config.planes)
+        for dtype in (torch.float32, torch.float16, torch.bfloat16):
+            x = fresh_x(m, 200, dtype, device, seed=m)
+            assert_close(tm.matmul(weight, x, None), reference(weight, x, None), dtype)
+    dense = tm.dequantize(weight, torch.float32, None).double().cpu()
+    torch.testing.assert_close(dense, dense_reference(weight), rtol=0, atol=0)
 
 
 def test_default_configs_fit_and_run(device):
@@ -622,19 +643,21 @@ def test_autotuned_choice_matches_reference(device, monkeypatch):
         assert_close(tm.matmul(weight, x, None), reference(weight, x, None), torch.float16)
 
 
-@pytest.mark.parametrize("outlier_dtype, group", [(None, None), ("int8", None), ("int8", 32)])
-def test_quant_linear_on_the_kernels_matches_the_torch_path(device, outlier_dtype, group):
+@pytest.mark.parametrize("outlier_dtype, group, bits", [
+    (None, None, 4), ("int8", None, 4), ("int8", 32, 4), (None, None, 6), (None, 32, 5),
+])  # fmt: skip
+def test_quant_linear_on_the_kernels_matches_the_torch_path(device, outlier_dtype, group, bits):
     from easyquant import QuantConfig, QuantLinear, quantize_tensor
     from tests.conftest import student_t
 
     weight = student_t(40, 96, seed=9)
-    config = QuantConfig(steps=5, outlier_dtype=outlier_dtype, group_size=group)
+    config = QuantConfig(bits=bits, steps=5, outlier_dtype=outlier_dtype, group_size=group)
     layer = QuantLinear(quantize_tensor(weight, config), torch.randn(40)).to(device)
     assert layer.fused_supported
     if outlier_dtype == "int8":  # the kernels' table holds the decoded values
         assert layer.outlier_values.dtype == torch.int8 and layer.slot_vals.dtype == torch.float16
         table = tm.Weight.from_csr(layer.qweight, layer.scales, layer.outlier_indptr,
-                                   layer.outlier_indices, layer.kernel_outlier_values(), 4,
+                                   layer.outlier_indices, layer.kernel_outlier_values(), bits,
                                    tm.kernel_group(group, 96), 96)  # fmt: skip
         dense = layer.dequantize(torch.float64).cpu()
         torch.testing.assert_close(dense_reference(table).cpu(), dense, rtol=0, atol=0)

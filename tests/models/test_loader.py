@@ -99,7 +99,8 @@ def test_is_quantized(quantized_dir, tiny_llama_dir, tmp_path):
 def test_refuses_another_format_version(quantized_dir):
     edit_config(quantized_dir, lambda c: c["quantization_config"].update(format_version=99))
     with pytest.raises(
-        ModelInputError, match=f"version 99; this easyquant reads versions 1, 2, {FORMAT_VERSION}"
+        ModelInputError,
+        match=f"version 99; this easyquant reads versions 1, 2, 3, {FORMAT_VERSION}",
     ):
         load_quantized(quantized_dir)
 

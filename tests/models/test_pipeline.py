@@ -238,7 +238,7 @@ def test_a_read_error_in_the_reading_thread_fails_the_run_and_resume_finishes_it
     [
         ({"selection": Selection.build(include=["nothing.*"])}, "nothing to quantize"),
         ({"selection": Selection.build(overrides={"*": {"bitz": 3}})}, "unknown config field"),
-        ({"selection": Selection.build(overrides={"*": {"bits": 5}})}, "bits must be one of"),
+        ({"selection": Selection.build(overrides={"*": {"bits": 7}})}, "bits must be one of"),
     ],
 )
 def test_bad_settings_are_refused_before_any_output(tiny_llama_dir, tmp_path, kwargs, message):

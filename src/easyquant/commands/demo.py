@@ -15,11 +15,12 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
-from easyquant.config import QuantConfig
+from easyquant.config import QuantConfig, preset_overrides
 from easyquant.evaluation.perplexity import perplexity, read_text, tokenize
 from easyquant.models.select import Selection, TensorReport, quantize_model_inplace
 
@@ -44,16 +45,19 @@ class DemoRow:
     quantized: int  # number of quantized weight matrices
 
 
-def demo_methods(bits: int) -> list[tuple[str, QuantConfig]]:
-    """The rows of the demo, after full precision: plain RTN, then EasyQuant presets."""
-    methods = [
-        ("RTN (per channel)", QuantConfig(bits=bits, method="rtn", outlier_sigma=None)),
-        ("EasyQuant (paper)", QuantConfig.paper(bits=bits)),
+Overrides = dict[str, dict[str, Any]]
+
+
+def demo_methods(bits: int) -> list[tuple[str, QuantConfig, Overrides]]:
+    """The rows of the demo, after full precision: plain RTN, then EasyQuant presets (each with
+    its per-module changes)."""
+    rtn = QuantConfig(bits=bits, method="rtn", outlier_sigma=None)
+    paper, best = QuantConfig.paper(bits=bits), QuantConfig.best(bits=bits)
+    return [
+        ("RTN (per channel)", rtn, {}),
+        ("EasyQuant (paper)", paper, preset_overrides("paper", paper)),
+        ("EasyQuant (best)", best, preset_overrides("best", best)),
     ]
-    best = getattr(QuantConfig, "best", None)
-    if best is not None:
-        methods.append(("EasyQuant (best)", best(bits=bits)))
-    return methods
 
 
 def average_bits(reports: Sequence[TensorReport]) -> float:
@@ -65,23 +69,25 @@ def average_bits(reports: Sequence[TensorReport]) -> float:
 def compare(
     model: nn.Module,
     token_ids: torch.Tensor,
-    methods: Sequence[tuple[str, QuantConfig]],
+    methods: Sequence[tuple[str, QuantConfig, Overrides]],
     seq_len: int,
     windows: int,
     selection: Selection | None = None,
     log=None,  # type: ignore[no-untyped-def]
 ) -> list[DemoRow]:
-    """Full precision, then each method on a fresh copy of ``model``: ppl on the same windows."""
+    """Full precision, then each method on a fresh copy of ``model``: ppl on the same windows;
+    each method's overrides come after ``selection``'s own."""
     log = log or (lambda message: None)
+    selection = selection or Selection()
     log("full precision: perplexity ...")
     rows = [
         DemoRow("full precision", perplexity(model, token_ids, seq_len, windows).ppl, None, None, 0)
     ]
-    for label, config in methods:
+    for label, config, overrides in methods:
         log(f"{label}: quantizing ...")
         quantized = copy.deepcopy(model)
         start = time.perf_counter()
-        reports = quantize_model_inplace(quantized, config, selection)
+        reports = quantize_model_inplace(quantized, config, selection.with_overrides(overrides))
         seconds = time.perf_counter() - start
         if not reports:
             raise ValueError("the selection matched no Linear weight of the model")

@@ -6,7 +6,8 @@ only when complete; ``--resume`` continues an interrupted run. Exit codes: 0 don
 (one line on stderr), 130 interrupted (the partial output is kept for --resume).
 
 The config is the paper's (``QuantConfig()``), or ``--preset paper|best`` (``QuantConfig.best``
-for the --bits and --group-size given), with single fields changed by the other flags.
+for the --bits and --group-size given, plus the preset's per-module changes,
+``easyquant.config.preset_overrides``), with single fields changed by the other flags.
 
 Under torchrun (``torchrun --nproc-per-node N -m easyquant quantize SRC --out DIR``) the
 processes share the work: each quantizes a part of the tensors (on cuda:LOCAL_RANK with
@@ -29,6 +30,7 @@ from easyquant.config import (
     PRESETS,
     STORAGE_DTYPES,
     QuantConfig,
+    preset_overrides,
 )
 
 # The config flags (argparse dest -> QuantConfig field). They default to "not given", so that a
@@ -123,6 +125,8 @@ def run(args: argparse.Namespace) -> int:
 
     config, given = config_of(args)
     selection = Selection.build(args.include, args.exclude, dict(args.override))
+    if args.preset:  # the preset's own per-module changes, after the user's --override
+        selection = selection.with_overrides(preset_overrides(args.preset, config))
     target_bpw = None
     if args.target_bpw is not None:
         from easyquant.models.budget import check_target
@@ -188,7 +192,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--preset",
         choices=PRESETS,
         help="start from QuantConfig.paper() or QuantConfig.best() (for the --bits and "
-        "--group-size given); the flags below change single fields of it",
+        "--group-size given), with the preset's per-module changes (best, 4 bits per channel: "
+        "k_proj and v_proj at 5 bits) after any --override; the flags below change single "
+        "fields of it",
     )
     unset = argparse.SUPPRESS  # not given: the preset's (or QuantConfig's) value
     p.add_argument("--bits", type=int, choices=BITS, default=unset, help="default 4")

@@ -15,7 +15,8 @@ Tensors (all plain, safetensors-ready; see ``QuantizedWeight.state_dict``):
 In memory the positions are CSR (``outlier_indptr`` int32 ``[out + 1]``, ``outlier_indices``
 int16, int32 when in > 32767), which the kernels read. Format version 1 stored that CSR as it is
 (``outlier_indptr``, ``outlier_indices``); :meth:`QuantizedWeight.from_state_dict` still reads it.
-Format 3 stores the same tensors as format 2 and adds int8 outlier values.
+Format 3 stores the same tensors as format 2 and adds int8 outlier values; format 4 the same
+tensors again and adds 5- and 6-bit codes.
 """
 
 from __future__ import annotations
@@ -25,16 +26,17 @@ from dataclasses import dataclass
 import torch
 
 from easyquant.format import outlier_store
-from easyquant.format.bitpack import pack_codes, packed_length, unpack_codes
+from easyquant.format.bitpack import PACKED_BITS, pack_codes, packed_length, unpack_codes
 from easyquant.format.outlier_store import csr_rows, index_dtype
 
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 STATE_KEYS = ("qweight", "scales", "outlier_counts", "outlier_columns", "outlier_values", "meta")
 # What each readable format version stores (version 1: the in-memory CSR as it is).
 VERSION_STATE_KEYS = {
     1: ("qweight", "scales", "outlier_indptr", "outlier_indices", "outlier_values", "meta"),
     2: STATE_KEYS,
-    FORMAT_VERSION: STATE_KEYS,  # format 2's tensors; outlier values may be int8 codes
+    3: STATE_KEYS,  # format 2's tensors; outlier values may be int8 codes
+    FORMAT_VERSION: STATE_KEYS,  # format 3's; codes may be 5 or 6 bits wide
 }
 READABLE_VERSIONS = tuple(VERSION_STATE_KEYS)
 # The in-memory tensors of a QuantizedWeight (its fields; outliers as CSR).
@@ -225,8 +227,8 @@ class QuantizedWeight:
         out_f, in_f = self.shape
         if self.dtype not in FLOAT_DTYPES:
             raise ValueError(f"dtype must be float32, float16 or bfloat16, got {self.dtype}")
-        if self.bits not in (2, 3, 4, 8):
-            raise ValueError(f"bits must be 2, 3, 4 or 8, got {self.bits}")
+        if self.bits not in PACKED_BITS:
+            raise ValueError(f"bits must be one of {PACKED_BITS}, got {self.bits}")
         if out_f < 1 or in_f < 1:
             raise ValueError(f"shape must be positive, got {self.shape}")
         if self.group_size is not None and self.group_size < 1:

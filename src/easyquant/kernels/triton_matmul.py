@@ -48,7 +48,7 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 from easyquant.kernels.launch import KernelLaunch, Slot
 
 # Which stored bit widths each kernel decodes (the reference torch path covers everything else).
-SUPPORTED_BITS = (2, 3, 4, 8)
+SUPPORTED_BITS = (2, 3, 4, 5, 6, 8)
 # Activation dtype codes passed to the kernels as constexpr.
 ACT_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 # Codes per int32 word for the word-plane kernels (3-bit: 32 codes in three words).
@@ -101,6 +101,30 @@ def _load_codes(
         even = tl.interleave(byte & 3, (byte >> 4) & 3)  # codes 0, 2 of each byte
         odd = tl.interleave((byte >> 2) & 3, byte >> 6)  # codes 1, 3
         return tl.interleave(even, odd)
+    elif BITS == 6:  # four codes in each little-endian 24-bit word
+        w = k0 // 4 + tl.arange(0, BLOCK_K // 4)
+        ok = row_ok & (3 * w < row_bytes)[None, :]
+        b0 = tl.load(base + 3 * w[None, :], mask=ok, other=0).to(tl.int32)
+        b1 = tl.load(base + 3 * w[None, :] + 1, mask=ok, other=0).to(tl.int32)
+        b2 = tl.load(base + 3 * w[None, :] + 2, mask=ok, other=0).to(tl.int32)
+        word = b0 | (b1 << 8) | (b2 << 16)
+        c02 = tl.interleave(word & 63, (word >> 12) & 63)
+        c13 = tl.interleave((word >> 6) & 63, (word >> 18) & 63)
+        return tl.interleave(c02, c13)
+    elif BITS == 5:  # eight codes in each little-endian 40-bit word: bytes 0-3, then byte 4
+        w = k0 // 8 + tl.arange(0, BLOCK_K // 8)
+        ok = row_ok & (5 * w < row_bytes)[None, :]
+        lo = tl.load(base + 5 * w[None, :], mask=ok, other=0).to(tl.int32)
+        for b in tl.static_range(1, 4):
+            byte = tl.load(base + 5 * w[None, :] + b, mask=ok, other=0).to(tl.int32)
+            lo = lo | (byte << (8 * b))
+        hi = tl.load(base + 5 * w[None, :] + 4, mask=ok, other=0).to(tl.int32)
+        c6 = ((lo >> 30) & 3) | ((hi & 7) << 2)  # code 6 straddles bytes 3 and 4
+        c04 = tl.interleave(lo & 31, (lo >> 20) & 31)
+        c26 = tl.interleave((lo >> 10) & 31, c6)
+        c15 = tl.interleave((lo >> 5) & 31, (lo >> 25) & 31)
+        c37 = tl.interleave((lo >> 15) & 31, (hi >> 3) & 31)
+        return tl.interleave(tl.interleave(c04, c26), tl.interleave(c15, c37))
     else:  # 3 bits: eight codes in each little-endian 24-bit word
         w = k0 // 8 + tl.arange(0, BLOCK_K // 8)
         ok = row_ok & (3 * w < row_bytes)[None, :]
@@ -1355,8 +1379,10 @@ def dot_block_k(weight: Weight, wanted: int) -> int | None:
 def gemv_block_w(weight: Weight, wanted: int) -> int | None:
     """Words (3 bits: word triples) per step of the word-plane kernels, or None where the int32
     word view does not apply."""
-    per = GEMV_WORD_CODES[weight.bits]
-    if weight.in_features % per or weight.qweight.data_ptr() % 4 or weight.qweight.stride(0) % 4:
+    per = GEMV_WORD_CODES.get(weight.bits)  # (5 and 6 bits: no word view; other kernels)
+    if per is None or weight.in_features % per:
+        return None
+    if weight.qweight.data_ptr() % 4 or weight.qweight.stride(0) % 4:
         return None
     if weight.group_size == 0:
         return wanted
@@ -1845,6 +1871,8 @@ def fits(weight: Weight, config: GemvConfig | DotConfig) -> bool:
     if isinstance(config, GemvConfig):
         return gemv_block_w(weight, config.block_w) is not None
     if config.planes:
+        if weight.bits not in GEMV_WORD_CODES:
+            return False
         block = gemv_block_w(weight, config.block_k // GEMV_WORD_CODES[weight.bits])
         return block is not None and block >= 16
     return dot_block_k(weight, config.block_k) is not None

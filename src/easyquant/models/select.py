@@ -48,6 +48,13 @@ class Selection:
     ) -> Selection:
         return cls(tuple(include or ()), tuple(exclude or ()), tuple((overrides or {}).items()))
 
+    def with_overrides(self, overrides: Mapping[str, Mapping[str, Any]]) -> Selection:
+        """This selection with ``overrides`` after its own (so its own win where both match),
+        e.g. a preset's: ``selection.with_overrides(preset_overrides("best", config))``."""
+        own = {pattern for pattern, _ in self.overrides}
+        extra = tuple((p, changes) for p, changes in overrides.items() if p not in own)
+        return Selection(self.include, self.exclude, (*self.overrides, *extra))
+
     def wants(self, module_name: str, shape: tuple[int, ...]) -> bool:
         """Is the weight of ``module_name`` (a Linear-like 2-D weight) quantized?"""
         if len(shape) != 2:
