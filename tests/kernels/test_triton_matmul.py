@@ -351,7 +351,7 @@ def test_gemv_takes_a_few_batch_rows(bits, group, n, k, device):
             assert torch.equal(out[1], tm.gemv(weight, x[1], bias, config))
 
 
-GEMV_CASES = [c for c in CASES if c[3] % 32 == 0]
+GEMV_CASES = [c for c in CASES if c[3] % 32 == 0 and c[0] in tm.GEMV_WORD_CODES]
 GEMV_CASES += [(4, None, 45, 256), (3, None, 33, 96), (2, None, 19, 128), (8, None, 9, 96)]
 
 
@@ -520,11 +520,10 @@ def test_supports():
     assert not tm.supports(7, None, 64)
 
 
-@pytest.mark.parametrize("bits", [5, 6])
-def test_5_and_6_bit_layers_take_the_tensor_core_kernel_then_dequantize(bits, device):
-    """No word view (no GEMV, no word-plane kernel) for 5 and 6 bits: batch 1-16 runs the
-    tensor-core kernel, larger batches dequantize (whose result is exact) + cuBLAS."""
-    weight = random_weight(40, 200, bits, None, seed=bits, device=device, fraction=0.05, slots=2)
+def test_5_bit_layers_take_the_tensor_core_kernel_then_dequantize(device):
+    """No word view (no GEMV, no word-plane kernel) for 5 bits: batch 1-16 runs the tensor-core
+    kernel on the bytes, larger batches dequantize (whose result is exact) + cuBLAS."""
+    weight = random_weight(40, 200, 5, None, seed=5, device=device, fraction=0.05, slots=2)
     assert tm.gemv_block_w(weight, 4) is None
     assert not tm.fits(weight, tm.DotConfig(32, 16, 256, planes=True))
     for m in (1, 2, 16, 17):
@@ -536,6 +535,36 @@ def test_5_and_6_bit_layers_take_the_tensor_core_kernel_then_dequantize(bits, de
             assert_close(tm.matmul(weight, x, None), reference(weight, x, None), dtype)
     dense = tm.dequantize(weight, torch.float32, None).double().cpu()
     torch.testing.assert_close(dense, dense_reference(weight), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("group", [None, 32])
+def test_6_bit_layers_take_the_word_view(group, device):
+    """6-bit codes as triples of int32 words (16 codes, two straddling word boundaries): the
+    GEMV (batch 1) and the word-plane kernel (per channel), with split K and overflow; the
+    defaults pick the GEMV at batch 1 and, on layers of at least 8192 rows, the word-plane
+    kernel up to 16."""
+    n, k = 37, 160
+    for slots in (None, 2):
+        weight = random_weight(n, k, 6, group, seed=6, device=device, fraction=0.05, slots=slots)
+        assert tm.gemv_block_w(weight, 4) is not None
+        bias = fresh_x(1, n, torch.float32, device, seed=3)[0]
+        for config in (tm.GemvConfig(block_n=16, block_w=4), tm.GemvConfig(8, 2, split_k=2)):
+            for dtype in (torch.float32, torch.float16):
+                x = fresh_x(2, k, dtype, device, seed=7)
+                out = tm.gemv(weight, x, bias.to(dtype), config)
+                assert_close(out, reference(weight, x, bias.to(dtype)), dtype)
+        for config in (tm.DotConfig(16, 16, 256, planes=True),
+                       tm.DotConfig(32, 16, 256, split_k=2, xt=True, planes=True)):  # fmt: skip
+            if group is not None:  # (2 word triples per group: below the dot's 16)
+                assert not tm.fits(weight, config)
+                continue
+            assert tm.fits(weight, config)
+            for dtype, m in ((torch.float32, 3), (torch.float16, 16), (torch.bfloat16, 5)):
+                x = fresh_x(m, k, dtype, device, seed=m)
+                assert_close(tm.dot_matmul(weight, x, None, config), reference(weight, x, None),
+                             dtype)  # fmt: skip
+    assert isinstance(tm.default_config(weight, 1), tm.GemvConfig)
+    assert tm.small_config(8192, 4096, 16, 6).planes
 
 
 def test_default_configs_fit_and_run(device):

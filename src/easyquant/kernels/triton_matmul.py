@@ -51,8 +51,9 @@ from easyquant.kernels.launch import KernelLaunch, Slot
 SUPPORTED_BITS = (2, 3, 4, 5, 6, 8)
 # Activation dtype codes passed to the kernels as constexpr.
 ACT_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
-# Codes per int32 word for the word-plane kernels (3-bit: 32 codes in three words).
-GEMV_WORD_CODES = {2: 16, 3: 32, 4: 8, 8: 4}
+# Codes per int32 word group of the word-plane kernels (3 and 6 bits: 32 and 16 codes in three
+# words; 5 bits have no word view).
+GEMV_WORD_CODES = {2: 16, 3: 32, 4: 8, 6: 16, 8: 4}
 # The fixed outlier slots per row cover this quantile of the rows' outlier counts (rounded up to
 # SLOT_ALIGN); the rows above it keep their extra entries in the CSR overflow list.
 SLOT_QUANTILE = 0.9
@@ -171,17 +172,18 @@ def _mma(a, b, acc, ACT: tl.constexpr, EMULATE_BF16: tl.constexpr):
 
 @triton.jit
 def _plane_code(w0, w1, w2, k: tl.constexpr, BITS: tl.constexpr):
-    """Unsigned code ``k`` (int32) of each int32 word (3 bits: of each group of three words)."""
+    """Unsigned code ``k`` (int32) of each int32 word (3 and 6 bits: of each group of three
+    words, 32 or 16 codes)."""
     mask: tl.constexpr = (1 << BITS) - 1
-    if BITS == 3:
-        bit: tl.constexpr = 3 * k
-        if bit + 3 <= 32:
+    if BITS == 3 or BITS == 6:
+        bit: tl.constexpr = BITS * k
+        if bit + BITS <= 32:
             u = (w0 >> bit) & mask
-        elif bit < 32:  # code 10 straddles words 0 and 1
+        elif bit < 32:  # code 10 (6 bits: 5) straddles words 0 and 1
             u = ((w0 >> bit) & ((1 << (32 - bit)) - 1)) | ((w1 << (32 - bit)) & mask)
-        elif bit + 3 <= 64:
+        elif bit + BITS <= 64:
             u = (w1 >> (bit - 32)) & mask
-        elif bit < 64:  # code 21 straddles words 1 and 2
+        elif bit < 64:  # code 21 (6 bits: 10) straddles words 1 and 2
             u = ((w1 >> (bit - 32)) & ((1 << (64 - bit)) - 1)) | ((w2 << (64 - bit)) & mask)
         else:
             u = (w2 >> (bit - 64)) & mask
@@ -660,7 +662,7 @@ def _load_words(qrow, row_ok, step, GROUPS: tl.constexpr, WPG: tl.constexpr,
     g = step * BLOCK_W + tl.arange(0, BLOCK_W)  # word group index
     ok = row_ok[:, None] & (g < GROUPS)[None, :]
     w0 = tl.load(qrow + WPG * g[None, :], mask=ok, other=0, eviction_policy=EVICT)
-    if BITS == 3:
+    if WPG == 3:
         w1 = tl.load(qrow + 3 * g[None, :] + 1, mask=ok, other=0, eviction_policy=EVICT)
         w2 = tl.load(qrow + 3 * g[None, :] + 2, mask=ok, other=0, eviction_policy=EVICT)
     else:
@@ -709,8 +711,8 @@ def _gemv_kernel(
     if PDL:  # (before any load: nothing read can be stale, whatever wrote it)
         gdc_wait()
     # codes per word group and int32 words per group
-    PER: tl.constexpr = 32 if BITS == 3 else 32 // BITS
-    WPG: tl.constexpr = 3 if BITS == 3 else 1
+    PER: tl.constexpr = 32 if BITS == 3 else 16 if BITS == 6 else 32 // BITS
+    WPG: tl.constexpr = 3 if BITS == 3 or BITS == 6 else 1
     # the paired dots compute (u - offset) / 16 (4, 3 bits) or / 8 (2 bits)
     UNSCALE: tl.constexpr = 8.0 if BITS == 2 else 16.0
     BLOCK_K: tl.constexpr = BLOCK_W * PER
@@ -964,8 +966,8 @@ def _dot_planes_kernel(
 ):
     """The tensor-core product one code position at a time: plane ``k`` of a step is the tile of
     columns ``k0 + PER * w + k``, multiplied with the matching (strided) rows of ``x^T``."""
-    PER: tl.constexpr = 32 if BITS == 3 else 32 // BITS
-    WPG: tl.constexpr = 3 if BITS == 3 else 1
+    PER: tl.constexpr = 32 if BITS == 3 else 16 if BITS == 6 else 32 // BITS
+    WPG: tl.constexpr = 3 if BITS == 3 or BITS == 6 else 1
     BLOCK_K: tl.constexpr = BLOCK_W * PER
     GROUPS: tl.constexpr = (K + PER - 1) // PER
     STEPS: tl.constexpr = (GROUPS + BLOCK_W - 1) // BLOCK_W
@@ -1379,7 +1381,7 @@ def dot_block_k(weight: Weight, wanted: int) -> int | None:
 def gemv_block_w(weight: Weight, wanted: int) -> int | None:
     """Words (3 bits: word triples) per step of the word-plane kernels, or None where the int32
     word view does not apply."""
-    per = GEMV_WORD_CODES.get(weight.bits)  # (5 and 6 bits: no word view; other kernels)
+    per = GEMV_WORD_CODES.get(weight.bits)  # (5 bits: no word view; other kernels)
     if per is None or weight.in_features % per:
         return None
     if weight.qweight.data_ptr() % 4 or weight.qweight.stride(0) % 4:
