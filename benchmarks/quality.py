@@ -6,7 +6,8 @@ non-overlapping 2048-token windows, the first N (default 8). Methods, each at 4 
 channel and with groups of 128:
 
 - RTN (symmetric, max-abs), outliers only (3 sigma, RTN), range search only (Adam, no outliers),
-  EasyQuant as the paper (``QuantConfig.paper``) and our best preset (``QuantConfig.best``);
+  EasyQuant as the paper (``QuantConfig.paper``), our best preset (``QuantConfig.best``) and
+  the quality preset (best, with k_proj/v_proj at 6 bits at 4 bits per channel);
 - HQQ (``hqq`` 0.2.x, ``optimize=True``; asymmetric codes + float16 scale and zero per group);
 - GPTQ (``gptq_reference.py``: act-order, static groups, 1% damping), calibrated on the LAST
   ``--calib-windows`` windows of the same text, disjoint from the evaluated ones; its perplexity on
@@ -46,7 +47,7 @@ from easyquant.models.select import Selection, quantize_model_inplace
 
 REPO = Path(__file__).resolve().parents[1]
 WIKITEXT = REPO.parent / "shared" / "data" / "wikitext2" / "wiki.test.raw"
-METHODS = ("rtn", "outliers", "range", "paper", "best", "hqq", "gptq")
+METHODS = ("rtn", "outliers", "range", "paper", "best", "quality", "hqq", "gptq")
 LABELS = {
     "fp": "full precision (GGUF weights)",
     "rtn": "RTN symmetric",
@@ -54,6 +55,7 @@ LABELS = {
     "range": "range search only (Adam)",
     "paper": "EasyQuant (paper preset)",
     "best": "EasyQuant (best preset)",
+    "quality": "EasyQuant (quality preset: best, k/v at 6 bits)",
     "hqq": "HQQ 0.2.8 (optimize=True)",
     "gptq": "GPTQ (act-order, WikiText-2 calib.)",
 }
@@ -68,8 +70,8 @@ def easyquant_config(method: str, bits: int, group: int | None) -> QuantConfig:
         return QuantConfig.paper(bits=bits, group_size=group, outlier_sigma=None)
     if method == "paper":
         return QuantConfig.paper(bits=bits, group_size=group)
-    if method == "best":
-        return QuantConfig.best(bits=bits, group_size=group)  # type: ignore[attr-defined]
+    if method in ("best", "quality"):
+        return QuantConfig.preset(method, bits=bits, group_size=group)
     raise ValueError(method)
 
 
@@ -257,15 +259,22 @@ def markdown(payload: dict[str, Any]) -> str:
                 f"| {LABELS[r['method']]} | {setting} | {r['piqa']['acc']:.4f} | "
                 f"{r['piqa']['acc_norm']:.4f} |"
             )
-    best = {r["bits"]: r for r in rows if r["method"] == "best"}  # the recipe depends on bits
-    if best:
-        lines.append("")
-        lines += [
-            f"Best preset at {bits} bits: `"
-            + json.dumps(r["extra"]["config"])
-            + "` (group per cell)."
-            for bits, r in sorted(best.items(), reverse=True)
-        ]
+    for preset in ("best", "quality"):  # the recipe depends on bits
+        chosen = {r["bits"]: r for r in rows if r["method"] == preset}
+        if chosen:
+            lines.append("")
+            lines += [
+                f"{preset.capitalize()} preset at {bits} bits: `"
+                + json.dumps(r["extra"]["config"])
+                + "` (group per cell)"
+                + (
+                    f", per-module changes `{json.dumps(r['extra']['overrides'])}`"
+                    if r["extra"].get("overrides")
+                    else ""
+                )
+                + "."
+                for bits, r in sorted(chosen.items(), reverse=True)
+            ]
     return "\n".join(lines) + "\n"
 
 

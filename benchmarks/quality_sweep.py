@@ -233,6 +233,55 @@ def stage_settings(stage: str) -> list[dict[str, Any]]:
             base_setting(bits=3, group_size=128, outlier_sigma=2.4, outlier_scope="group", **int8),
             base_setting(bits=3, outlier_sigma=2.75, steps=100, lr=3e-3, **int8),
         ]
+    if stage.startswith("kv-"):
+        return kv_stage(stage)
+    raise SystemExit(f"unknown stage {stage!r}")
+
+
+def kv_stage(stage: str) -> list[dict[str, Any]]:
+    """Stop 25: the attention's k_proj and v_proj at more bits than the rest (module_config),
+    around the 4-bit per-channel best preset (int8 outliers). Runs 14-19 used these lists as
+    settings files; ``kv-dev16`` ran with ``--windows 16 --dev-first 108``."""
+    best = dict(outlier_scope="channel", steps=50, lr=3e-3, outlier_dtype="int8")
+
+    def row(sigma: float, kv_bits: int | None = None, kv_sigma: float | None = None,
+            layers: range | None = None, **changes: Any) -> dict[str, Any]:  # fmt: skip
+        fields = {**best, **changes}
+        if kv_bits is None:
+            return base_setting(**fields, outlier_sigma=sigma)
+        kv = {"bits": kv_bits, "outlier_sigma": kv_sigma}
+        if layers is None:
+            patterns = ["*.k_proj", "*.v_proj"]
+        else:
+            patterns = [f"model.layers.{i}.self_attn.{m}_proj" for i in layers for m in "kv"]
+        module_config = dict.fromkeys(patterns, kv)
+        return base_setting(**fields, outlier_sigma=sigma, module_config=module_config)
+
+    if stage == "kv-bits":  # run 14
+        g32 = {"group_size": 32, "outlier_sigma": 2.0, "outlier_scope": "group"}
+        return [
+            row(2.5), row(2.5, 8), row(2.5, module_config={"*.v_proj": {"bits": 8,
+            "outlier_sigma": None}}), row(2.5, module_config={"*.k_proj": {"bits": 8,
+            "outlier_sigma": None}}), row(2.75, 8),
+            row(2.5, module_config={"*.k_proj": g32, "*.v_proj": g32}),
+            row(2.5, module_config={"*.k_proj": {"outlier_sigma": 2.0},
+                                    "*.v_proj": {"outlier_sigma": 2.0}}),
+        ]  # fmt: skip
+    if stage == "kv-layers":  # run 15: 8-bit k/v five layers at a time, then v alone
+        rows = [row(2.5, 8, layers=range(first, first + 5)) for first in range(0, 30, 5)]
+        return [*rows, row(2.75, module_config={"*.v_proj": {"bits": 8, "outlier_sigma": None}})]
+    if stage == "kv-5-6":  # run 16
+        return [row(2.75, 6), row(2.6, 5), row(2.75, 5), row(2.6, 5, 2.5), row(2.6, 6),
+                row(2.5, 5)]  # fmt: skip
+    if stage == "kv-5-6-2":  # run 17
+        return [row(2.65, 5, 2.5), row(2.7, 5, 2.5), row(2.75, 6, 3.0), row(2.8, 6, 2.75),
+                row(2.75, 5, 2.25), row(2.6, 6, 2.5)]  # fmt: skip
+    if stage == "kv-dev16":  # run 18
+        return [row(2.5), row(2.8, 6, 2.75), row(2.8, 6), row(2.75, 6, 3.0), row(2.6, 6, 2.5),
+                row(2.6)]  # fmt: skip
+    if stage == "kv-g128":  # run 19
+        g128 = dict(group_size=128, outlier_scope="group")
+        return [row(2.75, 6, 2.75, **g128), row(3.0, 6, 3.0, **g128), row(2.75, 6, 3.0, **g128)]
     raise SystemExit(f"unknown stage {stage!r}")
 
 

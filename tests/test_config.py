@@ -94,17 +94,21 @@ def test_best_preset_is_a_different_valid_recipe_and_round_trips():
         QuantConfig.preset("fastest")
 
 
-def test_preset_overrides_are_valid_changes_of_the_best_4_bit_per_channel_recipe():
-    best = QuantConfig.best()
-    overrides = preset_overrides("best", best)
+def test_quality_preset_is_best_with_finer_key_and_value_projections_at_4_bits_per_channel():
+    best, quality = QuantConfig.best(), QuantConfig.preset("quality")
+    assert quality == best.replace(outlier_sigma=2.6)
+    assert QuantConfig.quality(outlier_sigma=3.0).outlier_sigma == 3.0  # a change wins
+    overrides = preset_overrides("quality", quality)
     assert set(overrides) == {"*.k_proj", "*.v_proj"}
     for changes in overrides.values():
-        finer = best.replace(**changes)  # a valid config
-        assert finer.bits > best.bits and finer.outlier_scope == best.outlier_scope
+        finer = quality.replace(**changes)  # a valid config
+        assert finer.bits == 6 and finer.outlier_scope == quality.outlier_scope
     overrides["*.k_proj"]["bits"] = 8  # a copy: the preset itself is unchanged
-    assert preset_overrides("best", best)["*.k_proj"]["bits"] == 5
-    for other in (QuantConfig.best(bits=3), QuantConfig.best(group_size=128)):
-        assert preset_overrides("best", other) == {}
-    assert preset_overrides("paper", QuantConfig.paper()) == {}
+    assert preset_overrides("quality", quality)["*.k_proj"]["bits"] == 6
+    # other widths and groups: the best preset, no per-module changes
+    for changes in (dict(bits=3), dict(group_size=128), dict(bits=2, group_size=64)):
+        assert QuantConfig.quality(**changes) == QuantConfig.best(**changes)
+        assert preset_overrides("quality", QuantConfig.quality(**changes)) == {}
+    assert preset_overrides("best", best) == preset_overrides("paper", QuantConfig.paper()) == {}
     with pytest.raises(ValueError, match="preset"):
         preset_overrides("fastest", best)

@@ -154,9 +154,20 @@ class QuantConfig:
         return cls(**{**recipe, **changes})
 
     @classmethod
+    def quality(cls, **changes: Any) -> QuantConfig:
+        """The "quality" preset's config for most weights: :meth:`best`'s, but at 4 bits per
+        channel with outliers at QUALITY_SIGMA, where the preset also gives the attention's key
+        and value projections 6-bit codes (:func:`preset_overrides`): more bits per weight for
+        a lower perplexity."""
+        config = cls.best(**changes)
+        if config.bits == 4 and config.group_size is None and "outlier_sigma" not in changes:
+            config = config.replace(outlier_sigma=QUALITY_SIGMA)
+        return config
+
+    @classmethod
     def preset(cls, name: str, **changes: Any) -> QuantConfig:
-        """A named recipe: "paper" or "best" (with field changes on top). Some recipes also
-        quantize some module types differently: see :func:`preset_overrides`."""
+        """A named recipe: "paper", "best" or "quality" (with field changes on top). Some
+        recipes also quantize some module types differently: see :func:`preset_overrides`."""
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; known: {sorted(PRESETS)}")
         return getattr(cls, name)(**changes)
@@ -170,14 +181,14 @@ def preset_overrides(name: str, config: QuantConfig) -> dict[str, dict[str, Any]
     other architectures match none of them and keep ``config``."""
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; known: {sorted(PRESETS)}")
-    if name == "best" and config.bits == 4 and config.group_size is None:
-        return {pattern: dict(changes) for pattern, changes in BEST_MODULE_OVERRIDES.items()}
+    if name == "quality" and config.bits == 4 and config.group_size is None:
+        return {pattern: dict(changes) for pattern, changes in QUALITY_MODULE_OVERRIDES.items()}
     return {}
 
 
 # The lowest clip ratio of the ``init_grid`` search (ratios of each row's max-abs range).
 INIT_GRID_LOW = 0.3
-PRESETS = ("paper", "best")
+PRESETS = ("paper", "best", "quality")
 # Chosen on WikiText-2 windows 100-107 (dev), reported on windows 0-7 (test), see
 # benchmarks/results/quality-sweep.md. Minimising the squared error all the way clips the largest
 # weights, which perplexity punishes: at 4 bits a short, gentle search (50 Adam steps at a 3e-3
@@ -199,11 +210,16 @@ BEST: dict[str, Any] = dict(
 # The attention's key and value projections are the most sensitive weights per weight (each feeds
 # every query head of its group under grouped-query attention; SmolLM2-135M: 3 query heads per
 # key/value head): quantized alone at 4 bits they cost as much perplexity as gate_proj with a
-# third of its weights. So the best 4-bit per-channel recipe gives them 5-bit codes (with the
-# same outliers), paid for by fewer outliers elsewhere (sweep run 14).
-BEST_MODULE_OVERRIDES: dict[str, dict[str, Any]] = {
-    "*.k_proj": dict(bits=5, outlier_sigma=2.5),
-    "*.v_proj": dict(bits=5, outlier_sigma=2.5),
+# third of its weights. The "quality" preset gives them 6-bit codes (with outliers at 2.5σ per
+# channel) and the other weights 2.6σ: dev 26.63 at 4.374 bits/weight against BEST's 27.82 at
+# 4.297; 8-bit codes gain as much for 0.13 more bits/weight, 5-bit ones erratically (dev 27.04
+# to 28.34), and within BEST's 4.30 bits/weight 6-bit k/v paid by fewer outliers elsewhere gain
+# nothing beyond noise (dev 27.12 vs 27.82 on windows 100-107, 26.23 vs 26.33 on 108-123; sweep
+# runs 14-18). (Kernels: 6-bit codes decode slower than 4- and 8-bit ones; see the README.)
+QUALITY_SIGMA = 2.6
+QUALITY_MODULE_OVERRIDES: dict[str, dict[str, Any]] = {
+    "*.k_proj": dict(bits=6, outlier_sigma=2.5),
+    "*.v_proj": dict(bits=6, outlier_sigma=2.5),
 }
 # At 3 bits per channel, int8 outlier values too: 2.5σ per tensor, dev 66.58 at 3.337
 # bits/weight against 70.64 at 3.304 for 2.75σ with float16 values (2.75σ int8: 71.70 at 3.223;

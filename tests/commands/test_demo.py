@@ -61,9 +61,12 @@ def test_demo_rows_are_rtn_then_easyquant_presets():
     assert all(c.bits == 3 for c in configs)
     assert configs[1] == QuantConfig.paper(bits=3)
     assert all(not overrides for _, _, overrides in demo_methods(3))
-    # at 4 bits the best preset's per-module changes come with it
-    (_, best, overrides) = demo_methods(4)[2]
-    assert best == QuantConfig.best() and overrides == preset_overrides("best", best) != {}
+    # at 4 bits the quality preset's per-module changes come with it
+    assert [label for label, _, _ in demo_methods(4)][2:] == ["EasyQuant (best)",
+                                                             "EasyQuant (quality)"]  # fmt: skip
+    (_, quality, overrides) = demo_methods(4)[3]
+    assert quality == QuantConfig.quality() and overrides == preset_overrides("quality", quality)
+    assert overrides != {}
 
 
 def test_compare_applies_each_methods_overrides_after_the_selection(tiny_llama):

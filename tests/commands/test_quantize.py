@@ -69,15 +69,15 @@ def test_quantize_writes_a_directory_and_reports(tiny_llama_dir, tmp_path):
     assert all(r["outlier_fraction"] == 0 for r in rows.values())  # --sigma none
 
 
-def test_best_preset_adds_its_module_changes_after_the_users(tiny_llama_dir, tmp_path):
+def test_quality_preset_adds_its_module_changes_after_the_users(tiny_llama_dir, tmp_path):
     from easyquant.models import load_quantized
 
     out = tmp_path / "q"
-    flags = ["--preset", "best", "--steps", "5", "--override", "*.v_proj:bits=8"]
+    flags = ["--preset", "quality", "--steps", "5", "--override", "*.v_proj:bits=8"]
     code, _, stderr = finish(start(str(tiny_llama_dir), "--out", str(out), *flags))
     assert code == 0, stderr
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
-    k_proj = preset_overrides("best", QuantConfig.best())["*.k_proj"]
+    k_proj = preset_overrides("quality", QuantConfig.quality())["*.k_proj"]
     assert qc["overrides"] == {"*.v_proj": {"bits": 8}, "*.k_proj": k_proj}
     rows = {r["name"]: r for r in json.loads((out / "quant_report.json").read_text())["tensors"]}
     bits = {name.split(".")[-2].removesuffix("_proj"): row["bits"] for name, row in rows.items()}
@@ -328,6 +328,7 @@ def test_default_model_first_layer_round_trip(tmp_path):
         (["--preset", "paper", "--steps", "7"], QuantConfig.paper(steps=7)),
         (["--preset", "best"], QuantConfig.best()),
         (["--preset", "best", "--bits", "3"], QuantConfig.best(bits=3)),  # the low-bit recipe
+        (["--preset", "quality"], QuantConfig.quality()),
         (
             ["--preset", "best", "--group-size", "128", "--outlier-dtype", "none"],
             QuantConfig.best(group_size=128, outlier_dtype=None),

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from easyquant.config import QuantConfig, preset_overrides
+from easyquant.config import PRESETS, QuantConfig, preset_overrides
 from easyquant.evaluation.perplexity import perplexity, read_text, tokenize
 from easyquant.models.select import Selection, TensorReport, quantize_model_inplace
 
@@ -52,12 +52,11 @@ def demo_methods(bits: int) -> list[tuple[str, QuantConfig, Overrides]]:
     """The rows of the demo, after full precision: plain RTN, then EasyQuant presets (each with
     its per-module changes)."""
     rtn = QuantConfig(bits=bits, method="rtn", outlier_sigma=None)
-    paper, best = QuantConfig.paper(bits=bits), QuantConfig.best(bits=bits)
-    return [
-        ("RTN (per channel)", rtn, {}),
-        ("EasyQuant (paper)", paper, preset_overrides("paper", paper)),
-        ("EasyQuant (best)", best, preset_overrides("best", best)),
-    ]
+    methods = [("RTN (per channel)", rtn, {})]
+    for name in PRESETS:
+        config = QuantConfig.preset(name, bits=bits)
+        methods.append((f"EasyQuant ({name})", config, preset_overrides(name, config)))
+    return methods
 
 
 def average_bits(reports: Sequence[TensorReport]) -> float:

