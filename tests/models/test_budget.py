@@ -148,6 +148,20 @@ def test_cli_target_bpw_and_one_line_errors(tiny_llama_dir, tmp_path):
     assert not (tmp_path / "x").exists()
 
 
+def test_cli_target_bpw_with_the_quality_preset_keeps_its_kv_bits(tiny_llama_dir, tmp_path):
+    """The preset's k/v overrides set outlier_sigma too; under --target-bpw the budget chooses
+    that, so only their bits are kept (a user's override naming it is refused, above)."""
+    out = tmp_path / "q"
+    flags = ["--steps", "10", "--preset", "quality", "--target-bpw", "5.5", "--quiet"]
+    done = subprocess.run([*CLI, str(tiny_llama_dir), "--out", str(out), *flags],
+                          capture_output=True, text=True, env=ENV)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert totals(out)["bits_per_weight"] <= 5.5
+    report = json.loads((out / "quant_report.json").read_text())["tensors"]
+    bits = {row["name"].split(".")[-2]: row["bits"] for row in report}
+    assert bits["k_proj"] == bits["v_proj"] == 6 and bits["q_proj"] == bits["down_proj"] == 4
+
+
 def test_plan_keeps_user_overrides_of_other_fields():
     model = tiny_llama()
     selection = Selection.build(exclude=["*.k_proj"], overrides={"*.down_proj": {"bits": 8}})

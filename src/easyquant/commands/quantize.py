@@ -125,17 +125,24 @@ def run(args: argparse.Namespace) -> int:
 
     config, given = config_of(args)
     selection = Selection.build(args.include, args.exclude, dict(args.override))
-    if args.preset:  # the preset's own per-module changes, after the user's --override
-        selection = selection.with_overrides(preset_overrides(args.preset, config))
+    preset_changes = preset_overrides(args.preset, config) if args.preset else {}
     target_bpw = None
     if args.target_bpw is not None:
-        from easyquant.models.budget import check_target
+        from easyquant.models.budget import CHOSEN_FIELDS, check_target
 
         target_bpw = check_target(args.target_bpw)
         if "group_size" in given or "outlier_sigma" in given:
             raise ValueError(
                 "--target-bpw chooses --sigma and --group-size per module: leave them out"
             )
+        # the preset's per-module changes keep their other fields (k/v bits); the budget
+        # chooses these
+        preset_changes = {
+            pattern: {k: v for k, v in changes.items() if k not in CHOSEN_FIELDS}
+            for pattern, changes in preset_changes.items()
+        }
+    # the preset's own per-module changes, after the user's --override
+    selection = selection.with_overrides({p: c for p, c in preset_changes.items() if c})
 
     def log(message: str) -> None:
         if not args.quiet:
