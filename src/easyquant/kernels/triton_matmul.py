@@ -72,6 +72,16 @@ Plan = Callable[["Weight", torch.Tensor, "torch.Tensor | None"], torch.Tensor]
 
 # ---- decoding helpers ---------------------------------------------------------------------------
 @triton.jit
+def _load_word24(base, row_ok, w, row_bytes):
+    """The little-endian 24-bit words ``w`` (bytes 3w .. 3w + 2) of each row, as int32."""
+    ok = row_ok & (3 * w < row_bytes)[None, :]
+    b0 = tl.load(base + 3 * w[None, :], mask=ok, other=0).to(tl.int32)
+    b1 = tl.load(base + 3 * w[None, :] + 1, mask=ok, other=0).to(tl.int32)
+    b2 = tl.load(base + 3 * w[None, :] + 2, mask=ok, other=0).to(tl.int32)
+    return b0 | (b1 << 8) | (b2 << 16)
+
+
+@triton.jit
 def _load_codes(
     q_ptr,
     rows,
@@ -103,12 +113,7 @@ def _load_codes(
         odd = tl.interleave((byte >> 2) & 3, byte >> 6)  # codes 1, 3
         return tl.interleave(even, odd)
     elif BITS == 6:  # four codes in each little-endian 24-bit word
-        w = k0 // 4 + tl.arange(0, BLOCK_K // 4)
-        ok = row_ok & (3 * w < row_bytes)[None, :]
-        b0 = tl.load(base + 3 * w[None, :], mask=ok, other=0).to(tl.int32)
-        b1 = tl.load(base + 3 * w[None, :] + 1, mask=ok, other=0).to(tl.int32)
-        b2 = tl.load(base + 3 * w[None, :] + 2, mask=ok, other=0).to(tl.int32)
-        word = b0 | (b1 << 8) | (b2 << 16)
+        word = _load_word24(base, row_ok, k0 // 4 + tl.arange(0, BLOCK_K // 4), row_bytes)
         c02 = tl.interleave(word & 63, (word >> 12) & 63)
         c13 = tl.interleave((word >> 6) & 63, (word >> 18) & 63)
         return tl.interleave(c02, c13)
@@ -127,12 +132,7 @@ def _load_codes(
         c37 = tl.interleave((lo >> 15) & 31, (hi >> 3) & 31)
         return tl.interleave(tl.interleave(c04, c26), tl.interleave(c15, c37))
     else:  # 3 bits: eight codes in each little-endian 24-bit word
-        w = k0 // 8 + tl.arange(0, BLOCK_K // 8)
-        ok = row_ok & (3 * w < row_bytes)[None, :]
-        b0 = tl.load(base + 3 * w[None, :], mask=ok, other=0).to(tl.int32)
-        b1 = tl.load(base + 3 * w[None, :] + 1, mask=ok, other=0).to(tl.int32)
-        b2 = tl.load(base + 3 * w[None, :] + 2, mask=ok, other=0).to(tl.int32)
-        word = b0 | (b1 << 8) | (b2 << 16)
+        word = _load_word24(base, row_ok, k0 // 8 + tl.arange(0, BLOCK_K // 8), row_bytes)
         c04 = tl.interleave(word & 7, (word >> 12) & 7)
         c26 = tl.interleave((word >> 6) & 7, (word >> 18) & 7)
         c15 = tl.interleave((word >> 3) & 7, (word >> 15) & 7)
