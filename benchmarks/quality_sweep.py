@@ -240,7 +240,7 @@ def stage_settings(stage: str) -> list[dict[str, Any]]:
 
 def kv_stage(stage: str) -> list[dict[str, Any]]:
     """Stop 25: the attention's k_proj and v_proj at more bits than the rest (module_config),
-    around the 4-bit per-channel best preset (int8 outliers). Runs 14-19 used these lists as
+    around the 4-bit per-channel best preset (int8 outliers). Runs 14-20 used these lists as
     settings files; ``kv-dev16`` ran with ``--windows 16 --dev-first 108``."""
     best = dict(outlier_scope="channel", steps=50, lr=3e-3, outlier_dtype="int8")
 
@@ -279,9 +279,8 @@ def kv_stage(stage: str) -> list[dict[str, Any]]:
     if stage == "kv-dev16":  # run 18
         return [row(2.5), row(2.8, 6, 2.75), row(2.8, 6), row(2.75, 6, 3.0), row(2.6, 6, 2.5),
                 row(2.6)]  # fmt: skip
-    if stage == "kv-g128":  # run 19
-        g128 = dict(group_size=128, outlier_scope="group")
-        return [row(2.75, 6, 2.75, **g128), row(3.0, 6, 3.0, **g128), row(2.75, 6, 3.0, **g128)]
+    if stage == "kv-2.8":  # runs 19 (8 windows) and 20 (--windows 16 --dev-first 108)
+        return [row(2.8, 6, 3.0)]
     raise SystemExit(f"unknown stage {stage!r}")
 
 
@@ -476,6 +475,7 @@ def main(argv: list[str] | None = None) -> int:
         **environment(args.device),
         "command": " ".join(sys.argv),
         "windows": args.windows,
+        "dev_first": args.dev_first,
         "format_version": FORMAT_VERSION,  # the storage format its bits/weight count
     }
     with sink.open("a") as f:

@@ -38,21 +38,27 @@ def label(setting: dict[str, Any]) -> str:
     return ", ".join(f"{k}={v}" for k, v in diff.items()) or "paper preset, fp16 outliers"
 
 
+WINDOWS = 8  # the protocol's windows; runs with other windows go to their own table
+
+
 def load(paths: list[Path]) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, Any]]:
     rows, headers, fp = [], [], {}
     for path in paths:
         version = 1  # runs before format 2 did not record the version: they counted format 1
+        windows = WINDOWS
         for line in path.read_text().splitlines():
             item = json.loads(line)
             if "header" in item:
                 headers.append({**item["header"], "file": path.name})
                 version = item["header"].get("format_version", 1)
+                windows = item["header"].get("windows", WINDOWS)
             elif "fp" in item:
-                fp = item["fp"]
+                fp = item["fp"] if windows == WINDOWS else fp
             else:
                 # outlier_step snaps outlier values to int8 codes and counts them as format 3 does
                 int8 = bool(item.get("setting", {}).get("outlier_step"))
-                rows.append({**item, "format_version": 3 if int8 else version})
+                fmt = 3 if int8 else version
+                rows.append({**item, "format_version": fmt, "windows": windows, "file": path.name})
     return rows, headers, fp
 
 
@@ -177,6 +183,8 @@ def sensitivity(rows: list[dict[str, Any]], out: Path) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     paths = [Path(p) for p in (argv if argv is not None else sys.argv[1:])]
     rows, headers, fp = load(paths)
+    other = [r for r in rows if "setting" in r and r["windows"] != WINDOWS]
+    rows = [r for r in rows if r["windows"] == WINDOWS]
     out = RESULTS
     md = ["# Quality sweep on SmolLM2-135M-Instruct (where the presets come from)", ""]
     md.append(
@@ -230,6 +238,20 @@ def main(argv: list[str] | None = None) -> int:
             md.append(f"| {lo:.2f}-{hi:.2f} | {r['ppl_dev']:.4g} | {r['ppl_test']:.4g} |")
     md += ["", "## Which weights matter: one module type or one layer quantized alone", ""]
     md += sensitivity(rows, out)
+    if other:
+        md += ["", "## The same settings on more windows", ""]
+        md.append(
+            "Runs with other windows (their command says which: `--windows 16 --dev-first 108` "
+            "is dev = windows 108-123, test = windows 0-15, not comparable with the columns "
+            "below), a second opinion where the dev differences of 8 windows are small:"
+        )
+        md += ["", "| setting | windows | ppl dev | ppl test | bits/weight | file |"]
+        md.append("| --- | --- | --- | --- | --- | --- |")
+        for r in other:
+            md.append(
+                f"| {label(r['setting'])} | {r['windows']} | {r['ppl_dev']:.2f} | "
+                f"{r['ppl_test']:.2f} | {r['bits_per_weight']:.3f} | {r['file']} |"
+            )
     md += ["", "## Every setting (sorted by dev perplexity)", ""]
     md.append("| setting | ppl dev | ppl test | bits/weight | fmt | outliers | rel. error |")
     md.append("| --- | --- | --- | --- | --- | --- | --- |")
