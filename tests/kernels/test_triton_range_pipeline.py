@@ -26,6 +26,8 @@ from tests.conftest import student_t
         (QuantConfig(bits=4, group_size=16, steps=8, init_grid=5, refine_steps=2), (6, 32)),
         (QuantConfig(bits=3, steps=6, outlier_scope="group", refine_steps=1), (5, 40)),
         (QuantConfig(bits=4, steps=10, outlier_scope="channel", outlier_dtype="int8"), (12, 64)),
+        (QuantConfig(bits=6, steps=10, outlier_scope="channel", outlier_sigma=2.5), (8, 48)),
+        (QuantConfig(bits=5, group_size=16, steps=6), (6, 48)),
     ],
 )
 def test_pipeline_equals_quantize_tensor(device, config, shape):
