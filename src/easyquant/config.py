@@ -210,13 +210,13 @@ BEST: dict[str, Any] = dict(
 # The attention's key and value projections are the most sensitive weights per weight (each feeds
 # every query head of its group under grouped-query attention; SmolLM2-135M: 3 query heads per
 # key/value head): quantized alone at 4 bits they add 0.71 and 0.62 to perplexity, near
-# gate_proj's 0.86 with eight times their weights. The "quality" preset gives them 6-bit codes (with outliers at 2.5σ per
-# channel) and the other weights 2.6σ: dev 26.63 at 4.374 bits/weight against BEST's 27.82 at
-# 4.297; 8-bit codes gain as much for 0.13 more bits/weight, 5-bit ones erratically (dev 27.04
-# to 28.34), and within BEST's 4.30 bits/weight 6-bit k/v paid by fewer outliers elsewhere gain
-# nothing beyond noise (dev 27.12 vs 27.82 on windows 100-107, 26.23 vs 26.33 on 108-123; 3σ
-# on k/v, 2.8σ elsewhere: 27.15 and 26.27; sweep runs 14-20). (Kernels: 6-bit codes decode
-# slower than 4- and 8-bit ones; see the README.)
+# gate_proj's 0.86 with eight times their weights. The "quality" preset gives them 6-bit codes
+# (with outliers at 2.5σ per channel) and the other weights 2.6σ: dev 26.63 at 4.374
+# bits/weight against BEST's 27.82 at 4.297; 8-bit codes gain as much for 0.13 more bits/weight,
+# 5-bit ones erratically (dev 27.04 to 28.34), and within BEST's 4.30 bits/weight 6-bit k/v
+# paid by fewer outliers elsewhere gain nothing beyond noise (dev 27.12 vs 27.82 on windows
+# 100-107, 26.23 vs 26.33 on 108-123; 3σ on k/v, 2.8σ elsewhere: 27.15 and 26.27; sweep runs
+# 14-20). (Kernels: 6-bit codes decode slower than 4- and 8-bit ones; see the README.)
 QUALITY_SIGMA = 2.6
 QUALITY_MODULE_OVERRIDES: dict[str, dict[str, Any]] = {
     "*.k_proj": dict(bits=6, outlier_sigma=2.5),
