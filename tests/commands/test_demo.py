@@ -61,6 +61,7 @@ def test_demo_rows_are_rtn_then_easyquant_presets():
     assert all(c.bits == 3 for c in configs)
     assert configs[1] == QuantConfig.paper(bits=3)
     assert all(not overrides for _, _, overrides in demo_methods(3))
+    assert len(demo_methods(3)) == 3  # the quality preset is the best one at 3 bits: no row
     # at 4 bits the quality preset's per-module changes come with it
     assert [label for label, _, _ in demo_methods(4)][2:] == ["EasyQuant (best)",
                                                              "EasyQuant (quality)"]  # fmt: skip

@@ -52,10 +52,13 @@ def demo_methods(bits: int) -> list[tuple[str, QuantConfig, Overrides]]:
     """The rows of the demo, after full precision: plain RTN, then EasyQuant presets (each with
     its per-module changes)."""
     rtn = QuantConfig(bits=bits, method="rtn", outlier_sigma=None)
-    methods = [("RTN (per channel)", rtn, {})]
+    methods: list[tuple[str, QuantConfig, Overrides]] = [("RTN (per channel)", rtn, {})]
     for name in PRESETS:
         config = QuantConfig.preset(name, bits=bits)
-        methods.append((f"EasyQuant ({name})", config, preset_overrides(name, config)))
+        overrides = preset_overrides(name, config)
+        if any((config, overrides) == (c, o) for _, c, o in methods):
+            continue  # the same recipe as a row before (quality = best at other widths)
+        methods.append((f"EasyQuant ({name})", config, overrides))
     return methods
 
 
