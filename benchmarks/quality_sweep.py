@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import fnmatch
 import itertools
 import json
 import sys
@@ -393,6 +392,8 @@ def decoder_linears(model: torch.nn.Module) -> list[tuple[str, torch.nn.Linear]]
 def run_setting(base: torch.nn.Module, setting: dict[str, Any], ppl: Any) -> dict[str, Any]:
     model = copy.deepcopy(base)
     equalize_model(model, EqualizeConfig(**{k: setting[k] for k in EQ_KEYS}))
+    base_config = QuantConfig(**{k: v for k, v in setting.items() if k not in EXTRA_KEYS})
+    per_module = Selection.build(overrides=setting["module_config"])  # the library's matching
     bits = weights = outliers = 0.0
     error_num = error_den = 0.0
     start = time.perf_counter()
@@ -400,13 +401,10 @@ def run_setting(base: torch.nn.Module, setting: dict[str, Any], ppl: Any) -> dic
         if setting["only"] and setting["only"] not in name:
             continue
         module_type = name.rsplit(".", 1)[-1]
-        config = QuantConfig(**{k: v for k, v in setting.items() if k not in EXTRA_KEYS})
+        config = base_config
         if setting["type_sigma"] and module_type in setting["type_sigma"]:
             config = config.replace(outlier_sigma=setting["type_sigma"][module_type])
-        for pattern, changes in (setting["module_config"] or {}).items():
-            if fnmatch.fnmatchcase(name, pattern):
-                config = config.replace(**changes)
-                break
+        config = per_module.config_for(name, config)
         weight = linear.weight.data
         if setting["mag_power"] or setting["min_range"]:
             qweight = weighted_quantize(weight, config, setting["mag_power"], setting["min_range"])

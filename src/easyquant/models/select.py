@@ -50,7 +50,7 @@ class Selection:
 
     def with_overrides(self, overrides: Mapping[str, Mapping[str, Any]]) -> Selection:
         """This selection with ``overrides`` after its own (so its own win where both match),
-        e.g. a preset's: ``selection.with_overrides(preset_overrides("best", config))``."""
+        e.g. a preset's: ``selection.with_overrides(preset_overrides("quality", config))``."""
         own = {pattern for pattern, _ in self.overrides}
         extra = tuple((p, changes) for p, changes in overrides.items() if p not in own)
         return Selection(self.include, self.exclude, (*self.overrides, *extra))
